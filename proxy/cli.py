@@ -1,0 +1,110 @@
+"""The `arango-async-proxy` command: read the config, serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from proxy.app import create_app
+from proxy.config import Config, ConfigError, load_config
+
+log = logging.getLogger("arango_async_proxy")
+
+_FLAGS = {
+    "listen": "server.listen",
+    "upstream": "upstream.url",
+    "data": "storage.data",
+    "log_level": "log.level",
+}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="arango-async-proxy",
+        description="Durable front door for ArangoDB's asynchronous jobs.",
+    )
+    parser.add_argument("--config", type=Path, help="TOML file with the settings")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="address to listen on")
+    parser.add_argument(
+        "--upstream", metavar="URL", help="ArangoDB URL, e.g. http://127.0.0.1:8529"
+    )
+    parser.add_argument("--data", metavar="DIR", help="folder that holds the job database")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {
+        setting: getattr(args, flag)
+        for flag, setting in _FLAGS.items()
+        if getattr(args, flag) is not None
+    }
+    return load_config(args.config, overrides)
+
+
+async def serve(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down in order."""
+    app = create_app(config)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        keepalive_timeout=config.server.idle_timeout,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.server.host, config.server.port)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        for address in runner.addresses:
+            host, port = address[0], address[1]
+            shown = f"[{host}]" if ":" in host else host
+            log.info("listening on http://%s:%d, upstream %s", shown, port, config.upstream.url)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"arango-async-proxy: config error: {exc}", file=sys.stderr)
+        return 1
+    logging.basicConfig(
+        level=config.log.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        _run(serve(config))
+    except OSError as exc:
+        # one line, no traceback: the cause (port in use, ...) is all an operator needs
+        log.error("cannot serve on %s: %s", config.server.listen, exc.strerror or exc)  # noqa: TRY400
+        return 1
+    return 0
+
+
+def _run(main_coroutine: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - uvloop is in the test extra
+        asyncio.run(main_coroutine)
+    else:
+        uvloop.run(main_coroutine)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Settings: a TOML file and command-line flags, read into frozen dataclasses.
+
+Every setting has a default, so an empty file (or none) is a valid config.
+Unknown sections or keys, wrong types and bad values raise one `ConfigError`
+that names the setting (``upstream.url``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from yarl import URL
+
+
+class ConfigError(Exception):
+    """A setting is missing its expected type or value; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:8530"
+    # Seconds an idle keep-alive connection stays open. aiohttp's keep-alive
+    # timer also runs until a request's headers are complete, so this is the
+    # deadline for a (slow) client to send its headers, too.
+    idle_timeout: float = 60.0
+    # Seconds a client may take to send the body of an async request.
+    body_timeout: float = 60.0
+    # Largest body accepted for an async job (413 beyond it).
+    max_body_size: int = 64 * 1024 * 1024
+
+    @property
+    def host(self) -> str:
+        return _split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_listen(self.listen)[1]
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str = "http://127.0.0.1:8529"
+    connect_timeout: float = 5.0
+    # Longest wait for the next bytes from ArangoDB (504 beyond it). Not a
+    # limit on the whole exchange: streamed downloads may take longer.
+    request_timeout: float = 300.0
+    pool_size: int = 100
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    data: str = "./proxy-data"
+    # FULL: a 202 means fsync'd. NORMAL: survives a process crash, may lose
+    # the last commits on power loss.
+    synchronous: str = "FULL"
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    # Most jobs at ArangoDB at once; keep it well below ArangoDB's queue size.
+    max_inflight: int = 64
+    # Most unfinished jobs held by the proxy; beyond it 503/21003 "queue is full".
+    capacity: int = 100_000
+    # What to do with a job ArangoDB lost (restart): "rerun", "rerun-safe"
+    # (re-run GET/HEAD/OPTIONS only, end the rest with an error) or "fail".
+    lost_job_policy: str = "rerun"
+    # Seconds a successful credential check with ArangoDB is remembered.
+    auth_cache_ttl: float = 30.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SYNCHRONOUS = ("FULL", "NORMAL")
+LOST_JOB_POLICIES = ("rerun", "rerun-safe", "fail")
+
+
+def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read `path` (if given), apply `overrides` ({"section.key": value}), validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})[key] = value
+    config: Config = _build(Config, raw, "")
+    _validate(config)
+    return config
+
+
+def _build(cls: type[Any], raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"unknown setting {prefix}{unknown[0]}")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, f"{prefix}{name}.")
+        else:
+            values[name] = _check_type(f"{prefix}{name}", kind, value)
+    return cls(**values)
+
+
+def _check_type(name: str, kind: Any, value: Any) -> Any:
+    if isinstance(kind, types.UnionType):  # pragma: no cover - no optional settings yet
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _validate(config: Config) -> None:
+    _split_listen(config.server.listen)
+    url = config.upstream.url
+    try:
+        parsed = URL(url)
+    except ValueError as exc:
+        raise ConfigError(f"upstream.url: {url!r} is not a URL: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ConfigError(f"upstream.url: expected http://HOST:PORT or https://..., got {url!r}")
+    if parsed.path not in ("", "/") or parsed.query_string or parsed.fragment:
+        raise ConfigError(f"upstream.url: expected no path, query or fragment, got {url!r}")
+    positive = {
+        "server.idle_timeout": config.server.idle_timeout,
+        "server.body_timeout": config.server.body_timeout,
+        "server.max_body_size": config.server.max_body_size,
+        "upstream.connect_timeout": config.upstream.connect_timeout,
+        "upstream.request_timeout": config.upstream.request_timeout,
+        "upstream.pool_size": config.upstream.pool_size,
+        "jobs.max_inflight": config.jobs.max_inflight,
+        "jobs.capacity": config.jobs.capacity,
+        "jobs.auth_cache_ttl": config.jobs.auth_cache_ttl,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name}: expected a positive number, got {value}")
+    _one_of("log.level", config.log.level, LOG_LEVELS)
+    _one_of("storage.synchronous", config.storage.synchronous, SYNCHRONOUS)
+    _one_of("jobs.lost_job_policy", config.jobs.lost_job_policy, LOST_JOB_POLICIES)
+    if not config.storage.data:
+        raise ConfigError("storage.data: expected a folder path, got an empty string")
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"server.listen: expected HOST:PORT, got {listen!r}")
+    return host, int(port)

@@ -1,0 +1,61 @@
+"""Pass-through: every request that is not an async job or the job API.
+
+Method, raw path and query, end-to-end headers and body go to ArangoDB as
+they came; status, reason, headers and body come back. Bodies are streamed
+both ways in chunks, so a large upload or download never sits in memory.
+Nothing is decompressed or re-encoded, so the reply is byte for byte ArangoDB's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.errors import UpstreamFailure
+from proxy.state import UPSTREAM
+from proxy.upstream import end_to_end
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64 * 1024
+
+
+def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
+    """The request's end-to-end headers for ArangoDB, with X-Forwarded-* appended."""
+    headers = end_to_end(request.headers.items(), drop=("host",))
+    peer = request.remote or ""
+    previous = headers.popall("X-Forwarded-For", [])
+    headers["X-Forwarded-For"] = ", ".join([*previous, peer])
+    headers.setdefault("X-Forwarded-Proto", request.scheme)
+    if request.host:
+        headers.setdefault("X-Forwarded-Host", request.host)
+    return headers
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    upstream = request.app[UPSTREAM]
+    data = request.content if request.body_exists else None
+    try:
+        async with upstream.stream(
+            request.method, request.raw_path, forwarded_headers(request), data
+        ) as reply:
+            response = web.StreamResponse(status=reply.status, reason=reply.reason)
+            response.headers.extend(end_to_end(reply.headers.items()))
+            await response.prepare(request)
+            try:
+                async for chunk in reply.content.iter_chunked(CHUNK):
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # The status line is already sent: the only honest signal left
+                # is to cut the connection, so the client sees a short body.
+                log.warning("upstream broke off %s %s: %r", request.method, request.path, exc)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+            return response
+    except UpstreamFailure as failure:
+        return failure.response()

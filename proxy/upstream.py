@@ -1,0 +1,131 @@
+"""The connection to ArangoDB: one shared client session and the header rules.
+
+Everything that talks to ArangoDB (pass-through, credential checks,
+dispatcher, harvester) goes through `Upstream`, so transport errors are
+mapped to ArangoDB-shaped errors in one place (`proxy.errors`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.config import UpstreamConfig
+from proxy.errors import upstream_failure
+
+# RFC 9110 §7.6.1 plus the non-standard ones proxies traditionally drop.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Headers aiohttp's client would add on its own; a proxy must not invent them.
+_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+def end_to_end(headers: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
+    """Copy `headers` without hop-by-hop ones, those named in Connection, and `drop`."""
+    pairs = list(headers)
+    named = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    skip = HOP_BY_HOP | named | {name.lower() for name in drop}
+    return CIMultiDict((name, value) for name, value in pairs if name.lower() not in skip)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A complete (non-streamed) upstream response."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Upstream:
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self.base = config.url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self.config.connect_timeout,
+            sock_read=self.config.request_timeout,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.config.pool_size),
+            timeout=timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def url(self, target: str) -> URL:
+        """`target` is a raw path with its query, sent exactly as received."""
+        return URL(self.base + target, encoded=True)
+
+    @asynccontextmanager
+    async def stream(
+        self, method: str, target: str, headers: CIMultiDict[str], data: Any = None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Open a request whose response body the caller streams.
+
+        Failures before the response headers arrive raise `UpstreamFailure`.
+        """
+        assert self._session is not None, "Upstream.start() was not awaited"
+        try:
+            response = await self._session.request(
+                method,
+                self.url(target),
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                skip_auto_headers=_SKIP_AUTO,
+            )
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise upstream_failure(exc, self.base) from exc
+        try:
+            yield response
+        except BaseException:
+            response.close()  # a half-read body must not go back to the pool
+            raise
+        response.release()
+
+    async def call(
+        self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None = None
+    ) -> Reply:
+        """Send a request and read the whole response."""
+        async with self.stream(method, target, headers, body) as response:
+            try:
+                payload = await response.read()
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise upstream_failure(exc, self.base) from exc
+            return Reply(response.status, response.headers, payload)

@@ -1,0 +1,73 @@
+"""Job records and states: the vocabulary shared by the store and the proxy.
+
+State machine (one SQLite transaction per transition)::
+
+    accepted ──▶ submitted ──▶ done ──▶ (fetched or deleted: row gone)
+       │             │  └─ upstream lost it ─▶ accepted again, or done with an error result
+       └─ cancelled before submit ─▶ done (410, errorNum 21)
+
+A job whose owner deleted it before it finished keeps running (as in ArangoDB)
+but becomes *forgotten*: its mode turns to ``true`` and its result is dropped
+when it finishes, exactly like a fire-and-forget job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+Headers = tuple[tuple[str, str], ...]
+
+
+class JobState(StrEnum):
+    ACCEPTED = "accepted"
+    SUBMITTED = "submitted"
+    DONE = "done"
+
+
+class JobMode(StrEnum):
+    STORE = "store"  # keep the result for the client (x-arango-async: store)
+    FORGET = "true"  # fire and forget (x-arango-async: true), or deleted while unfinished
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A request the intake accepted, before it has an id."""
+
+    mode: JobMode
+    user: str
+    database: str
+    method: str
+    target: str  # raw path and query string, exactly as received
+    headers: Headers  # headers to forward, without credentials and hop-by-hop ones
+    auth: str | None  # the Authorization header, kept only until the job is done
+    body: bytes
+    created: float  # seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A job that still has to run or be harvested (state accepted or submitted)."""
+
+    id: int
+    mode: JobMode
+    state: JobState
+    user: str
+    database: str
+    method: str
+    target: str
+    headers: Headers
+    auth: str | None
+    body: bytes
+    created: float
+    upstream_id: str | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """The response a job produced (or the error the proxy gave it)."""
+
+    status: int
+    headers: Headers
+    body: bytes

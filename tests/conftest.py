@@ -1,0 +1,80 @@
+"""Shared fixtures: the proxy in-process or as a real process, and an echo upstream."""
+
+from __future__ import annotations
+
+import importlib.util  # TEMP
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import create_app
+from proxy.config import Config, load_config
+from tests.processes import ProxyProcess
+
+pytest_plugins = (
+    ["tests.standin.pytest_plugin"] if importlib.util.find_spec("tests.standin") else []
+)  # TEMP
+
+ProxyFactory = Callable[..., Awaitable[str]]
+
+
+@pytest.fixture
+async def serve_app() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
+    """Start any aiohttp application on an ephemeral port; returns its base URL."""
+    servers: list[TestServer] = []
+
+    async def start(app: web.Application, **runner_kwargs: Any) -> str:
+        server = TestServer(app, host="127.0.0.1", port=0, **runner_kwargs)
+        await server.start_server()
+        servers.append(server)
+        return str(server.make_url("")).rstrip("/")
+
+    yield start
+    for server in reversed(servers):
+        await server.close()
+
+
+def proxy_config(upstream: str, data: Path, /, **sections: dict[str, Any]) -> Config:
+    overrides: dict[str, Any] = {"upstream.url": upstream, "storage.data": str(data)}
+    for section, values in sections.items():
+        for key, value in values.items():
+            overrides[f"{section}.{key}"] = value
+    return load_config(None, overrides)
+
+
+@pytest.fixture
+async def start_proxy(serve_app: Callable[..., Awaitable[str]], tmp_path: Path) -> ProxyFactory:
+    """Start the proxy in-process in front of `upstream`; returns its base URL."""
+
+    async def start(upstream: str, /, **sections: dict[str, Any]) -> str:
+        config = proxy_config(upstream, tmp_path / "proxy-data", **sections)
+        return await serve_app(create_app(config))
+
+    return start
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that changes nothing: no redirects followed, no decompression."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@pytest.fixture
+def proxy_process(tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """Start `arango-async-proxy` as a real process; killed at the end if still running."""
+    started: list[ProxyProcess] = []
+
+    def start(*args: str, data: Path | None = None) -> ProxyProcess:
+        proc = ProxyProcess.start(*args, data=data or tmp_path / "proxy-data")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()

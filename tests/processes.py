@@ -1,0 +1,80 @@
+"""Real processes for tests: the proxy's own command, started and stopped like in production."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LISTENING = re.compile(r"listening on (http://\S+?),")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ProxyProcess:
+    proc: subprocess.Popen[str]
+    url: str
+    output: list[str] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, *args: str, data: Path, timeout: float = 15.0) -> ProxyProcess:
+        """Run `python -m proxy` with `args` and wait for its 'listening on' line."""
+        command = [sys.executable, "-m", "proxy", "--data", str(data), *args]
+        if "--listen" not in args and "--config" not in args:
+            command += ["--listen", f"127.0.0.1:{free_port()}"]
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        output: list[str] = []
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+            if ready:
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                output.append(line)
+                match = LISTENING.search(line)
+                if match:
+                    return cls(proc, match.group(1), output)
+            elif proc.poll() is not None:
+                break
+        proc.kill()
+        rest = proc.communicate()[0]
+        raise RuntimeError(f"proxy did not start: {''.join(output)}{rest}")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        self.proc.send_signal(signum)
+        rest, _ = self.proc.communicate(timeout=timeout)
+        self.output.append(rest)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+    def peak_rss_kib(self) -> int:
+        """VmHWM: the most resident memory the process ever had."""
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        match = re.search(r"VmHWM:\s+(\d+) kB", status)
+        assert match, status
+        return int(match.group(1))

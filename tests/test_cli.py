@@ -1,0 +1,79 @@
+"""The console command as a real process: start, log, serve, stop on signals."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.processes import ProxyProcess, free_port
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_starts_serves_health_and_stops_cleanly(
+    proxy_process: Callable[..., ProxyProcess], signum: int
+) -> None:
+    proc = proxy_process("--upstream", f"http://127.0.0.1:{free_port()}")
+    assert len([line for line in proc.output if "listening on" in line]) == 1
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(proc.url + "/_proxy/health") as resp,
+    ):
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ok"}
+    assert proc.stop(signum) == 0
+    assert "stopping" in proc.output[-1]
+
+
+def test_reads_config_file(proxy_process: Callable[..., ProxyProcess], tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n[log]\nlevel = "warning"\n')
+    # --log-level overrides the file's warning, so the listening line shows.
+    proc = proxy_process("--config", str(config), "--log-level", "info")
+    assert proc.url == f"http://127.0.0.1:{port}"
+    assert proc.stop() == 0
+
+
+def test_port_in_use_exits_1(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--data",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert f"cannot serve on 127.0.0.1:{port}" in result.stderr
+
+
+def test_config_error_exits_1(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "--listen", "nowhere", "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "arango-async-proxy: config error: server.listen: expected HOST:PORT, got 'nowhere'"
+    )

@@ -1,0 +1,102 @@
+"""Config: TOML + flags into frozen dataclasses; one clear error per bad setting."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from proxy.cli import config_from_args, main, parse_args
+from proxy.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_without_a_file() -> None:
+    config = load_config()
+    assert config == Config()
+    assert config.server.host == "127.0.0.1"
+    assert config.server.port == 8530
+
+
+def test_example_file_lists_every_setting_with_its_default() -> None:
+    example = tomllib.loads((ROOT / "config.example.toml").read_text())
+    defaults = Config()
+    expected = {
+        section.name: {
+            f.name: getattr(getattr(defaults, section.name), f.name)
+            for f in dataclasses.fields(getattr(defaults, section.name))
+        }
+        for section in dataclasses.fields(defaults)
+    }
+    assert example == expected
+    assert load_config(ROOT / "config.example.toml") == defaults
+
+
+def test_file_then_flags_override(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[server]\nlisten = "0.0.0.0:9000"\nidle_timeout = 5\n'
+        '[upstream]\nurl = "https://db.example:8529"\n'
+        '[log]\nlevel = "debug"\n'
+    )
+    args = parse_args(["--config", str(path), "--listen", "[::1]:9100", "--data", "/srv/d"])
+    config = config_from_args(args)
+    assert config.server.listen == "[::1]:9100"
+    assert (config.server.host, config.server.port) == ("::1", 9100)
+    assert config.server.idle_timeout == 5.0  # int accepted where a float is expected
+    assert isinstance(config.server.idle_timeout, float)
+    assert config.upstream.url == "https://db.example:8529"
+    assert config.storage.data == "/srv/d"
+    assert config.log.level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[server]\nlisten_on = 'x'\n", "unknown setting server.listen_on"),
+        ("[nope]\nx = 1\n", "unknown setting nope"),
+        ("server = 3\n", "server: expected a table"),
+        ("[server]\nidle_timeout = 'soon'\n", "server.idle_timeout: expected float, got str"),
+        ("[upstream]\npool_size = true\n", "upstream.pool_size: expected int, got bool"),
+        ("[upstream]\npool_size = 0\n", "upstream.pool_size: expected a positive number"),
+        ("[server]\nlisten = '127.0.0.1'\n", "server.listen: expected HOST:PORT"),
+        ("[server]\nlisten = 'h:99999'\n", "server.listen: expected HOST:PORT"),
+        ("[upstream]\nurl = 'ftp://x'\n", "upstream.url: expected http://HOST:PORT"),
+        ("[upstream]\nurl = 'http://x:8529/db'\n", "upstream.url: expected no path"),
+        ("[upstream]\nurl = 'http://[x'\n", "upstream.url: 'http://[x' is not a URL"),
+        ("[log]\nlevel = 'loud'\n", "log.level: expected one of debug, info"),
+        ("[storage]\nsynchronous = 'OFF'\n", "storage.synchronous: expected one of FULL, NORMAL"),
+        ("[storage]\ndata = ''\n", "storage.data: expected a folder path"),
+        ("[jobs]\nlost_job_policy = 'maybe'\n", "jobs.lost_job_policy: expected one of rerun"),
+        ("[server\n", "is not valid TOML"),
+    ],
+)
+def test_bad_settings_name_the_setting(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(path)
+    assert message in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_config_is_frozen() -> None:
+    config = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.server.listen = "x"  # type: ignore[misc]
+
+
+def test_cli_config_error_is_one_line_and_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--upstream", "nonsense", "--data", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("arango-async-proxy: config error: upstream.url:")

@@ -1,0 +1,299 @@
+"""Pass-through fidelity against a real echo server, and the upstream failure mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from tests.conftest import ProxyFactory
+from tests.processes import ProxyProcess, free_port
+
+ALL_BYTES = bytes(range(256)) * 64
+
+
+async def _echo(request: web.Request) -> web.Response:
+    """Describe the request exactly as it arrived."""
+    body = await request.read()
+    return web.json_response(
+        {
+            "method": request.method,
+            "raw_path": request.raw_path,
+            "headers": [[k, v] for k, v in request.headers.items()],
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "body_len": len(body),
+        }
+    )
+
+
+async def _status(request: web.Request) -> web.Response:
+    code = int(request.match_info["code"])
+    if code in (204, 304):
+        return web.Response(status=code, headers={"X-Kind": "empty"})
+    return web.Response(
+        status=code, reason="Custom Reason", body=ALL_BYTES, content_type="application/x-raw"
+    )
+
+
+async def _cookies(request: web.Request) -> web.Response:
+    response = web.Response(text="ok")
+    response.headers.add("Set-Cookie", "a=1")
+    response.headers.add("Set-Cookie", "b=2")
+    response.headers["Connection"] = "keep-alive, X-Secret-Hop"
+    response.headers["X-Secret-Hop"] = "must not pass"
+    response.headers["Keep-Alive"] = "timeout=5"
+    return response
+
+
+async def _gzip(request: web.Request) -> web.Response:
+    return web.Response(
+        body=gzip.compress(b'{"zipped":true}', mtime=0),
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+
+
+async def _redirect(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/elsewhere")
+
+
+async def _slow(request: web.Request) -> web.Response:
+    await asyncio.sleep(5)
+    return web.Response(text="late")
+
+
+async def _download(request: web.Request) -> web.StreamResponse:
+    size = int(request.query["size"])
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = size
+    await response.prepare(request)
+    block = b"\xab" * (1024 * 1024)
+    sent = 0
+    while sent < size:
+        chunk = block[: size - sent]
+        await response.write(chunk)
+        sent += len(chunk)
+    await response.write_eof()
+    return response
+
+
+async def _upload(request: web.Request) -> web.Response:
+    digest = hashlib.sha256()
+    size = 0
+    async for chunk in request.content.iter_chunked(1024 * 1024):
+        digest.update(chunk)
+        size += len(chunk)
+    return web.json_response({"size": size, "sha256": digest.hexdigest()})
+
+
+def echo_app() -> web.Application:
+    app = web.Application(client_max_size=1024**3)
+    app.router.add_routes(
+        [
+            web.route("*", "/status/{code}", _status),
+            web.get("/cookies", _cookies),
+            web.get("/gzip", _gzip),
+            web.get("/redirect", _redirect),
+            web.get("/slow", _slow),
+            web.get("/download", _download),
+            web.post("/upload", _upload),
+            web.route("*", "/{tail:.*}", _echo),
+        ]
+    )
+    return app
+
+
+@pytest.fixture
+async def echo(serve_app: Callable[[web.Application], Awaitable[str]]) -> str:
+    return await serve_app(echo_app())
+
+
+@pytest.fixture
+async def proxy(start_proxy: ProxyFactory, echo: str) -> str:
+    return await start_proxy(echo)
+
+
+async def _echoed(http: aiohttp.ClientSession, method: str, url: str | URL, **kw: Any) -> Any:
+    async with http.request(method, url, **kw) as resp:
+        assert resp.status == 200
+        return json.loads(await resp.read())
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+async def test_methods_and_bodies_arrive_unchanged(
+    http: aiohttp.ClientSession, proxy: str, method: str
+) -> None:
+    seen = await _echoed(http, method, proxy + "/_db/x/_api/thing", data=ALL_BYTES)
+    assert seen["method"] == method
+    assert seen["raw_path"] == "/_db/x/_api/thing"
+    assert seen["body_sha256"] == hashlib.sha256(ALL_BYTES).hexdigest()
+    assert seen["body_len"] == len(ALL_BYTES)
+
+
+async def test_head_gets_headers_without_body(http: aiohttp.ClientSession, proxy: str) -> None:
+    async with http.head(proxy + "/status/200") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(len(ALL_BYTES))
+        assert await resp.read() == b""
+
+
+async def test_raw_path_and_query_are_not_reencoded(
+    http: aiohttp.ClientSession, proxy: str
+) -> None:
+    target = "/_api/document/c/a%2Fb%20c?x=%20y&x=2&q=%C3%A9&flag&empty="
+    seen = await _echoed(http, "GET", URL(proxy + target, encoded=True))
+    assert seen["raw_path"] == target
+
+
+async def test_headers_hop_by_hop_dropped_forwarded_added(
+    http: aiohttp.ClientSession, proxy: str
+) -> None:
+    seen = await _echoed(
+        http,
+        "GET",
+        proxy + "/h",
+        headers={
+            "Authorization": "Basic cm9vdDo=",
+            "X-Custom": "kept",
+            "Connection": "keep-alive, X-Drop-Me",
+            "X-Drop-Me": "named in Connection",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "secret",
+            "X-Forwarded-For": "10.0.0.1",
+        },
+    )
+    names = {k.lower(): v for k, v in seen["headers"]}
+    assert names["authorization"] == "Basic cm9vdDo="
+    assert names["x-custom"] == "kept"
+    for dropped in ("x-drop-me", "keep-alive", "te", "proxy-authorization"):
+        assert dropped not in names
+    assert names["x-forwarded-for"] == "10.0.0.1, 127.0.0.1"
+    assert names["x-forwarded-proto"] == "http"
+    assert names["x-forwarded-host"] == proxy.removeprefix("http://")
+    # the proxy adds nothing a client did not send (aiohttp would add these itself)
+    assert "user-agent" not in names or names["user-agent"].startswith("Python/")
+    assert names["host"] != names["x-forwarded-host"]
+
+
+@pytest.mark.parametrize("code", [201, 202, 204, 304, 400, 404, 409, 410, 500, 503])
+async def test_status_reason_and_body_pass_back(
+    http: aiohttp.ClientSession, proxy: str, echo: str, code: int
+) -> None:
+    async with http.get(echo + f"/status/{code}") as direct:
+        direct_body = await direct.read()
+        direct_headers = {k: v for k, v in direct.headers.items() if k not in ("Date", "Server")}
+    async with http.get(proxy + f"/status/{code}") as resp:
+        assert resp.status == code
+        assert resp.reason == direct.reason
+        assert await resp.read() == direct_body
+        assert {k: v for k, v in resp.headers.items() if k not in ("Date", "Server")} == (
+            direct_headers
+        )
+
+
+async def test_response_headers_multi_values_kept_hop_by_hop_dropped(
+    http: aiohttp.ClientSession, proxy: str
+) -> None:
+    async with http.get(proxy + "/cookies") as resp:
+        assert resp.headers.getall("Set-Cookie") == ["a=1", "b=2"]
+        assert "X-Secret-Hop" not in resp.headers
+        assert "Keep-Alive" not in resp.headers
+
+
+async def test_compressed_body_is_not_touched(http: aiohttp.ClientSession, proxy: str) -> None:
+    async with http.get(proxy + "/gzip", headers={"Accept-Encoding": "gzip"}) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        assert await resp.read() == gzip.compress(b'{"zipped":true}', mtime=0)
+
+
+async def test_redirects_are_not_followed(http: aiohttp.ClientSession, proxy: str) -> None:
+    async with http.get(proxy + "/redirect", allow_redirects=False) as resp:
+        assert resp.status == 302
+        assert resp.headers["Location"] == "/elsewhere"
+
+
+async def test_upstream_down_is_503_in_arango_shape(
+    http: aiohttp.ClientSession, start_proxy: ProxyFactory
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    proxy = await start_proxy(dead)
+    async with http.get(proxy + "/_api/version") as resp:
+        assert resp.status == 503
+        assert resp.headers["Content-Type"] == "application/json; charset=utf-8"
+        body = await resp.json()
+    assert body["error"] is True
+    assert body["code"] == 503
+    assert body["errorNum"] == 503
+    assert dead in body["errorMessage"]
+    assert "unreachable" in body["errorMessage"]
+
+
+async def test_upstream_timeout_is_504_in_arango_shape(
+    http: aiohttp.ClientSession, start_proxy: ProxyFactory, echo: str
+) -> None:
+    proxy = await start_proxy(echo, upstream={"request_timeout": 0.3})
+    async with http.get(proxy + "/slow") as resp:
+        assert resp.status == 504
+        body = await resp.json()
+    assert body == {
+        "error": True,
+        "errorNum": 504,
+        "errorMessage": f"upstream ArangoDB at {echo} did not answer in time",
+        "code": 504,
+    }
+
+
+async def test_health(http: aiohttp.ClientSession, proxy: str) -> None:
+    async with http.get(proxy + "/_proxy/health") as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ok"}
+
+
+async def _blocks(total: int, block: bytes) -> AsyncIterator[bytes]:
+    sent = 0
+    while sent < total:
+        yield block
+        sent += len(block)
+
+
+async def test_large_bodies_stream_without_growing_memory(
+    http: aiohttp.ClientSession,
+    serve_app: Callable[[web.Application], Awaitable[str]],
+    proxy_process: Callable[..., ProxyProcess],
+) -> None:
+    """200 MB up and 200 MB down through a real proxy process: its peak RSS stays far below."""
+    echo = await serve_app(echo_app())
+    proc = proxy_process("--upstream", echo)
+    size = 200 * 1024 * 1024
+    block = b"\xcd" * (1024 * 1024)
+    baseline = proc.peak_rss_kib()
+
+    async with http.post(
+        proc.url + "/upload",
+        data=_blocks(size, block),
+        headers={"Content-Length": str(size)},
+    ) as resp:
+        assert resp.status == 200
+        got = await resp.json()
+    expected = hashlib.sha256()
+    for _ in range(size // len(block)):
+        expected.update(block)
+    assert got == {"size": size, "sha256": expected.hexdigest()}
+
+    received = 0
+    async with http.get(proc.url + f"/download?size={size}") as resp:
+        assert resp.headers["Content-Length"] == str(size)
+        async for chunk in resp.content.iter_chunked(1024 * 1024):
+            received += len(chunk)
+    assert received == size
+    growth_mib = (proc.peak_rss_kib() - baseline) / 1024
+    assert growth_mib < 50, f"proxy grew by {growth_mib:.0f} MiB while streaming 400 MB"
+    assert proc.stop() == 0
