@@ -1,37 +1,97 @@
 """Builds the aiohttp application: the route table and the lifetimes of its parts.
 
-Start-up order: upstream session. Shutdown runs it backwards.
+Start-up: upstream session, then the job store, then harvester and dispatcher
+(which resume every stored job). Shutdown, after aiohttp has stopped accepting
+and let running handlers finish: stop the dispatcher (submissions under way
+get a grace period, so none is sent twice), stop the harvester, close the
+store (queued writes are committed first), close the upstream session last.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
-from proxy import ops
+from proxy import jobs_api, ops
+from proxy.auth import Verifier
 from proxy.config import Config
+from proxy.dispatcher import Dispatcher
+from proxy.harvester import Harvester
+from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
-from proxy.state import CONFIG, UPSTREAM
+from proxy.state import CONFIG, DISPATCHER, STORE, UPSTREAM, VERIFIER
 from proxy.upstream import Upstream
+from storage import JobStore
+
+SHUTDOWN_GRACE = 5.0
+
+
+async def front(request: web.Request) -> web.StreamResponse:
+    """Everything outside the job API: an async job, or pass-through."""
+    mode = async_mode(request)
+    if mode is not None:
+        return await intake(request, mode)
+    return await passthrough(request)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     upstream = Upstream(app[CONFIG].upstream)
     await upstream.start()
     app[UPSTREAM] = upstream
+    app[VERIFIER] = Verifier(upstream, app[CONFIG].jobs.auth_cache_ttl)
     yield
     await upstream.close()
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    app[STORE] = await JobStore.open(
+        Path(config.storage.data),
+        synchronous=config.storage.synchronous,
+        capacity=config.jobs.capacity,
+    )
+    yield
+    await app[STORE].close()
+
+
+async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG].jobs
+    dispatcher: Dispatcher | None = None
+
+    def wake_dispatcher() -> None:
+        assert dispatcher is not None
+        dispatcher.wake()
+
+    harvester = Harvester(app[STORE], app[UPSTREAM], config.lost_job_policy, wake_dispatcher)
+    await harvester.load()
+    dispatcher = Dispatcher(app, app[STORE], app[UPSTREAM], harvester, config.max_inflight)
+    app[DISPATCHER] = dispatcher
+    tasks = [
+        asyncio.create_task(harvester.run(), name="harvester"),
+        asyncio.create_task(dispatcher.run(), name="dispatcher"),
+    ]
+    yield
+    tasks[1].cancel()
+    await dispatcher.drain(SHUTDOWN_GRACE)
+    tasks[0].cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_size)
     app[CONFIG] = config
-    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx])
     app.router.add_routes(
         [
             web.get("/_proxy/health", ops.health),
-            web.route("*", "/{tail:.*}", passthrough),
+            *(web.route("*", path, jobs_api.handle) for path in jobs_api.ROUTES),
+            web.route("*", "/{tail:.*}", front),
         ]
     )
     return app

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiohttp import web
 
+from proxy.auth import Verifier
 from proxy.config import Config
 from proxy.upstream import Upstream
+from storage import JobStore
 
-if TYPE_CHECKING:
-    pass
+
+class Waker(Protocol):
+    """What the intake needs of the dispatcher: a nudge that work is waiting."""
+
+    def wake(self) -> None: ...
+
 
 CONFIG = web.AppKey("config", Config)
 UPSTREAM = web.AppKey("upstream", Upstream)
+STORE = web.AppKey("store", JobStore)
+VERIFIER = web.AppKey("verifier", Verifier)
+DISPATCHER = web.AppKey("dispatcher", Waker)

@@ -1,0 +1,21 @@
+"""The durable job store: SQLite (WAL) behind a group-committing writer.
+
+``storage`` knows nothing of HTTP; the proxy reaches SQLite only through
+:class:`JobStore`. The records it speaks in live in :mod:`storage.records`.
+"""
+
+from storage.errors import CapacityExceeded, StoreError
+from storage.records import Headers, Job, JobMode, JobState, NewJob, StoredResponse
+from storage.store import JobStore
+
+__all__ = [
+    "CapacityExceeded",
+    "Headers",
+    "Job",
+    "JobMode",
+    "JobState",
+    "JobStore",
+    "NewJob",
+    "StoreError",
+    "StoredResponse",
+]

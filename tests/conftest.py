@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util  # TEMP
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,7 @@ from proxy.app import create_app
 from proxy.config import Config, load_config
 from tests.processes import ProxyProcess
 
-pytest_plugins = (
-    ["tests.standin.pytest_plugin"] if importlib.util.find_spec("tests.standin") else []
-)  # TEMP
+pytest_plugins = ["tests.standin.pytest_plugin"]
 
 ProxyFactory = Callable[..., Awaitable[str]]
 

@@ -1,4 +1,8 @@
-"""Real processes for tests: the proxy's own command, started and stopped like in production."""
+"""Real processes for tests and benchmarks: the proxy's own command and the stand-in.
+
+Both print one "listening on http://HOST:PORT" line when they serve; `start`
+waits for it. Crash tests use `kill()` (SIGKILL) and start again on the same data.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
-LISTENING = re.compile(r"listening on (http://\S+?),")
+LISTENING = re.compile(r"listening on (http://[^\s,]+)")
 
 
 def free_port() -> int:
@@ -24,17 +29,14 @@ def free_port() -> int:
 
 
 @dataclass
-class ProxyProcess:
+class ServerProcess:
     proc: subprocess.Popen[str]
     url: str
     output: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, *args: str, data: Path, timeout: float = 15.0) -> ProxyProcess:
-        """Run `python -m proxy` with `args` and wait for its 'listening on' line."""
-        command = [sys.executable, "-m", "proxy", "--data", str(data), *args]
-        if "--listen" not in args and "--config" not in args:
-            command += ["--listen", f"127.0.0.1:{free_port()}"]
+    def run(cls, command: list[str], timeout: float = 15.0) -> Self:
+        """Start `command` and wait for its 'listening on' line."""
         proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
@@ -59,18 +61,21 @@ class ProxyProcess:
                 break
         proc.kill()
         rest = proc.communicate()[0]
-        raise RuntimeError(f"proxy did not start: {''.join(output)}{rest}")
+        raise RuntimeError(f"{command} did not start: {''.join(output)}{rest}")
 
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         self.proc.send_signal(signum)
         rest, _ = self.proc.communicate(timeout=timeout)
         self.output.append(rest)
         return self.proc.returncode
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.communicate()
+        """SIGKILL: no clean-up of any kind, as in a crash."""
+        if self.proc.returncode is not None:
+            return  # already stopped and collected
+        self.proc.kill()
+        rest, _ = self.proc.communicate()
+        self.output.append(rest)
 
     def peak_rss_kib(self) -> int:
         """VmHWM: the most resident memory the process ever had."""
@@ -78,3 +83,21 @@ class ProxyProcess:
         match = re.search(r"VmHWM:\s+(\d+) kB", status)
         assert match, status
         return int(match.group(1))
+
+
+class ProxyProcess(ServerProcess):
+    @classmethod
+    def start(cls, *args: str, data: Path) -> Self:
+        """`python -m proxy --data DATA ARGS`, on a free port unless ARGS say otherwise."""
+        command = [sys.executable, "-m", "proxy", "--data", str(data), *args]
+        if "--listen" not in args and "--config" not in args:
+            command += ["--listen", f"127.0.0.1:{free_port()}"]
+        return cls.run(command)
+
+
+class StandInProcess(ServerProcess):
+    @classmethod
+    def start(cls, *args: str) -> Self:
+        """`python -m tests.standin ARGS` on a free port."""
+        command = [sys.executable, "-m", "tests.standin", "--host", "127.0.0.1", "--port", "0"]
+        return cls.run([*command, *args])

@@ -1,0 +1,75 @@
+"""Durable accepts: how fast the proxy answers 202 with every job fsync'd.
+
+    python bench/accept.py [--clients 64] [--seconds 5]
+
+Baseline, measured in the same run: the disk's own rate of single-row SQLite
+commits (WAL, synchronous=FULL), i.e. what one-commit-per-request would give.
+The proxy runs for real with dispatcher and harvester busy behind it (the
+stand-in executes every job), and synchronous=FULL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from common import ProxyProcess, StandInProcess, closed_loop
+
+
+def single_commit_rate(folder: Path, seconds: float) -> float:
+    """Commits/s of one row per transaction, fsync'd: the disk's own limit."""
+    db = sqlite3.connect(folder / "fsync.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)")
+    payload = b"x" * 200
+    commits = 0
+    deadline = time.perf_counter() + seconds
+    began = time.perf_counter()
+    while time.perf_counter() < deadline:
+        db.execute("BEGIN")
+        db.execute("INSERT INTO t (body) VALUES (?)", (payload,))
+        db.execute("COMMIT")
+        commits += 1
+    elapsed = time.perf_counter() - began
+    db.close()
+    return commits / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
+        folder = Path(tmp)
+        fsync_rate = single_commit_rate(folder, args.seconds)
+        standin = StandInProcess.start("--no-auth", "--workers", "4", "--queue-size", "4096")
+        proxy = ProxyProcess.start("--upstream", standin.url, data=folder / "data")
+        try:
+
+            async def accept(session: aiohttp.ClientSession) -> None:
+                async with session.put(
+                    proxy.url + "/_api/version", headers={"x-arango-async": "store"}
+                ) as resp:
+                    await resp.read()
+                    assert resp.status == 202, resp.status
+
+            await closed_loop(accept, clients=args.clients, seconds=1.0)  # warm-up
+            load = await closed_loop(accept, clients=args.clients, seconds=args.seconds)
+        finally:
+            proxy.stop()
+            standin.stop()
+    print(f"durable accepts (synchronous=FULL), {args.clients} concurrent clients")
+    print(f"{'disk single-commit rate':<28} {fsync_rate:>10.0f}/s")
+    print(load.row("proxy accepts (202)"))
+    print(f"ratio accepts / single-commit rate: {load.rate / fsync_rate:.2f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,150 @@
+"""Who is calling, and does ArangoDB accept them for this database.
+
+The user name is read from the Authorization header (Basic user, or a JWT's
+``preferred_username``); no header, or a JWT without a user, is the
+superuser ``""`` that sees every job, as in ArangoDB. The header itself is
+trusted only after ArangoDB accepted it for the database: the proxy asks
+``GET /_db/{db}/_api/version`` (ArangoDB answers 401/11 or 404/1228 before
+running any handler) and remembers a positive answer for ``auth_cache_ttl``
+seconds, keyed by an HMAC of header and database under a per-process random
+key, so the cache never holds a secret. Concurrent checks of the same new
+credentials share one request. Failures are never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.errors import ERROR_SERVICE_UNAVAILABLE, UpstreamFailure, arango_error
+from proxy.upstream import Upstream
+
+SYSTEM_DB = "_system"
+
+# Headers of ArangoDB's refusal that the client should see unchanged.
+_RELAYED = ("Content-Type", "WWW-Authenticate")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    user: str  # "" is the superuser: no credentials, or a JWT without a user
+    authorization: str | None
+    database: str
+
+    @property
+    def viewer(self) -> str | None:
+        """The user whose jobs this caller sees; None sees all (superuser)."""
+        return self.user or None
+
+
+def database_of(path: str) -> tuple[str, str]:
+    """(decoded name, raw segment) of the database a raw path addresses."""
+    if path.startswith("/_db/"):
+        raw = path[len("/_db/") :].split("/", 1)[0].split("?", 1)[0]
+        return unquote(raw), raw
+    return SYSTEM_DB, SYSTEM_DB
+
+
+def user_of(authorization: str | None) -> str:
+    """The user name an Authorization header claims (not yet verified)."""
+    if not authorization:
+        return ""
+    scheme, _, credentials = authorization.strip().partition(" ")
+    credentials = credentials.strip()
+    try:
+        if scheme.lower() == "basic":
+            return base64.b64decode(credentials, validate=True).decode().partition(":")[0]
+        if scheme.lower() == "bearer":
+            payload = credentials.split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            name = claims.get("preferred_username", "") if isinstance(claims, dict) else ""
+            return name if isinstance(name, str) else ""
+    except (ValueError, IndexError, UnicodeDecodeError, binascii.Error):
+        pass
+    # Unreadable credentials: ArangoDB refuses them, so verification fails first.
+    return "\x00unreadable"
+
+
+class Verifier:
+    def __init__(self, upstream: Upstream, ttl: float, max_entries: int = 10_000) -> None:
+        self._upstream = upstream
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._key = os.urandom(32)
+        self._verified: OrderedDict[bytes, float] = OrderedDict()  # digest -> expiry
+        self._checking: dict[bytes, asyncio.Future[web.Response | None]] = {}
+
+    def _digest(self, authorization: str | None, database: str) -> bytes:
+        material = f"{authorization or ''}\x00{database}".encode()
+        return hmac.new(self._key, material, hashlib.sha256).digest()
+
+    async def caller(self, request: web.Request) -> Caller | web.Response:
+        """The verified caller of `request`, or the refusal to send back."""
+        authorization = request.headers.get("Authorization")
+        database, raw_database = database_of(request.raw_path)
+        refusal = await self.verify(authorization, raw_database)
+        if refusal is not None:
+            return refusal
+        return Caller(user_of(authorization), authorization, database)
+
+    async def verify(self, authorization: str | None, raw_database: str) -> web.Response | None:
+        digest = self._digest(authorization, raw_database)
+        expiry = self._verified.get(digest)
+        if expiry is not None and expiry > time.monotonic():
+            return None
+        pending = self._checking.get(digest)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[web.Response | None] = asyncio.get_running_loop().create_future()
+        self._checking[digest] = future
+        try:
+            refusal = await self._ask(authorization, raw_database)
+            future.set_result(refusal)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here, so no "never retrieved" warning
+            raise
+        finally:
+            del self._checking[digest]
+        if refusal is None:
+            self._remember(digest)
+        return refusal
+
+    def _remember(self, digest: bytes) -> None:
+        self._verified[digest] = time.monotonic() + self._ttl
+        self._verified.move_to_end(digest)
+        while len(self._verified) > self._max_entries:
+            self._verified.popitem(last=False)
+
+    async def _ask(self, authorization: str | None, raw_database: str) -> web.Response | None:
+        headers: CIMultiDict[str] = CIMultiDict()
+        if authorization is not None:
+            headers["Authorization"] = authorization
+        try:
+            reply = await self._upstream.call("GET", f"/_db/{raw_database}/_api/version", headers)
+        except UpstreamFailure as failure:
+            return arango_error(
+                503,
+                ERROR_SERVICE_UNAVAILABLE,
+                f"cannot verify credentials: {failure.message}",
+                handler=False,
+            )
+        if reply.status == 200:
+            return None
+        # ArangoDB's own refusal (401/11, 404/1228, 503 in maintenance, ...).
+        relayed = CIMultiDict(
+            (name, value) for name in _RELAYED for value in reply.headers.getall(name, ())
+        )
+        return web.Response(status=reply.status, body=reply.body, headers=relayed)

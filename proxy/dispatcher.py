@@ -1,0 +1,156 @@
+"""Dispatcher: hands accepted jobs to ArangoDB in store mode, in arrival order.
+
+At most ``jobs.max_inflight`` jobs are at ArangoDB at once (submitted and not
+yet harvested), so the proxy never overflows ArangoDB's bounded queue. What a
+submission can meet::
+
+    202 + x-arango-async-id ─▶ submitted (the harvester takes over)
+    503 (queue full 21003, shutting down 30, maintenance 503),
+    connection error, timeout ─▶ stays accepted; back off and retry
+    any other reply (401, 404/1228, 400, ...) ─▶ done, that reply is the result
+
+A job for the job API itself is run here (`jobs_api.execute`), since
+ArangoDB knows none of the proxy's job ids. Everything needed to make
+progress is in the store: after a restart, accepted jobs are simply picked up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy import jobs_api
+from proxy.errors import UpstreamFailure
+from proxy.harvester import Harvester, auth_headers, stored_response
+from proxy.upstream import Reply, Upstream
+from storage import Job, JobStore
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_ERRORS = frozenset({21003, 30, 503})
+BACKOFF_MIN = 0.05
+BACKOFF_MAX = 5.0
+IDLE_RECHECK = 1.0
+
+
+def is_retryable(reply: Reply) -> bool:
+    if reply.status != 503:
+        return False
+    try:
+        error_num = reply.json().get("errorNum")
+    except (ValueError, AttributeError):
+        return True  # a 503 without ArangoDB's body: some proxy in between, try again
+    return error_num in RETRYABLE_ERRORS
+
+
+def upstream_headers(job: Job) -> CIMultiDict[str]:
+    """The job's stored request headers, its credentials, and store mode."""
+    headers = CIMultiDict(job.headers)
+    headers.extend(auth_headers(job.auth))
+    headers["x-arango-async"] = "store"
+    return headers
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        app: web.Application,
+        store: JobStore,
+        upstream: Upstream,
+        harvester: Harvester,
+        max_inflight: int,
+    ) -> None:
+        self._app = app
+        self._store = store
+        self._upstream = upstream
+        self._harvester = harvester
+        self._max_inflight = max_inflight
+        self._wake = asyncio.Event()
+        self._claimed: dict[int, asyncio.Task[None]] = {}
+        self._backoff = 0.0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if self._backoff:
+                await asyncio.sleep(self._backoff)
+            free = self._max_inflight - self._harvester.inflight - len(self._claimed)
+            jobs = await self._store.next_accepted(free, self._claimed) if free > 0 else []
+            if not jobs:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(IDLE_RECHECK):
+                        await self._wake.wait()
+                continue
+            for job in jobs:
+                self._claimed[job.id] = asyncio.create_task(
+                    self._submit(job), name=f"submit-{job.id}"
+                )
+
+    async def drain(self, grace: float) -> None:
+        """Let submissions under way finish (so nothing is sent twice), then stop them."""
+        pending = list(self._claimed.values())
+        if pending:
+            _, late = await asyncio.wait(pending, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+    async def _submit(self, job: Job) -> None:
+        try:
+            if jobs_api.JOB_PATH.match(job.target):
+                result = await jobs_api.execute(self._app, job.method, job.target, job.user)
+                await self._store.finish(job.id, result)
+            else:
+                await self._send(job)
+        except Exception:
+            # The job stays accepted in the store and is tried again.
+            log.exception("submitting job %d failed", job.id)
+            self._slow_down()
+        finally:
+            del self._claimed[job.id]
+            self._wake.set()
+
+    async def _send(self, job: Job) -> None:
+        try:
+            reply = await self._upstream.call(
+                job.method, job.target, upstream_headers(job), job.body
+            )
+        except UpstreamFailure as failure:
+            log.warning("job %d not submitted, will retry: %s", job.id, failure.message)
+            self._slow_down()
+            return
+        if is_retryable(reply):
+            log.info("ArangoDB refused job %d for now (503), will retry", job.id)
+            self._slow_down()
+            return
+        self._backoff = 0.0
+        upstream_id = reply.headers.get("x-arango-async-id")
+        if reply.status != 202 or upstream_id is None:
+            await self._store.finish(job.id, stored_response(reply))
+            return
+        if await self._store.mark_submitted(job.id, upstream_id):
+            self._harvester.track(job, upstream_id)
+        else:
+            # Cancelled while we were sending it: ArangoDB must not keep it either.
+            await self._abandon(job, upstream_id)
+
+    async def _abandon(self, job: Job, upstream_id: str) -> None:
+        headers = auth_headers(job.auth)
+        calls: list[Callable[[], Awaitable[Reply]]] = [
+            lambda: self._upstream.call("PUT", f"/_api/job/{upstream_id}/cancel", headers),
+            lambda: self._upstream.call("DELETE", f"/_api/job/{upstream_id}", headers),
+        ]
+        for call in calls:
+            with contextlib.suppress(UpstreamFailure):
+                await call()
+
+    def _slow_down(self) -> None:
+        self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))

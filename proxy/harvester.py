@@ -1,0 +1,211 @@
+"""Harvester: notices jobs ArangoDB finished, fetches their results, stores them.
+
+Cheap noticing: one ``GET /_api/job/done`` per distinct credential per tick
+(ArangoDB lists only the caller's own jobs), never one request per job. The
+tick follows the age of the youngest job at ArangoDB (a twentieth of it,
+between 2 ms and 0.5 s), so a short job's result is noticed within a few
+milliseconds while long-running jobs cost a couple of requests a second.
+
+Each finished job is fetched with ``PUT /_api/job/{upstream-id}``, which also
+frees ArangoDB's memory. Once a second, jobs that are neither pending nor
+done at ArangoDB are asked for one by one; a 404 then means ArangoDB lost the
+job (it restarted), and ``jobs.lost_job_policy`` decides::
+
+    rerun       ─▶ accepted again (at-least-once)
+    rerun-safe  ─▶ GET/HEAD/OPTIONS accepted again, others as "fail"
+    fail        ─▶ done, with a 500 whose message says ArangoDB lost the job
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from multidict import CIMultiDict
+
+from proxy.errors import ERROR_INTERNAL, UpstreamFailure, error_body
+from proxy.upstream import Reply, Upstream, end_to_end
+from storage import Job, JobState, JobStore, StoredResponse
+
+log = logging.getLogger(__name__)
+
+POLL_MIN = 0.002
+POLL_MAX = 0.5
+LOST_CHECK_INTERVAL = 1.0
+LIST_SLACK = 1000  # other clients of the same user may have results waiting too
+FETCH_CONCURRENCY = 32
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+# Not replayed from a stored response: recomputed, or added by the facade.
+_NOT_KEPT = ("content-length", "date", "x-arango-async-id")
+
+
+def auth_headers(auth: str | None) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    if auth is not None:
+        headers["Authorization"] = auth
+    return headers
+
+
+def stored_response(reply: Reply) -> StoredResponse:
+    headers = end_to_end(reply.headers.items(), drop=_NOT_KEPT)
+    return StoredResponse(reply.status, tuple(headers.items()), reply.body)
+
+
+def lost_response(upstream_id: str, policy: str) -> StoredResponse:
+    message = (
+        f"upstream ArangoDB lost this job (its id there was {upstream_id}; it restarted?) "
+        f"before it finished; it was not run again (lost_job_policy={policy})"
+    )
+    return StoredResponse(
+        500,
+        (("Content-Type", "application/json; charset=utf-8"),),
+        error_body(500, ERROR_INTERNAL, message),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Tracked:
+    job_id: int
+    upstream_id: str
+    auth: str | None
+    method: str
+
+
+class Harvester:
+    def __init__(
+        self,
+        store: JobStore,
+        upstream: Upstream,
+        policy: str,
+        wake_dispatcher: Callable[[], None],
+    ) -> None:
+        self._store = store
+        self._upstream = upstream
+        self._policy = policy
+        # called whenever a job leaves ArangoDB: a slot is free, or a job is back in line
+        self._wake_dispatcher = wake_dispatcher
+        self._jobs: dict[str, Tracked] = {}  # by upstream id
+        self._new = asyncio.Event()
+        self._youngest = time.monotonic()
+        self._last_lost_check = time.monotonic()
+        self._fetching = asyncio.Semaphore(FETCH_CONCURRENCY)
+
+    @property
+    def inflight(self) -> int:
+        """Jobs at ArangoDB whose results are not stored yet."""
+        return len(self._jobs)
+
+    def track(self, job: Job, upstream_id: str) -> None:
+        self._jobs[upstream_id] = Tracked(job.id, upstream_id, job.auth, job.method)
+        self._youngest = time.monotonic()
+        self._new.set()
+
+    async def load(self) -> None:
+        """Resume watching every job the store says is at ArangoDB."""
+        for job in await self._store.submitted():
+            assert job.upstream_id is not None
+            self.track(job, job.upstream_id)
+
+    async def run(self) -> None:
+        while True:
+            if not self._jobs:
+                self._new.clear()
+                await self._new.wait()
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("harvest tick failed; trying again")
+                await asyncio.sleep(POLL_MAX)
+            age = time.monotonic() - self._youngest
+            await asyncio.sleep(min(POLL_MAX, max(POLL_MIN, age / 20)))
+
+    async def tick(self) -> None:
+        groups = self._by_credentials()
+        await asyncio.gather(*(self._harvest(auth, jobs) for auth, jobs in groups.items()))
+        if time.monotonic() - self._last_lost_check >= LOST_CHECK_INTERVAL:
+            self._last_lost_check = time.monotonic()
+            await asyncio.gather(*(self._find_lost(auth, jobs) for auth, jobs in groups.items()))
+
+    def _by_credentials(self) -> dict[str | None, list[Tracked]]:
+        groups: dict[str | None, list[Tracked]] = defaultdict(list)
+        for tracked in self._jobs.values():
+            groups[tracked.auth].append(tracked)
+        return groups
+
+    async def _list(self, auth: str | None, which: str, size: int) -> set[str] | None:
+        try:
+            reply = await self._upstream.call(
+                "GET", f"/_api/job/{which}?count={size + LIST_SLACK}", auth_headers(auth)
+            )
+        except UpstreamFailure as failure:
+            log.debug("cannot list %s jobs: %s", which, failure.message)
+            return None
+        if reply.status != 200:
+            log.warning("listing %s jobs at ArangoDB gave %d", which, reply.status)
+            return None
+        return {str(uid) for uid in reply.json()}
+
+    async def _harvest(self, auth: str | None, jobs: list[Tracked]) -> None:
+        done = await self._list(auth, "done", len(jobs))
+        if done:
+            await self._collect_all(t for t in jobs if t.upstream_id in done)
+
+    async def _find_lost(self, auth: str | None, jobs: list[Tracked]) -> None:
+        # pending first: a job that finishes in between then shows up as done
+        pending = await self._list(auth, "pending", len(jobs))
+        done = await self._list(auth, "done", len(jobs))
+        if pending is None or done is None:
+            return
+        missing = [t for t in jobs if t.upstream_id not in pending | done]
+        await self._collect_all(missing)  # each fetch says for sure: result, 204 or 404
+
+    async def _collect_all(self, jobs: Iterable[Tracked]) -> None:
+        await asyncio.gather(*(self._collect(t) for t in jobs))
+
+    async def _collect(self, tracked: Tracked) -> None:
+        async with self._fetching:
+            try:
+                reply = await self._upstream.call(
+                    "PUT", f"/_api/job/{tracked.upstream_id}", auth_headers(tracked.auth)
+                )
+            except UpstreamFailure as failure:
+                log.debug("cannot fetch job %d: %s", tracked.job_id, failure.message)
+                return
+        if "x-arango-async-id" in reply.headers or reply.status in (401, 403):
+            # A result, or ArangoDB no longer accepts the job's credentials:
+            # either way this is the answer the client gets.
+            await self._store.finish(
+                tracked.job_id, stored_response(reply), from_states=(JobState.SUBMITTED,)
+            )
+            self._untrack(tracked)
+        elif reply.status == 404:
+            await self._lost(tracked)
+
+    async def _lost(self, tracked: Tracked) -> None:
+        rerun = self._policy == "rerun" or (
+            self._policy == "rerun-safe" and tracked.method in SAFE_METHODS
+        )
+        log.warning(
+            "ArangoDB lost job %d (upstream %s): %s",
+            tracked.job_id,
+            tracked.upstream_id,
+            "running it again" if rerun else "ending it with an error",
+        )
+        if rerun:
+            await self._store.requeue(tracked.job_id)
+        else:
+            await self._store.finish(
+                tracked.job_id,
+                lost_response(tracked.upstream_id, self._policy),
+                from_states=(JobState.SUBMITTED,),
+            )
+        self._untrack(tracked)
+
+    def _untrack(self, tracked: Tracked) -> None:
+        self._jobs.pop(tracked.upstream_id, None)
+        self._wake_dispatcher()

@@ -1,0 +1,114 @@
+"""Intake: an async request (``x-arango-async: true|store``) becomes a durable job.
+
+The caller is verified first (`proxy.auth`), the body is read within a size
+limit and a deadline, the job is written through the store's group commit,
+and only then does the client get its ``202``. The write is shielded: a
+client that hangs up cannot abort it half-way.
+
+Refusals, all in ArangoDB's error shape::
+
+    credentials refused ─▶ ArangoDB's own 401/11 or 404/1228
+    ArangoDB unreachable, credentials not known ─▶ 503
+    body over server.max_body_size ─▶ 413      body too slow ─▶ 408
+    jobs.capacity unfinished jobs ─▶ 503/21003 "queue is full"
+    store cannot write (disk full, I/O) ─▶ 503
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+
+from proxy.auth import Caller
+from proxy.errors import ERROR_QUEUE_FULL, ERROR_SERVICE_UNAVAILABLE, arango_error
+from proxy.passthrough import forwarded_headers
+from proxy.state import CONFIG, DISPATCHER, STORE, VERIFIER
+from storage import CapacityExceeded, JobMode, NewJob, StoreError
+
+log = logging.getLogger(__name__)
+
+ASYNC_HEADER = "x-arango-async"
+ASYNC_ID_HEADER = "x-arango-async-id"
+ERROR_REQUEST_TIMEOUT = 408
+ERROR_TOO_LARGE = 413
+
+# Not stored with the job: the dispatcher sets its own async header, the
+# credentials live in their own column (wiped when done), and aiohttp
+# computes the length of the stored body.
+_NOT_STORED = (ASYNC_HEADER, "authorization", "content-length", "expect")
+
+
+def async_mode(request: web.Request) -> JobMode | None:
+    """ArangoDB compares the value case-sensitively; anything else runs synchronously."""
+    value = request.headers.get(ASYNC_HEADER)
+    if value == "store":
+        return JobMode.STORE
+    if value == "true":
+        return JobMode.FORGET
+    return None
+
+
+async def read_body(request: web.Request) -> bytes | web.Response:
+    """The whole body, or the 413/408 to answer instead."""
+    limit = request.app[CONFIG].server.max_body_size
+    too_large = arango_error(
+        413, ERROR_TOO_LARGE, f"request body is larger than the limit of {limit} bytes"
+    )
+    if request.content_length is not None and request.content_length > limit:
+        return too_large
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(request.app[CONFIG].server.body_timeout):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    return too_large
+                chunks.append(chunk)
+    except TimeoutError:
+        return arango_error(408, ERROR_REQUEST_TIMEOUT, "request body was not received in time")
+    return b"".join(chunks)
+
+
+async def intake(request: web.Request, mode: JobMode) -> web.Response:
+    verified = await request.app[VERIFIER].caller(request)
+    if isinstance(verified, web.Response):
+        return verified
+    body = await read_body(request)
+    if isinstance(body, web.Response):
+        return body
+    return await accept(request, mode, verified, body)
+
+
+async def accept(request: web.Request, mode: JobMode, caller: Caller, body: bytes) -> web.Response:
+    headers = forwarded_headers(request)
+    for name in _NOT_STORED:
+        headers.popall(name, None)
+    job = NewJob(
+        mode=mode,
+        user=caller.user,
+        database=caller.database,
+        method=request.method,
+        target=request.raw_path,
+        headers=tuple(headers.items()),
+        auth=caller.authorization,
+        body=body,
+        created=time.time(),
+    )
+    try:
+        job_id = await asyncio.shield(request.app[STORE].accept(job))
+    except CapacityExceeded:
+        return arango_error(503, ERROR_QUEUE_FULL, "queue is full", handler=False)
+    except StoreError as exc:
+        log.error("cannot store job %s %s: %s", request.method, request.path, exc)  # noqa: TRY400
+        return arango_error(
+            503, ERROR_SERVICE_UNAVAILABLE, f"the proxy cannot store the job: {exc}", handler=False
+        )
+    request.app[DISPATCHER].wake()
+    response = web.Response(status=202, headers={"Content-Type": "text/plain"})
+    if mode is JobMode.STORE:
+        response.headers[ASYNC_ID_HEADER] = str(job_id)
+    return response

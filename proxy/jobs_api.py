@@ -1,0 +1,235 @@
+"""The /_api/job facade: ArangoDB's job API, answered from the proxy's store.
+
+Served under ``/_api/job`` and ``/_admin/job``, with or without a
+``/_db/{name}`` prefix (jobs belong to users, not databases). Every status,
+body and header follows ``arangodb-async-api.md`` §2-§8::
+
+    GET    /{id}               200 done · 204 pending · 404
+    GET    /done|pending       200 ["id", ...]   (count: default 100, 0 → at most 1)
+    PUT    /{id}               the job's own response + x-arango-async-id, then gone · 204 · 404
+    PUT    /{id}/cancel        200 {"result":true} · 404
+    DELETE /all|expired|{id}   200 {"result":true} · 404 · 400 without stamp
+    other methods              405
+
+A request to the job API that itself carries ``x-arango-async`` is a job like
+any other (ArangoDB queues it too); the dispatcher runs it here, through
+`execute`, instead of sending it to ArangoDB, which knows none of our ids.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from urllib.parse import parse_qsl, unquote
+
+from aiohttp import web
+from multidict import CIMultiDict, MultiDict
+
+from proxy.errors import (
+    ERROR_BAD_PARAMETER,
+    ERROR_METHOD_NOT_ALLOWED,
+    ERROR_NOT_FOUND,
+    ERROR_SERVICE_UNAVAILABLE,
+    UpstreamFailure,
+    arango_error,
+)
+from proxy.intake import ASYNC_ID_HEADER, async_mode, intake
+from proxy.passthrough import passthrough
+from proxy.state import STORE, UPSTREAM, VERIFIER
+from storage import JobState, StoredResponse, StoreError
+from storage.records import Job
+
+JOB_PATH = re.compile(r"^(?:/_db/[^/?]+)?/_(?:api|admin)/job(?=/|$)")
+ROUTES = tuple(
+    prefix + base + "{tail:(/.*)?}"
+    for prefix in ("", "/_db/{database}")
+    for base in ("/_api/job", "/_admin/job")
+)
+
+MAX_ID = 2**64 - 1
+DEFAULT_COUNT = 100
+_FLOAT = re.compile(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+CANCELED = StoredResponse(
+    410,
+    (("Content-Type", "application/json; charset=utf-8"),),
+    b'{"code":410,"error":true,"errorMessage":"canceled request","errorNum":21}',
+)
+
+
+def parse_uint64(text: str) -> int:
+    """ArangoDB's StringUtils::uint64: leading digits; 0 without any, or on overflow."""
+    digits = re.match(r"\d*", text)
+    value = int(digits.group()) if digits and digits.group() else 0
+    return value if value <= MAX_ID else 0
+
+
+def parse_stamp(text: str) -> float:
+    """ArangoDB's StringUtils::doubleDecimal: a leading decimal number, else 0."""
+    match = _FLOAT.match(text)
+    return float(match.group()) if match else 0.0
+
+
+def suffixes_of(raw_path: str) -> list[str] | None:
+    """The decoded segments of a raw path after /_api/job (or /_admin/job).
+
+    None when only the decoded path names the job API (``/_api/job%2F1``):
+    ArangoDB splits the raw path, so such a path is not its job API either.
+    """
+    match = JOB_PATH.match(raw_path)
+    if match is None:
+        return None
+    return [unquote(part) for part in raw_path[match.end() :].split("/") if part]
+
+
+def _bad_parameter() -> web.Response:
+    return arango_error(400, ERROR_BAD_PARAMETER, "bad parameter")
+
+
+def _not_found() -> web.Response:
+    return arango_error(404, ERROR_NOT_FOUND, "not found")
+
+
+def _empty(status: int) -> web.Response:
+    return web.Response(status=status, headers={"Content-Type": "text/plain"})
+
+
+def _result_true() -> web.Response:
+    return web.Response(body=b'{"result":true}', content_type="application/json", charset="utf-8")
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    mode = async_mode(request)
+    if mode is not None:
+        return await intake(request, mode)
+    suffixes = suffixes_of(request.raw_path.partition("?")[0])
+    if suffixes is None:
+        return await passthrough(request)
+    verified = await request.app[VERIFIER].caller(request)
+    if isinstance(verified, web.Response):
+        return verified
+    return await answer(request.app, request.method, suffixes, request.query, verified.viewer)
+
+
+async def execute(app: web.Application, method: str, target: str, user: str) -> StoredResponse:
+    """Run a stored async request for the job API here, as ArangoDB would run it."""
+    path, _, query = target.partition("?")
+    params = MultiDict(parse_qsl(query, keep_blank_values=True))
+    suffixes = suffixes_of(path)
+    assert suffixes is not None, "the dispatcher only runs job-API paths here"
+    response = await answer(app, method, suffixes, params, user or None)
+    headers = tuple((k, v) for k, v in response.headers.items() if k.lower() != "content-length")
+    body = response.body
+    assert body is None or isinstance(body, bytes)
+    return StoredResponse(response.status, headers, body or b"")
+
+
+async def answer(
+    app: web.Application,
+    method: str,
+    suffixes: list[str],
+    query: Mapping[str, str],
+    viewer: str | None,
+) -> web.Response:
+    try:
+        if method == "GET":
+            return await _get(app, suffixes, query, viewer)
+        if method == "PUT":
+            return await _put(app, suffixes, viewer)
+        if method == "DELETE":
+            return await _delete(app, suffixes, query, viewer)
+    except StoreError as exc:
+        return arango_error(503, ERROR_SERVICE_UNAVAILABLE, f"the proxy's job store failed: {exc}")
+    return arango_error(405, ERROR_METHOD_NOT_ALLOWED, "method not supported")
+
+
+async def _get(
+    app: web.Application, suffixes: list[str], query: Mapping[str, str], viewer: str | None
+) -> web.Response:
+    if len(suffixes) != 1:
+        return _bad_parameter()
+    what = suffixes[0]
+    store = app[STORE]
+    if what[:1] in tuple("123456789"):
+        state = await store.state(parse_uint64(what), viewer)
+        if state is None:
+            return _not_found()
+        return _empty(200 if state is JobState.DONE else 204)
+    if what not in ("done", "pending"):
+        return _bad_parameter()
+    count = parse_uint64(query["count"]) if "count" in query else DEFAULT_COUNT
+    # ArangoDB appends before it compares with count, so 0 still lists one id.
+    limit = min(max(count, 1), 2**62)
+    ids = await store.list_ids(done=what == "done", viewer=viewer, limit=limit)
+    return web.Response(
+        body=json.dumps([str(i) for i in ids], separators=(",", ":")).encode(),
+        content_type="application/json",
+        charset="utf-8",
+    )
+
+
+async def _put(app: web.Application, suffixes: list[str], viewer: str | None) -> web.Response:
+    if len(suffixes) == 2:
+        if suffixes[1] != "cancel":
+            return _bad_parameter()
+        return await _cancel(app, parse_uint64(suffixes[0]), viewer)
+    if len(suffixes) != 1:
+        return _bad_parameter()
+    outcome = await app[STORE].take_result(parse_uint64(suffixes[0]), viewer)
+    if outcome is None:
+        return _not_found()
+    if isinstance(outcome, JobState):
+        return _empty(204)
+    headers = CIMultiDict(outcome.headers)
+    headers[ASYNC_ID_HEADER] = suffixes[0]
+    return web.Response(status=outcome.status, headers=headers, body=outcome.body)
+
+
+async def _cancel(app: web.Application, job_id: int, viewer: str | None) -> web.Response:
+    store = app[STORE]
+    job = await store.get(job_id, viewer)
+    if job is not None and job.state is JobState.ACCEPTED:
+        if await store.finish(job_id, CANCELED, from_states=(JobState.ACCEPTED,)):
+            return _result_true()
+        job = await store.get(job_id, viewer)  # the dispatcher submitted it meanwhile
+    if job is not None:
+        return await _cancel_upstream(app, job)
+    if await store.state(job_id, viewer) is JobState.DONE:
+        return _result_true()  # as ArangoDB: cancelling a finished job does nothing
+    return arango_error(
+        404,
+        ERROR_NOT_FOUND,
+        f"could not find job ({job_id}) in AsyncJobManager during cancel operation",
+    )
+
+
+async def _cancel_upstream(app: web.Application, job: Job) -> web.Response:
+    """ArangoDB cancels the job it runs; its (410) result arrives through the harvester."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    if job.auth is not None:
+        headers["Authorization"] = job.auth
+    try:
+        await app[UPSTREAM].call("PUT", f"/_api/job/{job.upstream_id}/cancel", headers)
+    except UpstreamFailure as failure:
+        return failure.response()
+    # Any answer will do: 404 means ArangoDB lost the job, which the harvester handles.
+    return _result_true()
+
+
+async def _delete(
+    app: web.Application, suffixes: list[str], query: Mapping[str, str], viewer: str | None
+) -> web.Response:
+    if len(suffixes) != 1:
+        return _bad_parameter()
+    store = app[STORE]
+    what = suffixes[0]
+    if what == "all":
+        await store.delete_all(viewer)
+    elif what == "expired":
+        if "stamp" not in query:
+            return _bad_parameter()
+        await store.delete_expired(viewer, parse_stamp(query["stamp"]))
+    elif not await store.delete(parse_uint64(what), viewer):
+        return _not_found()
+    return _result_true()

@@ -1,0 +1,17 @@
+"""The store's exceptions: every SQLite or file-system failure surfaces as a StoreError.
+
+Error tree::
+
+    StoreError            the store cannot do what was asked (I/O, full disk, not our file, closed)
+     └─ CapacityExceeded  accept() refused: as many unfinished jobs as the capacity allows
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Any failure of the job store, with a message that says what and where."""
+
+
+class CapacityExceeded(StoreError):
+    """accept() was called while the store already holds `capacity` unfinished jobs."""

@@ -1,0 +1,88 @@
+"""The data folder: created private, locked for one store, holding a 0600 database file.
+
+Job ids are allocated in memory by the one writer, so two stores on the same folder
+would hand out the same ids; an exclusive ``flock`` on the folder makes the second
+one fail at open instead. The kernel drops the lock when the process dies, even by
+SIGKILL, so a crash never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import stat
+from pathlib import Path
+
+from storage.errors import StoreError
+
+DATABASE_NAME = "jobs.sqlite3"
+
+log = logging.getLogger(__name__)
+
+
+class DataFolder:
+    """A claimed data folder; release() gives it up."""
+
+    def __init__(self, path: Path, lock_fd: int) -> None:
+        self.path = path
+        self.database = path / DATABASE_NAME
+        self._lock_fd: int | None = lock_fd
+
+    @classmethod
+    def claim(cls, path: Path) -> DataFolder:
+        """Create the folder (0700) if missing, lock it, and make sure the database file is 0600."""
+        try:
+            path.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            pass  # an existing folder keeps the mode its operator gave it
+        except OSError as exc:
+            raise StoreError(f"cannot create the data folder {path}: {exc}") from exc
+        else:
+            # mkdir's mode is filtered by the umask; set it exactly.
+            os.chmod(path, 0o700)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise StoreError(f"cannot open the data folder {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(
+                f"the data folder {path} is in use by another job store (another proxy?)"
+            ) from exc
+        folder = cls(path, fd)
+        try:
+            folder._private_database_file()
+        except OSError as exc:
+            folder.release()
+            raise StoreError(f"cannot prepare {folder.database}: {exc}") from exc
+        except StoreError:
+            folder.release()
+            raise
+        return folder
+
+    def _private_database_file(self) -> None:
+        # Create the file ourselves so it is never, even briefly, readable by others:
+        # SQLite would create it 0644, and its -wal and -shm files copy its mode.
+        try:
+            fd = os.open(self.database, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            status = os.stat(self.database)
+            if not stat.S_ISREG(status.st_mode):
+                raise StoreError(f"{self.database} is not a regular file") from None
+            mode = stat.S_IMODE(status.st_mode)
+            if mode & 0o077:
+                log.warning("%s was mode %o; setting it to 0600", self.database, mode)
+                os.chmod(self.database, 0o600)
+            return
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None

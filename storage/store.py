@@ -1,0 +1,327 @@
+"""JobStore: the durable job store the proxy talks to, on one SQLite file.
+
+Writes go through the single group-committing writer (``storage.writer``); reads
+use a second, read-only connection, which in WAL mode sees every committed write
+and never blocks the writer. Every state transition is one statement (or, for a
+delete that may either remove or forget a job, two) in one transaction.
+
+Visibility: the job facade's methods see only jobs in mode ``store``; a viewer of
+``None`` (superuser) sees every user's jobs, a string only the jobs of that user.
+A job deleted while unfinished is *forgotten* (mode ``true``): it runs on, and
+``finish`` deletes it instead of storing its result (the schema's trigger).
+
+``unfinished`` counts jobs in state accepted or submitted. It is kept in memory,
+read once at open, and changed only by the writer right after a commit, so it is
+exact even when a caller is cancelled while its write commits.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, cast
+
+import aiosqlite
+
+from storage import rows, schema, sql
+from storage.errors import CapacityExceeded, StoreError
+from storage.folder import DataFolder
+from storage.records import Job, JobState, NewJob, StoredResponse
+from storage.rows import valid_id
+from storage.writer import OnCommit, Result, Statement, Want, Writer
+
+SYNCHRONOUS = ("FULL", "NORMAL")
+BUSY_TIMEOUT_MS = 5000
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    # isolation_level=None: the writer issues BEGIN IMMEDIATE/COMMIT itself, and reads
+    # run in autocommit so each one sees the newest commit.
+    db = await aiosqlite.connect(path, isolation_level=None)
+    await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return db
+
+
+class JobStore:
+    """Open with ``await JobStore.open(folder)``; close with ``await store.close()``."""
+
+    def __init__(
+        self,
+        folder: DataFolder,
+        writer_db: aiosqlite.Connection,
+        reader_db: aiosqlite.Connection,
+        *,
+        next_id: int,
+        unfinished: int,
+        capacity: int,
+    ) -> None:
+        self._folder = folder
+        self._reader = reader_db
+        self._writer = Writer(writer_db)
+        self._next_id = next_id
+        self._unfinished = unfinished
+        self._queued_accepts = 0  # enqueued, neither committed nor failed yet
+        self._capacity = capacity
+        self._closed = False
+
+    @classmethod
+    async def open(cls, folder: Path, *, synchronous: str = "FULL", capacity: int = 0) -> JobStore:
+        """Open (creating or migrating) the store in `folder`; capacity 0 means unlimited."""
+        synchronous = synchronous.upper()
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}")
+        if capacity < 0:
+            raise ValueError("capacity must be 0 (unlimited) or positive")
+        data = DataFolder.claim(folder)
+        connections: list[aiosqlite.Connection] = []
+        try:
+            writer_db = await _connect(data.database)
+            connections.append(writer_db)
+            await schema.prepare(writer_db, data.database, synchronous)
+            [(high_water, unfinished)] = await writer_db.execute_fetchall(
+                sql.HIGH_WATER_AND_UNFINISHED
+            )
+            reader_db = await _connect(data.database)
+            connections.append(reader_db)
+            await reader_db.execute("PRAGMA query_only = ON")
+        except BaseException as exc:
+            for db in connections:
+                await db.close()
+            data.release()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreError(f"cannot open the job store {data.database}: {exc}") from exc
+            raise
+        return cls(
+            data,
+            writer_db,
+            reader_db,
+            next_id=high_water + 1,
+            unfinished=unfinished,
+            capacity=capacity,
+        )
+
+    async def close(self) -> None:
+        """Commit the writes already queued, stop the writer, close both connections."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._writer.stop()
+        finally:
+            try:
+                await self._writer.db.close()
+                await self._reader.close()
+            finally:
+                self._folder.release()
+
+    @property
+    def commits(self) -> int:
+        """Transactions the writer has committed since open."""
+        return self._writer.commits
+
+    @property
+    def unfinished(self) -> int:
+        """Jobs in state accepted or submitted, forgotten ones included (they still run)."""
+        return self._unfinished
+
+    # -- intake ------------------------------------------------------------------------
+
+    async def accept(self, job: NewJob) -> int:
+        """Store a new job; when this returns, it is committed (and fsync'd under FULL)."""
+        if self._capacity and self._unfinished + self._queued_accepts >= self._capacity:
+            raise CapacityExceeded(
+                f"the job store holds {self._capacity} unfinished jobs, its capacity"
+            )
+        job_id = self._next_id
+        if job_id > rows.MAX_ID:
+            raise StoreError("the job store has used up all 2**63-1 job ids")
+        params = (
+            job_id,
+            job.mode.value,
+            rows.text_param(job.user),
+            rows.text_param(job.database),
+            rows.text_param(job.method),
+            rows.text_param(job.target),
+            rows.headers_param(job.headers),
+            rows.optional_text_param(job.auth),
+            job.body,
+            job.created,
+        )
+        future = self._writer.enqueue(
+            Statement(sql.INSERT_JOB, params),
+            on_commit=self._accept_committed,
+            on_abort=self._accept_aborted,
+        )
+        # Ids follow arrival order; one burnt by a failed batch was never revealed.
+        self._next_id += 1
+        self._queued_accepts += 1
+        await future
+        return job_id
+
+    def _accept_committed(self, _result: Result) -> None:
+        self._queued_accepts -= 1
+        self._unfinished += 1
+
+    def _accept_aborted(self) -> None:
+        self._queued_accepts -= 1
+
+    # -- dispatcher and harvester --------------------------------------------------------
+
+    async def next_accepted(self, limit: int, exclude: Collection[int] = ()) -> list[Job]:
+        """Up to `limit` jobs in state accepted, oldest first, skipping the ids in `exclude`."""
+        if limit <= 0:
+            return []
+        # Bound as one JSON array: the claimed set can be large and varies every call.
+        found = await self._read(
+            sql.SELECT_ACCEPTED,
+            {
+                "exclude": f"[{','.join(str(int(i)) for i in exclude)}]",
+                "limit": min(limit, rows.MAX_ID),
+            },
+        )
+        return [rows.job_from_row(row) for row in found]
+
+    async def submitted(self) -> list[Job]:
+        """Every job in state submitted, oldest first (the harvester's start-up list)."""
+        found = await self._read(sql.SELECT_SUBMITTED, {})
+        return [rows.job_from_row(row) for row in found]
+
+    async def mark_submitted(self, job_id: int, upstream_id: str) -> bool:
+        """accepted -> submitted, recording ArangoDB's job id; False if not accepted."""
+        if not valid_id(job_id):
+            return False
+        statement = Statement(sql.MARK_SUBMITTED, (rows.text_param(upstream_id), job_id))
+        return await self._write_count(statement) == 1
+
+    async def requeue(self, job_id: int) -> bool:
+        """submitted -> accepted (ArangoDB lost it), counting one more attempt."""
+        if not valid_id(job_id):
+            return False
+        return await self._write_count(Statement(sql.REQUEUE, (job_id,))) == 1
+
+    async def finish(
+        self,
+        job_id: int,
+        response: StoredResponse,
+        *,
+        from_states: Collection[JobState] = (JobState.ACCEPTED, JobState.SUBMITTED),
+    ) -> bool:
+        """-> done with `response`, wiping the request; a forgotten job is deleted instead.
+
+        False if the job is not in one of `from_states` (which may not include done).
+        """
+        if JobState.DONE in from_states:
+            raise ValueError("finish() moves unfinished jobs only; DONE is not a from_state")
+        if not valid_id(job_id) or not from_states:
+            return False
+        states = sorted(JobState(state).value for state in from_states)
+        params = (
+            time.time(),
+            response.status,
+            rows.headers_param(response.headers),
+            response.body,
+            job_id,
+            states[0],
+            states[-1],
+        )
+        changed = await self._write_count(
+            Statement(sql.FINISH, params), on_commit=self._finish_committed
+        )
+        return changed == 1
+
+    def _finish_committed(self, changed: Result) -> None:
+        if changed:
+            self._unfinished -= 1
+
+    # -- job facade --------------------------------------------------------------------
+
+    async def state(self, job_id: int, viewer: str | None) -> JobState | None:
+        """The state of a visible job, None if there is none."""
+        if not valid_id(job_id):
+            return None
+        found = await self._read(sql.SELECT_STATE, _by_id(job_id, viewer))
+        return JobState(found[0][0]) if found else None
+
+    async def get(self, job_id: int, viewer: str | None) -> Job | None:
+        """A visible job that is not done yet, else None."""
+        if not valid_id(job_id):
+            return None
+        found = await self._read(sql.SELECT_PENDING_JOB, _by_id(job_id, viewer))
+        return rows.job_from_row(found[0]) if found else None
+
+    async def take_result(
+        self, job_id: int, viewer: str | None
+    ) -> StoredResponse | JobState | None:
+        """Done: the result, and the row is gone. Unfinished: its state. Not visible: None.
+
+        The delete goes through the writer with RETURNING, so of two concurrent takes
+        exactly one gets the result and the other gets None.
+        """
+        state = await self.state(job_id, viewer)
+        if state is not JobState.DONE:
+            return state
+        taken = await self._write_rows(Statement(sql.TAKE_RESULT, _by_id(job_id, viewer)))
+        return rows.response_from_row(taken[0]) if taken else None
+
+    async def list_ids(self, *, done: bool, viewer: str | None, limit: int) -> list[int]:
+        """Ids of visible jobs, done or pending, ascending, at most `limit`."""
+        if limit <= 0:
+            return []
+        found = await self._read(
+            sql.LIST_DONE if done else sql.LIST_PENDING,
+            {"viewer": _viewer(viewer), "limit": min(limit, rows.MAX_ID)},
+        )
+        return [row[0] for row in found]
+
+    async def delete(self, job_id: int, viewer: str | None) -> bool:
+        """Done: the row is deleted. Unfinished: forgotten (runs on, result dropped)."""
+        if not valid_id(job_id):
+            return False
+        params = _by_id(job_id, viewer)
+        changed = await self._write_count(
+            Statement(sql.DELETE_DONE_ONE, params), Statement(sql.FORGET_ONE, params)
+        )
+        return changed > 0
+
+    async def delete_all(self, viewer: str | None) -> int:
+        """delete() for every visible job; returns how many were deleted or forgotten."""
+        params = {"viewer": _viewer(viewer)}
+        return await self._write_count(
+            Statement(sql.DELETE_DONE, params), Statement(sql.FORGET, params)
+        )
+
+    async def delete_expired(self, viewer: str | None, stamp: float) -> int:
+        """delete() for visible pending jobs created before `stamp` and done jobs finished
+        before it (epoch seconds, as ArangoDB's stamps)."""
+        # float(): an int stamp beyond 64 bits must not fail the writer's whole batch.
+        params = {"viewer": _viewer(viewer), "stamp": float(stamp)}
+        return await self._write_count(
+            Statement(sql.DELETE_DONE_EXPIRED, params), Statement(sql.FORGET_EXPIRED, params)
+        )
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _read(self, query: str, params: dict[str, Any]) -> list[Any]:
+        if self._closed:
+            raise StoreError("the job store is closed")
+        try:
+            return list(await self._reader.execute_fetchall(query, params))
+        except sqlite3.Error as exc:
+            raise StoreError(f"the job store could not read: {exc}") from exc
+
+    async def _write_count(self, *statements: Statement, on_commit: OnCommit | None = None) -> int:
+        future = self._writer.enqueue(*statements, want=Want.ROWCOUNT, on_commit=on_commit)
+        return cast(int, await future)
+
+    async def _write_rows(self, statement: Statement) -> list[Any]:
+        return cast(list[Any], await self._writer.enqueue(statement, want=Want.ROWS))
+
+
+def _viewer(viewer: str | None) -> str | bytes | None:
+    return rows.optional_text_param(viewer)
+
+
+def _by_id(job_id: int, viewer: str | None) -> dict[str, Any]:
+    return {"id": job_id, "viewer": _viewer(viewer)}

@@ -1,0 +1,20 @@
+"""An ArangoDB stand-in for the tests: a real aiohttp server, faithful to
+/work/shared/arangodb-async-api.md for async execution and the job API.
+
+In-process use (pytest-asyncio)::
+
+    standin = StandIn(users={"root": ""}, auth=True, workers=4, queue_size=128, jwt_secret=None)
+    url = await standin.start(host="127.0.0.1", port=0)
+    await standin.restart()   # jobs, results and cursors lost; data and tick counter kept
+    standin.queue_full = True # every async request: 503/21003
+    standin.write_count("_system", "coll", "key")  # inserts really executed (incl. 409s)
+    standin.executed[("POST", "/_api/document/coll")]
+    await standin.stop()
+
+As a process: ``python -m tests.standin --host 127.0.0.1 --port 0`` (see __main__).
+"""
+
+from tests.standin.auth import make_jwt
+from tests.standin.server import DEFAULT_USERS, StandIn
+
+__all__ = ["DEFAULT_USERS", "StandIn", "make_jwt"]

@@ -1,0 +1,106 @@
+"""One request as a handler sees it, and ArangoDB's lenient value parsers.
+
+A `Call` is complete in itself (the body is already read), so it can wait in
+the job queue after the client's connection is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from multidict import CIMultiDictProxy, MultiMapping
+
+UINT64_MAX = 2**64 - 1
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who sent a request, as the job manager's `authorized()` sees it."""
+
+    user: str
+    superuser: bool
+
+    def may_see(self, owner: str) -> bool:
+        return self.superuser or owner == self.user
+
+
+@dataclass
+class Call:
+    method: str
+    database: str
+    path: str  # without the /_db/{name} prefix, still percent-encoded
+    query: MultiMapping[str]
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    identity: Identity
+    target: str = ""  # the path as received, /_db prefix included (for StandIn.executed)
+    suffixes: list[str] = field(default_factory=list)  # raw, after the handler's prefix
+    # set when the job is cancelled: long-running handlers (AQL SLEEP) stop on it
+    killed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def suffix(self, index: int) -> str:
+        return unquote(self.suffixes[index])
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        value = self.query.get(name)
+        return default if value is None else boolean(value)
+
+
+def uint64(text: str) -> int:
+    """`StringUtils::uint64` (std::from_chars): leading digits; 0 if none or on overflow."""
+    digits = ""
+    for char in text:
+        if not "0" <= char <= "9":
+            break
+        digits += char
+    if not digits:
+        return 0
+    value = int(digits)
+    return value if value <= UINT64_MAX else 0
+
+
+def double_decimal(text: str) -> float:
+    """`StringUtils::doubleDecimal`: sign, digits with one '.', optional exponent; else 0."""
+    pos, end = 0, len(text)
+    sign = 1.0
+    if pos < end and text[pos] in "+-":
+        sign = -1.0 if text[pos] == "-" else 1.0
+        pos += 1
+    value, scale, seen_point = 0.0, 1.0, False
+    while pos < end:
+        char = text[pos]
+        if char == "." and not seen_point:
+            seen_point = True
+        elif "0" <= char <= "9":
+            value = value * 10.0 + (ord(char) - 48)
+            if seen_point:
+                scale *= 10.0
+        else:
+            break
+        pos += 1
+    if pos == end:
+        return sign * value / scale
+    if text[pos] not in "eE":
+        return 0.0
+    pos += 1
+    exp_sign = 1
+    if pos < end and text[pos] in "+-":
+        exp_sign = -1 if text[pos] == "-" else 1
+        pos += 1
+    exponent = 0
+    for char in text[pos:]:
+        if not "0" <= char <= "9":
+            return 0.0
+        exponent = exponent * 10 + ord(char) - 48
+    try:
+        return sign * value / scale * 10.0 ** (exp_sign * exponent)
+    except OverflowError:  # C++ pow() gives inf here
+        return sign * math.inf if value else 0.0
+
+
+def boolean(text: str) -> bool:
+    """`StringUtils::boolean`, as used for query parameters such as waitForSync."""
+    return text.strip().lower() in ("true", "yes", "on", "y", "1")

@@ -1,0 +1,271 @@
+"""The stand-in server: an aiohttp app that answers like a single ArangoDB 3.12.
+
+Every request goes the way `CommTask` sends it (spec §1.3, §9):
+
+    OPTIONS ............................ 200 at once (CORS preflight)
+    credentials unreadable or wrong .... 401/11, never queued
+    /_db/<unknown>/... ................. 404/1228
+    x-arango-queue-time-seconds too low  412/21004
+    x-arango-async: true | store ....... 202 (+ x-arango-async-id), or 503/21003 when full
+    anything else ...................... the handler, synchronously
+
+Queued and synchronous requests run through the same `_run`, so a job's stored
+result is byte for byte what the synchronous call would have answered.
+`/_standin/...` are test controls: no auth, never async.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from tests.standin.auth import Authenticator
+from tests.standin.call import Call, double_decimal
+from tests.standin.cursors import CursorApi
+from tests.standin.data import Store, Ticks
+from tests.standin.documents import DataApi
+from tests.standin.jobs import ASYNC_ID, Job, JobManager, job_api
+from tests.standin.reply import (
+    DATABASE_NOT_FOUND,
+    NOT_AUTHORIZED,
+    QUEUE_FULL,
+    QUEUE_TIME_VIOLATED,
+    Reply,
+    handler_error,
+    json_reply,
+)
+from tests.standin.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Call], Awaitable[Reply]]
+
+DEFAULT_USERS = {"root": "", "alice": "alicepw", "bob": "bobpw"}
+CORS_METHODS = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+# CommTask::finishExecution adds these to every response, if not set already
+STANDARD_HEADERS = (
+    ("x-content-type-options", "nosniff"),
+    ("content-security-policy", "frame-ancestors 'self'; form-action 'self';"),
+    (
+        "cache-control",
+        "no-cache, no-store, must-revalidate, pre-check=0, post-check=0, max-age=0, s-maxage=0",
+    ),
+    ("pragma", "no-cache"),
+    ("expires", "0"),
+    ("strict-transport-security", "max-age=31536000 ; includeSubDomains"),
+)
+WWW_AUTHENTICATE = ('Basic, realm="ArangoDB"', 'Bearer, token_type="JWT", realm="ArangoDB"')
+
+
+def split_database(raw_path: str) -> tuple[str, str]:
+    """`/_db/shop/_api/x` -> ("shop", "/_api/x"); no prefix means `_system`."""
+    if not raw_path.startswith("/_db/"):
+        return "_system", raw_path
+    name, slash, rest = raw_path[len("/_db/") :].partition("/")
+    return unquote(name), slash + rest or "/"
+
+
+class StandIn:
+    """An ArangoDB stand-in, in-process. See tests/standin/__init__.py for the API."""
+
+    def __init__(
+        self,
+        users: dict[str, str] | None = None,
+        auth: bool = True,
+        workers: int = 4,
+        queue_size: int = 128,
+        jwt_secret: str | None = None,
+    ) -> None:
+        self.authenticator = Authenticator(
+            dict(DEFAULT_USERS if users is None else users), auth, jwt_secret
+        )
+        self.workers = workers
+        self.queue_size = queue_size
+        self.queue_full = False
+        self.executed: Counter[tuple[str, str]] = Counter()
+        self.ticks = Ticks()
+        self.store = Store(self.ticks)
+        self.data = DataApi(self.store)
+        # lost on restart, like everything ArangoDB keeps only in memory
+        self.jobs = JobManager()
+        self.cursors = CursorApi(self.store)
+        self._scheduler: Scheduler | None = None
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+        # ArangoDB's handlers, each a prefix of the path after /_db/<name>
+        self.routes: list[tuple[str, Handler]] = [
+            ("/_api/version", self.data.version),
+            ("/_admin/version", self.data.version),
+            ("/_api/job", self._jobs),
+            ("/_admin/job", self._jobs),
+            ("/_api/database", self.data.database),
+            ("/_api/collection", self.data.collection),
+            ("/_api/document", self.data.document),
+            ("/_api/cursor", self._cursor),
+        ]
+
+    # -- life cycle ----------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("the stand-in is not started")
+        return self._url
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise RuntimeError("the stand-in is not started")
+        return self._scheduler
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.on_response_prepare.append(self._finish)
+        app.router.add_routes(
+            [
+                web.post("/_standin/restart", self._control_restart),
+                web.put("/_standin/queue-full", self._control_queue_full),
+                web.get("/_standin/counters", self._control_counters),
+                web.route("*", "/{tail:.*}", self._serve),
+            ]
+        )
+        # a short grace period: a synchronous SLEEP must not hold up a test's teardown
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        self._runner = runner
+        bound_port = runner.addresses[0][1]
+        self._url = f"http://{host}:{bound_port}"
+        self._scheduler = Scheduler(self._run, self.jobs, self.workers, self.queue_size)
+        return self._url
+
+    async def restart(self) -> None:
+        """Forget every job, job result and cursor; data and the tick counter survive."""
+        await self.scheduler.close()
+        self.jobs = JobManager()
+        self.cursors = CursorApi(self.store)
+        self._scheduler = Scheduler(self._run, self.jobs, self.workers, self.queue_size)
+
+    async def stop(self) -> None:
+        if self._scheduler is not None:
+            await self._scheduler.close()
+            self._scheduler = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def write_count(self, db: str, collection: str, key: str) -> int:
+        return self.store.writes[(db, collection, key)]
+
+    # -- the request pipeline ------------------------------------------------
+
+    async def _serve(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "OPTIONS":
+            return self._send(request, Reply(200, headers=(("allow", CORS_METHODS),)))
+        identity = self.authenticator.identify(request.headers.get("authorization"))
+        if identity is None:
+            return self._send(request, NOT_AUTHORIZED)
+        database, path = split_database(request.rel_url.raw_path)
+        if database not in self.store.databases:
+            return self._send(request, DATABASE_NOT_FOUND)
+        call = Call(
+            method=request.method,
+            database=database,
+            path=path,
+            query=request.query,
+            headers=request.headers,
+            body=await request.read(),
+            identity=identity,
+            target=request.rel_url.raw_path,
+        )
+        limit = request.headers.get("x-arango-queue-time-seconds")
+        if limit is not None and 0.0 < double_decimal(limit) < self.scheduler.last_wait:
+            return self._send(request, QUEUE_TIME_VIOLATED)
+        mode = request.headers.get("x-arango-async")
+        if mode in ("true", "store"):
+            return self._send(request, self._enqueue(call, store=mode == "store"))
+        return self._send(request, await self._run(call))
+
+    def _enqueue(self, call: Call, store: bool) -> Reply:
+        # ArangoDB registers a `store` job before it tries the queue, so a job
+        # refused with 503 stays listed as pending until deleted (spec §10.1).
+        # No client can use that entry, and it would make the proxy's tests
+        # depend on a leak, so the stand-in checks for room first.
+        if self.queue_full or self.scheduler.full():
+            return QUEUE_FULL
+        job = Job(call, self.ticks.next() if store else 0)
+        if store:
+            self.jobs.register(job)
+        self.scheduler.offer(job)
+        return Reply(202, headers=((ASYNC_ID, str(job.job_id)),) if store else ())
+
+    def _route(self, path: str) -> tuple[Handler, list[str]] | None:
+        for prefix, handler in self.routes:
+            if path == prefix or path.startswith(prefix + "/"):
+                return handler, [part for part in path[len(prefix) :].split("/") if part]
+        return None
+
+    async def _run(self, call: Call) -> Reply:
+        """Run the handler for `call`, synchronously or on a worker."""
+        found = self._route(call.path)
+        if found is None:
+            return handler_error(404, 404, f"unknown path '{unquote(call.path)}'")
+        handler, call.suffixes = found
+        self.executed[(call.method, call.target)] += 1
+        try:
+            return await handler(call)
+        except Exception as exc:
+            log.exception("stand-in handler failed for %s %s", call.method, call.target)
+            return handler_error(500, 4, f"internal error: {exc}")
+
+    async def _jobs(self, call: Call) -> Reply:
+        return job_api(call, self.jobs)
+
+    async def _cursor(self, call: Call) -> Reply:
+        return await self.cursors.handle(call)
+
+    def _send(self, request: web.Request, reply: Reply) -> web.Response:
+        headers: CIMultiDict[str] = CIMultiDict(reply.headers)
+        headers["content-type"] = reply.content_type
+        return web.Response(status=reply.status, body=reply.body, headers=headers)
+
+    async def _finish(self, request: web.Request, response: web.StreamResponse) -> None:
+        """`CommTask::finishExecution` and `sendResponse`: headers for every response."""
+        response.headers["server"] = "ArangoDB"  # replaces aiohttp's own
+        for name, value in STANDARD_HEADERS:
+            response.headers.setdefault(name, value)
+        last_wait = self._scheduler.last_wait if self._scheduler else 0.0
+        response.headers["x-arango-queue-time-seconds"] = f"{last_wait:.6f}"
+        if response.status == 401 and "x-omit-www-authenticate" not in request.headers:
+            for value in WWW_AUTHENTICATE:
+                response.headers.add("www-authenticate", value)
+
+    # -- test controls -------------------------------------------------------
+
+    async def _control_restart(self, request: web.Request) -> web.Response:
+        await self.restart()
+        return self._send(request, json_reply(200, {"restarted": True}))
+
+    async def _control_queue_full(self, request: web.Request) -> web.Response:
+        text = (await request.text()).strip()
+        if text not in ("true", "false"):
+            return self._send(request, json_reply(400, {"error": "expected true or false"}))
+        self.queue_full = text == "true"
+        return self._send(request, json_reply(200, {"queueFull": self.queue_full}))
+
+    async def _control_counters(self, request: web.Request) -> web.Response:
+        writes = {"/".join(key): n for key, n in sorted(self.store.writes.items())}
+        executed: dict[str, Any] = {
+            f"{method} {path}": n for (method, path), n in sorted(self.executed.items())
+        }
+        return self._send(request, json_reply(200, {"writes": writes, "executed": executed}))
+
+
+__all__ = ["DEFAULT_USERS", "StandIn"]

@@ -1,0 +1,204 @@
+"""The promise under real crashes: every 202 leads to a result.
+
+Real processes throughout: the proxy (`python -m proxy`) and the stand-in
+(`python -m tests.standin`), killed with SIGKILL or restarted mid-load. The
+stand-in counts how often each insert really ran, so duplicates are seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.jobclient import ROOT, JobClient
+from tests.processes import ProxyProcess, StandInProcess
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def standin_process() -> Iterator[StandInProcess]:
+    proc = StandInProcess.start("--users", "root:", "--workers", "4", "--queue-size", "64")
+    yield proc
+    proc.kill()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as http:
+        yield http
+
+
+async def counters(session: aiohttp.ClientSession, standin: str) -> dict[str, Any]:
+    async with session.get(standin + "/_standin/counters") as resp:
+        assert resp.status == 200
+        result: dict[str, Any] = await resp.json()
+        return result
+
+
+async def create_collection(session: aiohttp.ClientSession, standin: str, name: str) -> None:
+    async with session.post(
+        standin + "/_api/collection", json={"name": name}, headers=ROOT
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+class Load:
+    """Clients that keep submitting inserts with known keys; remembers every 202."""
+
+    def __init__(self, session: aiohttp.ClientSession, collection: str) -> None:
+        self.session = session
+        self.collection = collection
+        self.accepted: dict[str, str] = {}  # key -> job id
+        self.sleepers: list[str] = []
+        self.refused: list[int] = []
+        self._next = 0
+
+    async def client(self, base: str, stop: asyncio.Event, limit: int) -> None:
+        jobs = JobClient(self.session, base)
+        while not stop.is_set() and self._next < limit:
+            self._next += 1
+            n = self._next
+            try:
+                if n % 5 == 0:  # some jobs that are still running when the crash comes
+                    answer = await jobs.call(
+                        "POST",
+                        "/_api/cursor",
+                        headers={**ROOT, "x-arango-async": "store"},
+                        body={"query": "RETURN SLEEP(0.2)"},
+                    )
+                    key = None
+                else:
+                    key = f"k{n}"
+                    answer = await jobs.call(
+                        "POST",
+                        f"/_api/document/{self.collection}",
+                        headers={**ROOT, "x-arango-async": "store"},
+                        body={"_key": key},
+                    )
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.01)  # the proxy is down: nothing was promised
+                continue
+            if answer.status != 202:
+                self.refused.append(answer.status)
+                continue
+            assert answer.async_id is not None
+            if key is None:
+                self.sleepers.append(answer.async_id)
+            else:
+                self.accepted[key] = answer.async_id
+
+    async def run(self, base: str, stop: asyncio.Event, limit: int, clients: int = 8) -> None:
+        await asyncio.gather(*(self.client(base, stop, limit) for _ in range(clients)))
+
+
+async def done_now(jobs: JobClient, job_ids: list[str]) -> set[str]:
+    """The ids whose results the proxy holds right now."""
+    done = set()
+    for job_id in job_ids:
+        with contextlib.suppress(aiohttp.ClientError):
+            if (await jobs.call("GET", f"/_api/job/{job_id}")).status == 200:
+                done.add(job_id)
+    return done
+
+
+async def check_every_job(
+    session: aiohttp.ClientSession, proxy: str, standin: str, load: Load, exactly_once: set[str]
+) -> None:
+    jobs = JobClient(session, proxy)
+    for key, job_id in load.accepted.items():
+        answer = await jobs.result(job_id)
+        # 409: the insert ran again after a crash and found its own first run
+        assert answer.status in (201, 202, 409), (key, answer)
+    for job_id in load.sleepers:
+        assert (await jobs.result(job_id)).status == 201
+    writes = (await counters(session, standin))["writes"]
+    for key, job_id in load.accepted.items():
+        count = writes.get(f"_system/{load.collection}/{key}", 0)
+        assert count >= 1, f"accepted insert {key} never ran"
+        if job_id in exactly_once:
+            assert count == 1, f"{key} finished before the crash but ran {count} times"
+
+
+async def test_kill_9_while_accepting_and_running(
+    tmp_path: Path,
+    standin_process: StandInProcess,
+    proxy_process: Callable[..., ProxyProcess],
+    session: aiohttp.ClientSession,
+) -> None:
+    standin = standin_process.url
+    await create_collection(session, standin, "c")
+    data = tmp_path / "data"
+    load = Load(session, "c")
+    exactly_once: set[str] = set()
+    rng = random.Random(7)
+    for _round in range(3):
+        proxy = proxy_process("--upstream", standin, data=data)
+        earlier = set(load.accepted.values())
+        stop = asyncio.Event()
+        clients = asyncio.create_task(load.run(proxy.url, stop, limit=10_000))
+        await asyncio.sleep(rng.uniform(0.3, 0.8))
+        # Jobs of this round that are done were sent to ArangoDB once: a job
+        # from an earlier round may have been sent again after that crash.
+        fresh = [i for i in load.accepted.values() if i not in earlier]
+        exactly_once |= await done_now(JobClient(session, proxy.url), fresh)
+        proxy.kill()  # SIGKILL, mid-load
+        stop.set()
+        await clients
+    assert len(load.accepted) > 50
+    assert exactly_once, "no job finished before a crash: the test proves nothing"
+    proxy = proxy_process("--upstream", standin, data=data)
+    await check_every_job(session, proxy.url, standin, load, exactly_once)
+    assert proxy.stop() == 0
+
+
+async def test_upstream_restart_mid_load(
+    tmp_path: Path,
+    standin_process: StandInProcess,
+    proxy_process: Callable[..., ProxyProcess],
+    session: aiohttp.ClientSession,
+) -> None:
+    standin = standin_process.url
+    await create_collection(session, standin, "r")
+    proxy = proxy_process("--upstream", standin, data=tmp_path / "data")
+    load = Load(session, "r")
+    stop = asyncio.Event()
+    clients = asyncio.create_task(load.run(proxy.url, stop, limit=300))
+    await asyncio.sleep(0.3)
+    async with session.post(standin + "/_standin/restart") as resp:
+        assert resp.status == 200
+    await clients
+    assert load.refused == []
+    await check_every_job(session, proxy.url, standin, load, exactly_once=set())
+    assert proxy.stop() == 0
+
+
+async def test_full_upstream_queue_is_invisible_to_clients(
+    tmp_path: Path,
+    standin_process: StandInProcess,
+    proxy_process: Callable[..., ProxyProcess],
+    session: aiohttp.ClientSession,
+) -> None:
+    standin = standin_process.url
+    await create_collection(session, standin, "q")
+    proxy = proxy_process("--upstream", standin, data=tmp_path / "data")
+    async with session.put(standin + "/_standin/queue-full", data=b"true") as resp:
+        assert resp.status == 200
+    load = Load(session, "q")
+    await load.run(proxy.url, asyncio.Event(), limit=100)
+    assert load.refused == []
+    assert len(load.accepted) + len(load.sleepers) == 100
+    jobs = JobClient(session, proxy.url)
+    still_pending = await jobs.call("GET", "/_api/job/pending?count=1000")
+    assert len(still_pending.json) == 100  # ArangoDB refuses: nothing ran yet
+    async with session.put(standin + "/_standin/queue-full", data=b"false") as resp:
+        assert resp.status == 200
+    await check_every_job(session, proxy.url, standin, load, exactly_once=set())
+    assert proxy.stop() == 0

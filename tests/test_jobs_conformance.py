@@ -1,0 +1,288 @@
+"""The job facade answers exactly as ArangoDB: every scenario runs against the
+stand-in directly and through the proxy, and the recorded answers must be equal.
+
+Job ids differ between the two (the proxy has its own), so each id is replaced
+by the name the scenario gave it before comparing. Status, body and
+Content-Type are compared for every call, and whether x-arango-async-id is set.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import ProxyFactory
+from tests.jobclient import ALICE, BOB, ROOT, Answer, JobClient, basic
+from tests.standin import StandIn
+
+SLEEP = {"query": "RETURN SLEEP(3)"}
+
+
+class Recorder:
+    def __init__(self, client: JobClient) -> None:
+        self.client = client
+        self.ids: dict[str, str] = {}
+        self.log: list[tuple[str, Any]] = []
+
+    def _path(self, template: str) -> str:
+        return template.format(**self.ids)
+
+    def _normal(self, value: Any) -> Any:
+        """Job ids, where the job API puts them, replaced by the scenario's names."""
+        names = {job_id: f"<{name}>" for name, job_id in self.ids.items()}
+        if isinstance(value, list):
+            return [self._normal(item) for item in value]
+        if isinstance(value, dict):
+            return {key: self._normal(item) for key, item in value.items()}
+        if isinstance(value, str):
+            if value in names:
+                return names[value]
+            return re.sub(r"\((\d+)\)", lambda m: f"({names.get(m[1], m[1])})", value)
+        return value
+
+    async def submit(
+        self,
+        name: str,
+        method: str,
+        path: str,
+        body: Any = None,
+        user: dict[str, str] = ROOT,
+        mode: str = "store",
+    ) -> None:
+        self.ids[name] = await self.client.submit(
+            method, self._path(path), body=body, headers=user, mode=mode
+        )
+
+    async def wait(self, name: str, user: dict[str, str] = ROOT) -> None:
+        await self.client.wait_done(self.ids[name], headers=user)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        user: dict[str, str] = ROOT,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        count_only: bool = False,
+        label: str | None = None,
+    ) -> Answer:
+        answer = await self.client.call(
+            method, self._path(path), headers={**user, **(headers or {})}, body=body
+        )
+        content: Any = answer.body.decode(errors="replace")
+        json_type = (answer.content_type or "").startswith("application/json")
+        if json_type and answer.body:  # a HEAD answer has the type but no body
+            content = self._normal(json.loads(content))
+            if isinstance(content, list):
+                content = len(content) if count_only else sorted(content)
+            elif isinstance(content, dict) and content.get("server") == "arango":
+                content = "<version>"
+        self.log.append(
+            (
+                label or f"{method} {path}",
+                (answer.status, content, answer.content_type, answer.async_id is not None),
+            )
+        )
+        return answer
+
+
+async def bad_requests(r: Recorder) -> None:
+    for method, path in [
+        ("PUT", "/_api/job"),
+        ("PUT", "/_api/job/notthere"),
+        ("PUT", "/_api/job/1/2/3"),
+        ("PUT", "/_api/job/123/foo"),
+        ("PUT", "/_api/job/notthere/cancel"),
+        ("PUT", "/_api/job/99999999999999/cancel"),
+        ("PUT", "/_api/job/18446744073709551616/cancel"),
+        ("GET", "/_api/job"),
+        ("GET", "/_api/job/foo"),
+        ("GET", "/_api/job/0"),
+        ("GET", "/_api/job/all"),
+        ("GET", "/_api/job/1/2"),
+        ("GET", "/_api/job/18446744073709551615"),
+        ("GET", "/_api/job/99999999999999999999999"),
+        ("DELETE", "/_api/job"),
+        ("DELETE", "/_api/job/expired"),
+        ("DELETE", "/_api/job/AreYouThere"),
+        ("DELETE", "/_api/job/a/b"),
+        ("DELETE", "/_api/job/99999999999"),
+        ("POST", "/_api/job/1"),
+        ("PATCH", "/_api/job/done"),
+        ("HEAD", "/_api/job/1"),
+        ("GET", "/_admin/job/foo"),
+        ("GET", "/_db/_system/_admin/job/pending"),
+        ("GET", "/_api/job/done?count=abc"),
+    ]:
+        await r.call(method, path)
+
+
+async def done_lifecycle(r: Recorder) -> None:
+    await r.submit("a", "PUT", "/_api/version")
+    await r.wait("a")
+    await r.call("GET", "/_api/job/{a}")
+    await r.call("GET", "/_api/job/done")
+    await r.call("GET", "/_api/job/pending")
+    await r.call("PUT", "/_api/job/{a}/cancel")
+    await r.call("PUT", "/_api/job/{a}")
+    await r.call("PUT", "/_api/job/{a}")
+    await r.call("GET", "/_api/job/{a}")
+    await r.call("DELETE", "/_api/job/{a}")
+
+
+async def error_result(r: Recorder) -> None:
+    await r.submit("a", "POST", "/_api/document/nosuchcollection", body={"x": 1})
+    await r.wait("a")
+    await r.call("PUT", "/_api/job/{a}")
+
+
+async def pending_job(r: Recorder) -> None:
+    await r.submit("b", "POST", "/_api/cursor", body=SLEEP)
+    await r.call("GET", "/_api/job/{b}")
+    await r.call("PUT", "/_api/job/{b}")
+    await r.call("GET", "/_api/job/pending")
+    await r.call("GET", "/_api/job/done")
+    await r.call("DELETE", "/_api/job/{b}")
+    await r.call("GET", "/_api/job/{b}")
+    await r.call("GET", "/_api/job/pending")
+
+
+async def counts(r: Recorder) -> None:
+    for name in "abc":
+        await r.submit(name, "GET", "/_api/version")
+    for name in "abc":
+        await r.wait(name)
+    for query in ("?count=0", "?count=1", "?count=2", "?count=abc", "", "?count=1000"):
+        await r.call("GET", f"/_api/job/done{query}", count_only=True)
+
+
+async def expired(r: Recorder) -> None:
+    await r.submit("a", "GET", "/_api/version")
+    await r.wait("a")
+    await r.submit("b", "POST", "/_api/cursor", body=SLEEP)
+    await r.call("DELETE", "/_api/job/expired")
+    for stamp in ("0", "abc", "-5"):
+        await r.call("DELETE", f"/_api/job/expired?stamp={stamp}")
+        await r.call("GET", "/_api/job/done")
+        await r.call("GET", "/_api/job/pending")
+    await r.call(
+        "DELETE", f"/_api/job/expired?stamp={time.time() + 10:.3f}", label="expired?stamp=now+10"
+    )
+    await r.call("GET", "/_api/job/done")
+    await r.call("GET", "/_api/job/pending")
+
+
+async def delete_all(r: Recorder) -> None:
+    await r.submit("a", "GET", "/_api/version")
+    await r.wait("a")
+    await r.submit("b", "POST", "/_api/cursor", body=SLEEP)
+    await r.call("DELETE", "/_api/job/all")
+    await r.call("GET", "/_api/job/done")
+    await r.call("GET", "/_api/job/pending")
+    await r.call("GET", "/_api/job/{a}")
+
+
+async def users(r: Recorder) -> None:
+    await r.submit("a", "GET", "/_api/version", user=ALICE)
+    await r.wait("a", user=ALICE)
+    await r.submit("b", "GET", "/_api/version", user=BOB)
+    await r.wait("b", user=BOB)
+    for method, path in [
+        ("GET", "/_api/job/{a}"),
+        ("PUT", "/_api/job/{a}/cancel"),
+        ("DELETE", "/_api/job/{a}"),
+        ("GET", "/_api/job/done"),
+        ("DELETE", "/_api/job/expired?stamp=99999999999"),
+        ("DELETE", "/_api/job/all"),
+        ("PUT", "/_api/job/{a}"),
+    ]:
+        await r.call(method, path, user=BOB)
+    await r.call("GET", "/_api/job/{a}", user=ROOT)  # Basic root is not a superuser
+    await r.call("GET", "/_api/job/done", user=ALICE)
+    await r.call("PUT", "/_api/job/{a}", user=ALICE)
+
+
+async def databases(r: Recorder) -> None:
+    await r.submit("a", "GET", "/_db/_system/_api/version")
+    await r.wait("a")
+    await r.call("GET", "/_db/_system/_admin/job/{a}")
+    await r.call("PUT", "/_admin/job/{a}")
+
+
+async def refused(r: Recorder) -> None:
+    wrong = basic("alice", "wrong")
+    await r.call("GET", "/_api/job/done", user=wrong)
+    await r.call("GET", "/_db/nope/_api/job/done")
+    await r.call("GET", "/_api/version", user=wrong, headers={"x-arango-async": "store"})
+    await r.call("GET", "/_db/nope/_api/version", headers={"x-arango-async": "true"})
+
+
+async def async_values(r: Recorder) -> None:
+    for value in ("TRUE", "Store", "false", "1", ""):
+        await r.call("GET", "/_api/version", headers={"x-arango-async": value})
+    await r.submit("f", "GET", "/_api/version", mode="true")
+    await r.call("GET", "/_api/job/pending")
+    await r.call("GET", "/_api/job/done")
+
+
+async def async_job_api(r: Recorder) -> None:
+    await r.submit("a", "GET", "/_api/version")
+    await r.wait("a")
+    await r.submit("b", "PUT", "/_api/job/{a}")
+    await r.wait("b")
+    await r.call("PUT", "/_api/job/{b}")
+    await r.call("PUT", "/_api/job/{a}")
+
+
+async def cancel_pending(r: Recorder) -> None:
+    await r.submit("b", "POST", "/_api/cursor", body=SLEEP)
+    await r.call("PUT", "/_api/job/{b}/cancel")
+    await r.wait("b")
+    answer = await r.call("PUT", "/_api/job/{b}")
+    # ArangoDB gives 21 if the job had not started, 1500 if the query was killed
+    r.log[-1] = (r.log[-1][0], (answer.status, answer.json["errorNum"] in (21, 1500)))
+
+
+SCENARIOS: dict[str, Callable[[Recorder], Awaitable[None]]] = {
+    f.__name__: f
+    for f in (
+        bad_requests,
+        done_lifecycle,
+        error_result,
+        pending_job,
+        counts,
+        expired,
+        delete_all,
+        users,
+        databases,
+        refused,
+        async_values,
+        async_job_api,
+        cancel_pending,
+    )
+}
+
+
+async def _clean(client: JobClient) -> None:
+    for user in (ROOT, ALICE, BOB):
+        await client.call("DELETE", "/_api/job/all", headers=user)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+async def test_facade_answers_like_arangodb(
+    name: str, standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    scenario = SCENARIOS[name]
+    direct = Recorder(JobClient(http, standin.url))
+    await scenario(direct)
+    await _clean(direct.client)
+    proxied = Recorder(JobClient(http, await start_proxy(standin.url)))
+    await scenario(proxied)
+    assert proxied.log == direct.log

@@ -1,0 +1,80 @@
+"""ArangoDB's lenient number parsers as the stand-in copies them (job ids, count, stamp)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.standin.call import UINT64_MAX, boolean, double_decimal, uint64
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("123", 123),
+        ("0123", 123),
+        ("123abc", 123),
+        ("abc", 0),
+        ("", 0),
+        ("-5", 0),
+        ("+5", 0),
+        (" 5", 0),
+        ("18446744073709551615", UINT64_MAX),
+        ("18446744073709551616", 0),
+        ("99999999999999999999999", 0),
+    ],
+)
+def test_uint64(text: str, value: int) -> None:
+    assert uint64(text) == value
+
+
+@given(st.integers(min_value=0, max_value=UINT64_MAX), st.text(alphabet="abc/-. x"))
+def test_uint64_reads_leading_digits(number: int, tail: str) -> None:
+    assert uint64(f"{number}{tail}") == number
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("12", 12.0),
+        ("1.5", 1.5),
+        ("-2.25", -2.25),
+        ("+3", 3.0),
+        (".5", 0.5),
+        ("1e3", 1000.0),
+        ("2.5E-1", 0.25),
+        ("1e", 1.0),
+        ("abc", 0.0),
+        ("1.5x", 0.0),
+        ("1e3x", 0.0),
+        ("1.2.3", 0.0),
+        ("", 0.0),
+        ("1e999", math.inf),
+    ],
+)
+def test_double_decimal(text: str, value: float) -> None:
+    assert double_decimal(text) == value
+
+
+@given(st.floats(min_value=0, max_value=1e12, allow_nan=False).map(lambda f: round(f, 3)))
+def test_double_decimal_reads_plain_decimals(number: float) -> None:
+    assert double_decimal(f"{number:.3f}") == pytest.approx(number)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("true", True),
+        ("1", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("false", False),
+        ("0", False),
+        ("", False),
+    ],
+)
+def test_boolean(text: str, value: bool) -> None:
+    assert boolean(text) is value

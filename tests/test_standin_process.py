@@ -1,0 +1,82 @@
+"""`python -m tests.standin` as a real process, with its `/_standin/` controls."""
+
+from __future__ import annotations
+
+import signal
+
+import aiohttp
+import pytest
+
+from tests.processes import StandInProcess
+from tests.standin.__main__ import parse_args, parse_users
+from tests.standin.client import ALICE, ROOT, Client, basic
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_process_serves_and_stops_cleanly(signum: int) -> None:
+    proc = StandInProcess.start("--users", "root:,alice:alicepw", "--workers", "2")
+    try:
+        assert proc.output == [f"listening on {proc.url}\n"]
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, proc.url)
+            answer = await client.call("GET", "/_api/version", user=ALICE)
+            assert answer.json["version"] == "3.12.4"
+            assert (
+                await client.call("GET", "/_api/version", user=basic("bob", "bobpw"))
+            ).status == 401
+    finally:
+        code = proc.stop(signum)
+    assert code == 0
+    assert "".join(proc.output[1:]) == ""  # exactly one line, nothing at shutdown
+
+
+async def test_process_controls() -> None:
+    proc = StandInProcess.start("--queue-size", "4")
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, proc.url)
+            await client.call("POST", "/_api/collection", {"name": "c"})
+            job_id = await client.submit("POST", "/_api/document/c", {"_key": "k"})
+            await client.wait_done(job_id)
+            await client.call("POST", "/_api/document/c", {"_key": "k"})
+            counters = (await client.call("GET", "/_standin/counters", user={})).json
+            assert counters["writes"] == {"_system/c/k": 2}
+            assert counters["executed"]["POST /_api/document/c"] == 2
+
+            full = await client.call("PUT", "/_standin/queue-full", b"true", user={})
+            assert full.json == {"queueFull": True}
+            refused = await client.call("GET", "/_api/version", headers={"x-arango-async": "store"})
+            assert (refused.status, refused.json["errorNum"]) == (503, 21003)
+            assert (
+                await client.call("PUT", "/_standin/queue-full", b"maybe", user={})
+            ).status == 400
+            await client.call("PUT", "/_standin/queue-full", b"false", user={})
+
+            done = await client.submit("GET", "/_api/version")
+            await client.wait_done(done)
+            assert (await client.call("POST", "/_standin/restart", user={})).status == 200
+            assert (await client.call("GET", f"/_api/job/{done}")).status == 404
+            after = await client.submit("GET", "/_api/version", user=ROOT)
+            assert int(after) > int(done)
+            assert (await client.call("GET", "/_api/document/c/k")).status == 200
+    finally:
+        assert proc.stop() == 0
+
+
+async def test_process_without_auth() -> None:
+    proc = StandInProcess.start("--no-auth", "--jwt-secret", "s")
+    try:
+        async with aiohttp.ClientSession() as session:
+            answer = await Client(session, proc.url).call("GET", "/_api/version", user={})
+            assert answer.status == 200
+    finally:
+        assert proc.stop() == 0
+
+
+def test_arguments() -> None:
+    args = parse_args(["--users", "root:,alice:a:b", "--no-auth", "--queue-size", "7"])
+    assert args.users == {"root": "", "alice": "a:b"}
+    assert (args.no_auth, args.queue_size, args.workers, args.port) == (True, 7, 4, 0)
+    assert parse_args([]).users == {"root": "", "alice": "alicepw", "bob": "bobpw"}
+    with pytest.raises(Exception, match="NAME:PASSWORD"):
+        parse_users("justaname")

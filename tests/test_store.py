@@ -1,0 +1,454 @@
+"""Contract tests of JobStore on real SQLite files: every method and state transition."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import (
+    CapacityExceeded,
+    JobMode,
+    JobState,
+    JobStore,
+    NewJob,
+    StoredResponse,
+    StoreError,
+)
+
+RESULT = StoredResponse(
+    status=201, headers=(("Content-Type", "application/json"),), body=b'{"a":1}'
+)
+
+
+def new_job(**changes: Any) -> NewJob:
+    job = NewJob(
+        mode=JobMode.STORE,
+        user="alice",
+        database="_system",
+        method="POST",
+        target="/_api/document/c?waitForSync=true",
+        headers=(("Content-Type", "application/json"), ("X-Dup", "1"), ("X-Dup", "2")),
+        auth="Basic YWxpY2U6c2VjcmV0",
+        body=b'{"_key":"k"}',
+        created=1_700_000_000.5,
+    )
+    return replace(job, **changes)
+
+
+def raw_rows(data: Path, sql: str, *params: Any) -> list[Any]:
+    """Look at the file directly, as an operator (or an attacker) could."""
+    with sqlite3.connect(data / "jobs.sqlite3") as db:
+        return db.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+async def store(data: Path) -> AsyncIterator[JobStore]:
+    store = await JobStore.open(data)
+    yield store
+    await store.close()
+
+
+async def test_accept_stores_the_job_with_increasing_ids_from_1(store: JobStore) -> None:
+    ids = [await store.accept(new_job(body=bytes([i]))) for i in range(3)]
+    assert ids == [1, 2, 3]
+    job = await store.get(2, None)
+    assert job is not None
+    expected = new_job(body=b"\x01")
+    assert (job.id, job.state, job.upstream_id, job.attempts) == (2, JobState.ACCEPTED, None, 0)
+    assert (job.mode, job.user, job.database, job.method, job.target) == (
+        expected.mode,
+        expected.user,
+        expected.database,
+        expected.method,
+        expected.target,
+    )
+    assert (job.headers, job.auth, job.body, job.created) == (
+        expected.headers,
+        expected.auth,
+        expected.body,
+        expected.created,
+    )
+    assert store.unfinished == 3
+
+
+async def test_text_that_is_not_utf8_round_trips_and_does_not_poison_the_batch(
+    store: JobStore, data: Path
+) -> None:
+    # aiohttp decodes undecodable request bytes to lone surrogates (surrogateescape).
+    odd = new_job(
+        user="b\udcffb",
+        target="/_api/x\udc80?q=\u00e9",
+        auth="Basic \udcfe",
+        headers=(("X-Raw", "\udce9t\u00e9"),),
+    )
+    plain = new_job(user="d\u00e9sir\u00e9e")
+    odd_id, plain_id = await asyncio.gather(store.accept(odd), store.accept(plain))
+    job = await store.get(odd_id, "b\udcffb")
+    assert job is not None
+    assert (job.user, job.target, job.auth, job.headers) == (
+        odd.user,
+        odd.target,
+        odd.auth,
+        odd.headers,
+    )
+    assert await store.list_ids(done=False, viewer="b\udcffb", limit=10) == [odd_id]
+    assert await store.list_ids(done=False, viewer="d\u00e9sir\u00e9e", limit=10) == [plain_id]
+    assert await store.mark_submitted(odd_id, "up\udcff")
+    [submitted] = await store.submitted()
+    assert submitted.upstream_id == "up\udcff"
+    # Valid UTF-8 stays plain TEXT in the file.
+    assert raw_rows(data, "SELECT typeof(user), user FROM jobs WHERE id = ?", plain_id) == [
+        ("text", "d\u00e9sir\u00e9e")
+    ]
+
+
+async def test_next_accepted_orders_limits_and_excludes(store: JobStore) -> None:
+    ids = [await store.accept(new_job(mode=mode)) for mode in [*JobMode, *JobMode]]
+    assert [j.id for j in await store.next_accepted(10)] == ids
+    assert [j.id for j in await store.next_accepted(2)] == ids[:2]
+    assert [j.id for j in await store.next_accepted(2, {ids[0], ids[2]})] == [ids[1], ids[3]]
+    assert await store.next_accepted(0) == []
+    assert len(await store.next_accepted(2**64, [2**64])) == 4
+    assert await store.next_accepted(-1) == []
+    # fire-and-forget jobs run too
+    assert (await store.next_accepted(1, [ids[0]]))[0].mode is JobMode.FORGET
+    assert await store.mark_submitted(ids[0], "u1")
+    assert [j.id for j in await store.next_accepted(10)] == ids[1:]
+
+
+async def test_mark_submitted_and_requeue(store: JobStore) -> None:
+    job_id = await store.accept(new_job())
+    assert await store.submitted() == []
+    assert not await store.requeue(job_id)  # not submitted yet
+    assert await store.mark_submitted(job_id, "700123")
+    assert not await store.mark_submitted(job_id, "700124")  # only from accepted
+    [job] = await store.submitted()
+    assert (job.id, job.state, job.upstream_id, job.attempts) == (
+        job_id,
+        JobState.SUBMITTED,
+        "700123",
+        0,
+    )
+    assert await store.state(job_id, None) is JobState.SUBMITTED
+    assert await store.requeue(job_id)
+    assert not await store.requeue(job_id)
+    job2 = await store.get(job_id, None)
+    assert job2 is not None
+    assert (job2.state, job2.upstream_id, job2.attempts) == (JobState.ACCEPTED, None, 1)
+    assert store.unfinished == 1
+
+
+@pytest.mark.parametrize("submit", [False, True])
+async def test_finish_stores_the_result_and_wipes_the_request(
+    store: JobStore, data: Path, submit: bool
+) -> None:
+    job_id = await store.accept(new_job())
+    if submit:
+        assert await store.mark_submitted(job_id, "9")
+    before = time.time()
+    assert await store.finish(job_id, RESULT)
+    assert store.unfinished == 0
+    assert await store.state(job_id, "alice") is JobState.DONE
+    assert await store.get(job_id, "alice") is None  # get() is for unfinished jobs
+    [(auth, headers, body, finished)] = raw_rows(
+        data, "SELECT auth, headers, body, finished FROM jobs WHERE id = ?", job_id
+    )
+    assert (auth, headers, body) == (None, None, None)
+    assert before <= finished <= time.time()
+    assert not await store.finish(job_id, RESULT)  # already done
+    assert store.unfinished == 0
+    assert await store.take_result(job_id, "alice") == RESULT
+
+
+async def test_finish_only_from_the_given_states(store: JobStore) -> None:
+    job_id = await store.accept(new_job())
+    assert await store.mark_submitted(job_id, "9")
+    assert not await store.finish(job_id, RESULT, from_states=(JobState.ACCEPTED,))
+    assert not await store.finish(job_id, RESULT, from_states=())
+    with pytest.raises(ValueError, match="DONE"):
+        await store.finish(job_id, RESULT, from_states=(JobState.DONE,))
+    assert await store.state(job_id, None) is JobState.SUBMITTED
+    assert store.unfinished == 1
+    assert await store.finish(job_id, RESULT, from_states=(JobState.SUBMITTED,))
+    assert store.unfinished == 0
+
+
+async def test_fire_and_forget_jobs_are_invisible_and_vanish_when_finished(
+    store: JobStore, data: Path
+) -> None:
+    job_id = await store.accept(new_job(mode=JobMode.FORGET))
+    assert store.unfinished == 1
+    for viewer in (None, "alice"):
+        assert await store.state(job_id, viewer) is None
+        assert await store.get(job_id, viewer) is None
+        assert await store.take_result(job_id, viewer) is None
+        assert await store.list_ids(done=False, viewer=viewer, limit=10) == []
+        assert not await store.delete(job_id, viewer)
+    assert await store.delete_all(None) == 0
+    assert await store.finish(job_id, RESULT)
+    assert store.unfinished == 0
+    assert raw_rows(data, "SELECT count(*) FROM jobs") == [(0,)]
+
+
+async def test_visibility_by_viewer(store: JobStore) -> None:
+    alice = await store.accept(new_job(user="alice"))
+    bob = await store.accept(new_job(user="bob"))
+    assert await store.finish(bob, RESULT)
+    assert await store.state(alice, "alice") is JobState.ACCEPTED
+    assert await store.state(alice, "bob") is None
+    assert await store.state(alice, "") is None  # the empty user is a user, not a superuser
+    assert await store.get(alice, "bob") is None
+    assert await store.take_result(bob, "alice") is None
+    assert not await store.delete(bob, "alice")
+    assert await store.delete_all("alice") == 1
+    assert await store.delete_expired("alice", math.inf) == 0
+    assert await store.list_ids(done=True, viewer="alice", limit=10) == []
+    assert await store.list_ids(done=True, viewer=None, limit=10) == [bob]
+    assert await store.take_result(bob, None) == RESULT  # the superuser sees everyone's
+
+
+async def test_take_result_of_unfinished_done_and_missing_jobs(store: JobStore) -> None:
+    job_id = await store.accept(new_job())
+    assert await store.take_result(job_id, "alice") is JobState.ACCEPTED
+    assert await store.mark_submitted(job_id, "1")
+    assert await store.take_result(job_id, "alice") is JobState.SUBMITTED
+    assert await store.finish(job_id, RESULT)
+    assert await store.take_result(job_id, "alice") == RESULT
+    assert await store.take_result(job_id, "alice") is None
+    assert await store.state(job_id, None) is None
+    assert await store.take_result(12345, None) is None
+
+
+async def test_take_result_hands_out_a_result_exactly_once(store: JobStore) -> None:
+    job_ids = [await store.accept(new_job()) for _ in range(5)]
+    for job_id in job_ids:
+        assert await store.finish(job_id, replace(RESULT, body=str(job_id).encode()))
+    outcomes = await asyncio.gather(
+        *(
+            store.take_result(job_id, viewer)
+            for _ in range(5)
+            for job_id in job_ids
+            for viewer in ("alice", None)
+        )
+    )
+    got = [o for o in outcomes if isinstance(o, StoredResponse)]
+    assert sorted(int(o.body) for o in got) == job_ids
+    assert outcomes.count(None) == len(outcomes) - len(job_ids)
+
+
+async def test_list_ids_done_and_pending(store: JobStore) -> None:
+    ids = [await store.accept(new_job(user=user)) for user in ("alice", "bob") * 3]
+    for job_id in ids[:4]:
+        assert await store.finish(job_id, RESULT)
+    assert await store.mark_submitted(ids[4], "1")
+    assert await store.list_ids(done=True, viewer=None, limit=100) == ids[:4]
+    assert await store.list_ids(done=True, viewer=None, limit=3) == ids[:3]
+    assert await store.list_ids(done=True, viewer="bob", limit=100) == [ids[1], ids[3]]
+    assert await store.list_ids(done=False, viewer=None, limit=100) == ids[4:]
+    assert await store.list_ids(done=False, viewer="alice", limit=100) == [ids[4]]
+    assert await store.list_ids(done=False, viewer=None, limit=0) == []
+    assert await store.list_ids(done=False, viewer=None, limit=2**64) == ids[4:]
+    assert await store.list_ids(done=False, viewer="carol", limit=100) == []
+
+
+async def test_delete_removes_done_jobs_and_forgets_unfinished_ones(
+    store: JobStore, data: Path
+) -> None:
+    done, pending = await store.accept(new_job()), await store.accept(new_job())
+    assert await store.finish(done, RESULT)
+    assert await store.delete(done, "alice")
+    assert not await store.delete(done, "alice")
+    assert raw_rows(data, "SELECT count(*) FROM jobs WHERE id = ?", done) == [(0,)]
+
+    assert await store.delete(pending, None)
+    assert await store.state(pending, None) is None
+    assert not await store.delete(pending, None)
+    assert store.unfinished == 1  # forgotten, but it still runs
+    [job] = await store.next_accepted(10)
+    assert (job.id, job.mode) == (pending, JobMode.FORGET)
+    assert await store.mark_submitted(pending, "5")
+    assert await store.finish(pending, RESULT)
+    assert store.unfinished == 0
+    assert raw_rows(data, "SELECT count(*) FROM jobs") == [(0,)]
+
+
+async def test_delete_all_is_scoped_to_the_viewer(store: JobStore) -> None:
+    ids = [await store.accept(new_job(user=user)) for user in ("alice", "bob", "alice", "bob")]
+    assert await store.finish(ids[0], RESULT)
+    assert await store.finish(ids[1], RESULT)
+    assert await store.delete_all("alice") == 2
+    assert await store.list_ids(done=True, viewer=None, limit=10) == [ids[1]]
+    assert await store.list_ids(done=False, viewer=None, limit=10) == [ids[3]]
+    assert store.unfinished == 2
+    assert await store.delete_all(None) == 2
+    assert await store.list_ids(done=False, viewer=None, limit=10) == []
+    assert await store.delete_all(None) == 0
+    assert len(await store.next_accepted(10)) == 2  # both forgotten jobs still run
+
+
+async def test_delete_expired_uses_created_for_pending_and_finished_for_done(
+    store: JobStore,
+) -> None:
+    old_pending = await store.accept(new_job(created=100.0))
+    new_pending = await store.accept(new_job(created=300.0))
+    old_but_just_done = await store.accept(new_job(created=100.0))
+    assert await store.finish(old_but_just_done, RESULT)
+    assert await store.delete_expired(None, math.nan) == 0  # ArangoDB: non-numeric stamp
+    assert await store.delete_expired(None, 200.0) == 1
+    assert await store.state(old_pending, None) is None
+    assert await store.state(new_pending, None) is JobState.ACCEPTED
+    assert await store.state(old_but_just_done, None) is JobState.DONE
+    assert await store.delete_expired("bob", time.time() + 60) == 0
+    assert await store.delete_expired("bob", 2**64) == 0  # ArangoDB's stamp is any double
+    assert await store.delete_expired("alice", time.time() + 60) == 2
+    assert await store.list_ids(done=True, viewer=None, limit=10) == []
+    assert await store.list_ids(done=False, viewer=None, limit=10) == []
+    assert store.unfinished == 2  # forgotten pending jobs still run
+
+
+@pytest.mark.parametrize("job_id", [0, -1, 2**63, 2**64 - 1, 2**63 - 1])
+async def test_ids_outside_the_table_range_are_not_found(store: JobStore, job_id: int) -> None:
+    await store.accept(new_job())
+    assert await store.state(job_id, None) is None
+    assert await store.get(job_id, None) is None
+    assert await store.take_result(job_id, None) is None
+    assert not await store.delete(job_id, None)
+    assert not await store.mark_submitted(job_id, "1")
+    assert not await store.requeue(job_id)
+    assert not await store.finish(job_id, RESULT)
+    assert store.unfinished == 1
+
+
+async def test_ids_are_never_reused_after_reopen_even_when_the_newest_rows_are_gone(
+    data: Path,
+) -> None:
+    store = await JobStore.open(data)
+    ids = [await store.accept(new_job()) for _ in range(3)]
+    assert await store.finish(ids[2], RESULT)
+    assert await store.take_result(ids[2], None) == RESULT
+    await store.close()
+
+    store = await JobStore.open(data)
+    assert await store.accept(new_job()) == 4
+    assert await store.delete_all(None) == 3
+    for job_id in range(1, 5):
+        await store.finish(job_id, RESULT)
+    assert raw_rows(data, "SELECT count(*) FROM jobs") == [(0,)]
+    await store.close()
+
+    store = await JobStore.open(data)
+    assert await store.accept(new_job(mode=JobMode.FORGET)) == 5
+    await store.close()
+
+
+async def test_unfinished_is_exact_and_survives_reopen(data: Path) -> None:
+    store = await JobStore.open(data)
+    ids = [await store.accept(new_job()) for _ in range(4)]
+    assert await store.mark_submitted(ids[0], "1")
+    assert await store.finish(ids[1], RESULT)
+    assert await store.delete(ids[2], None)  # forgotten: still unfinished
+    assert await store.delete(ids[1], None)  # a done row: not counted anyway
+    assert store.unfinished == 3
+    await store.close()
+    store = await JobStore.open(data)
+    assert store.unfinished == 3
+    await store.close()
+
+
+async def test_capacity_counts_unfinished_and_queued_accepts(data: Path) -> None:
+    store = await JobStore.open(data, capacity=3)
+    try:
+        outcomes = await asyncio.gather(
+            *(store.accept(new_job()) for _ in range(5)), return_exceptions=True
+        )
+        assert outcomes[:3] == [1, 2, 3]
+        assert all(isinstance(o, CapacityExceeded) for o in outcomes[3:])
+        assert await store.delete(1, None)  # forgetting does not free a slot: it still runs
+        with pytest.raises(CapacityExceeded, match="3 unfinished"):
+            await store.accept(new_job())
+        assert await store.finish(1, RESULT)
+        assert await store.accept(new_job()) == 4  # refused accepts took no id
+    finally:
+        await store.close()
+
+
+async def test_concurrent_accepts_share_commits(store: JobStore) -> None:
+    before = store.commits
+    ids = await asyncio.gather(*(store.accept(new_job(body=bytes(i))) for i in range(200)))
+    assert ids == list(range(1, 201))  # arrival order
+    assert store.commits - before < 20
+    assert store.unfinished == 200
+    assert [j.id for j in await store.next_accepted(1000)] == ids
+
+
+async def test_a_batch_of_mixed_writes_commits_once_and_in_order(store: JobStore) -> None:
+    first = await store.accept(new_job())
+    before = store.commits
+    outcomes = await asyncio.gather(
+        store.accept(new_job()),
+        store.accept(new_job()),
+        store.mark_submitted(first, "7"),
+        store.finish(first, RESULT),
+        store.accept(new_job()),
+        store.delete(first, None),
+        store.accept(new_job()),
+    )
+    assert outcomes == [2, 3, True, True, 4, True, 5]
+    assert store.commits - before == 1
+    assert store.unfinished == 4
+
+
+async def test_close_commits_queued_writes_and_then_refuses(data: Path) -> None:
+    store = await JobStore.open(data)
+    accepts = [asyncio.create_task(store.accept(new_job())) for _ in range(10)]
+    await asyncio.sleep(0)  # let them queue
+    await store.close()
+    assert [t.result() for t in accepts] == list(range(1, 11))
+    with pytest.raises(StoreError, match="closed"):
+        await store.accept(new_job())
+    with pytest.raises(StoreError, match="closed"):
+        await store.state(1, None)
+    await store.close()  # twice is fine
+    store = await JobStore.open(data)
+    assert await store.list_ids(done=False, viewer=None, limit=100) == list(range(1, 11))
+    await store.close()
+
+
+@pytest.mark.parametrize(("synchronous", "level"), [("FULL", 2), ("normal", 1)])
+async def test_pragmas(data: Path, synchronous: str, level: int) -> None:
+    store = await JobStore.open(data, synchronous=synchronous)
+    try:
+        db = store._writer.db
+        for pragma, value in [
+            ("journal_mode", "wal"),
+            ("synchronous", level),
+            ("secure_delete", 1),
+            ("busy_timeout", 5000),
+            ("journal_size_limit", 64 * 1024 * 1024),
+            ("user_version", 1),
+        ]:
+            assert list(await db.execute_fetchall(f"PRAGMA {pragma}")) == [(value,)]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"synchronous": "OFF"}, "synchronous"), ({"capacity": -1}, "capacity")],
+)
+async def test_bad_options(data: Path, options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        await JobStore.open(data, **options)

@@ -1,0 +1,175 @@
+"""Faults the writer must survive: a full disk, a busy database, callers that give up."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from storage import JobState, JobStore, StoreError
+from tests.test_store import RESULT, new_job
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[JobStore]:
+    store = await JobStore.open(tmp_path, capacity=10)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def other_writer(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    """A second SQLite connection to the file, to hold its write lock as another process could."""
+    db = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
+    yield db
+    db.close()
+
+
+async def writer_took_everything(store: JobStore) -> None:
+    """Wait until the writer has taken all queued writes into its current batch.
+
+    The writer removes a batch from its queue and issues BEGIN in one step, so once the
+    queue is empty, the batch is running (here: waiting for the other writer's lock).
+    """
+    for _ in range(100):
+        await asyncio.sleep(0)  # let tasks just created queue their writes, the writer run
+        if store._writer._queue.empty():
+            return
+    raise AssertionError("the writer did not take the queued writes")
+
+
+async def test_a_full_disk_fails_only_its_batch_and_the_store_recovers(store: JobStore) -> None:
+    first = await store.accept(new_job())
+    db = store._writer.db
+    # The fault is real: SQLite's own page limit makes the next growing write fail with
+    # SQLITE_FULL ("database or disk is full"), exactly as a full disk would.
+    [(pages,)] = await db.execute_fetchall("PRAGMA page_count")
+    await db.execute(f"PRAGMA max_page_count = {pages}")
+    commits = store.commits
+    big = new_job(body=b"x" * 300_000)
+    outcomes = await asyncio.gather(
+        store.accept(big),
+        store.accept(new_job()),
+        store.mark_submitted(first, "1"),
+        return_exceptions=True,
+    )
+    for outcome in outcomes:
+        assert isinstance(outcome, StoreError), outcome
+        assert "could not commit 3 write(s): database or disk is full" in str(outcome)
+        assert isinstance(outcome.__cause__, sqlite3.Error)
+    assert store.commits == commits
+    assert store.unfinished == 1
+    assert await store.state(first, None) is JobState.ACCEPTED  # the batch was rolled back
+
+    # Later batches run as usual; once there is room again they succeed.
+    with pytest.raises(StoreError, match="disk is full"):
+        await store.accept(big)
+    await db.execute("PRAGMA max_page_count = 1073741823")
+    job_id = await store.accept(big)
+    assert job_id > first + 3  # ids of failed batches are burnt, never reused
+    assert await store.mark_submitted(first, "1")
+    assert store.unfinished == 2
+    # Failed accepts gave back their capacity: 8 more fit, the 9th does not.
+    for _ in range(8):
+        await store.accept(new_job())
+    assert store.unfinished == 10
+
+
+async def test_a_busy_database_fails_the_batch_and_the_store_recovers(
+    store: JobStore, other_writer: sqlite3.Connection
+) -> None:
+    await store._writer.db.execute("PRAGMA busy_timeout = 100")  # not 5 s in a test
+    other_writer.execute("BEGIN IMMEDIATE")
+    failing = asyncio.create_task(store.accept(new_job()))
+    given_up = asyncio.create_task(store.accept(new_job()))
+    await writer_took_everything(store)
+    given_up.cancel()
+    with pytest.raises(StoreError, match="database is locked") as failure:
+        await failing
+    assert isinstance(failure.value.__cause__, sqlite3.OperationalError)
+    with pytest.raises(asyncio.CancelledError):
+        await given_up
+    other_writer.execute("ROLLBACK")
+    assert await store.accept(new_job()) == 3
+    assert store.unfinished == 1
+
+
+async def test_a_batch_holds_at_most_1024_writes(store: JobStore) -> None:
+    store._capacity = 0  # this test is about batch size, not capacity
+    commits = store.commits
+    ids = await asyncio.gather(*(store.accept(new_job()) for _ in range(1500)))
+    assert ids == list(range(1, 1501))
+    assert store.commits - commits == 2
+
+
+async def test_a_read_that_fails_raises_store_error(
+    store: JobStore, other_writer: sqlite3.Connection
+) -> None:
+    await store.accept(new_job())
+    # Real damage from outside: someone drops the table under the running store.
+    other_writer.execute("DROP TABLE jobs")
+    with pytest.raises(StoreError, match="could not read: no such table: jobs") as failure:
+        await store.state(1, None)
+    assert isinstance(failure.value.__cause__, sqlite3.OperationalError)
+
+
+async def test_a_write_given_up_before_its_batch_starts_is_skipped(
+    store: JobStore, other_writer: sqlite3.Connection
+) -> None:
+    other_writer.execute("BEGIN IMMEDIATE")
+    blocked = asyncio.create_task(store.accept(new_job()))
+    await writer_took_everything(store)
+    given_up = asyncio.create_task(store.accept(new_job()))
+    await asyncio.sleep(0)  # queued behind the blocked batch
+    given_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await given_up
+    commits = store.commits
+    other_writer.execute("ROLLBACK")
+    assert await blocked == 1
+    assert await store.finish(1, RESULT)  # a later write: the skipped one has been handled
+    assert store.commits == commits + 2  # the skipped write made no transaction of its own
+    assert await store.state(2, None) is None
+    assert store.unfinished == 0
+    for _ in range(10):  # it gave its capacity back
+        await store.accept(new_job())
+
+
+async def test_a_write_given_up_while_it_commits_is_still_counted(
+    store: JobStore, other_writer: sqlite3.Connection
+) -> None:
+    other_writer.execute("BEGIN IMMEDIATE")
+    accept = asyncio.create_task(store.accept(new_job()))
+    await writer_took_everything(store)
+    accept.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await accept
+    other_writer.execute("ROLLBACK")
+    assert await store.accept(new_job()) == 2
+    # The cancelled caller never learnt its id, but the job was committed and counts.
+    assert await store.state(1, None) is JobState.ACCEPTED
+    assert store.unfinished == 2
+
+
+async def test_a_cancelled_writer_task_fails_pending_writes_instead_of_hanging(
+    store: JobStore, other_writer: sqlite3.Connection
+) -> None:
+    other_writer.execute("BEGIN IMMEDIATE")
+    running = asyncio.create_task(store.accept(new_job()))
+    await writer_took_everything(store)
+    queued = asyncio.create_task(store.accept(new_job()))
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(store.close())  # a shutdown has begun...
+    await asyncio.sleep(0)
+    store._writer._task.cancel()  # ...and the loop cancels what is left, as asyncio.run() does
+    with pytest.raises(StoreError, match="stopped in the middle of a write"):
+        await running
+    with pytest.raises(StoreError, match="stopped before this write ran"):
+        await queued
+    with pytest.raises(StoreError, match="closed"):
+        await store.accept(new_job())
+    other_writer.execute("ROLLBACK")
+    await closing

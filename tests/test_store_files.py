@@ -1,0 +1,213 @@
+"""The store's files: permissions, the folder lock, refusing files that are not ours, migrations."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiosqlite
+import pytest
+
+from storage import JobStore, StoreError, schema
+from storage.folder import DataFolder
+from tests.test_store import RESULT, new_job
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def strict_umask() -> Iterator[None]:
+    # A umask that even strips owner bits: the modes must not depend on it.
+    old = os.umask(0o277)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.usefixtures("strict_umask")
+async def test_folder_is_created_0700_and_files_are_0600(tmp_path: Path) -> None:
+    data = tmp_path / "a" / "data"
+    store = await JobStore.open(data)
+    try:
+        await store.accept(new_job())
+        assert mode(data) == 0o700
+        for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
+            assert mode(data / name) == 0o600, name
+    finally:
+        await store.close()
+
+
+async def test_an_existing_folder_keeps_its_mode_and_a_loose_file_is_tightened(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o750)
+    os.chmod(data, 0o750)
+    store = await JobStore.open(data)
+    await store.close()
+    os.chmod(data / "jobs.sqlite3", 0o644)
+    store = await JobStore.open(data)
+    await store.close()
+    assert mode(data) == 0o750
+    assert mode(data / "jobs.sqlite3") == 0o600
+
+
+async def test_an_empty_existing_file_becomes_a_store(tmp_path: Path) -> None:
+    (tmp_path / "jobs.sqlite3").touch()
+    store = await JobStore.open(tmp_path)
+    assert await store.accept(new_job()) == 1
+    await store.close()
+
+
+async def test_a_folder_holds_one_store_at_a_time(tmp_path: Path) -> None:
+    store = await JobStore.open(tmp_path)
+    with pytest.raises(StoreError, match="in use by another job store"):
+        await JobStore.open(tmp_path)
+    await store.close()
+    store = await JobStore.open(tmp_path)  # the lock went with close()
+    await store.close()
+
+
+async def test_a_data_path_that_is_a_file_or_cannot_be_created(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(StoreError, match="cannot open the data folder"):
+        await JobStore.open(tmp_path / "file")
+    with pytest.raises(StoreError, match="cannot create the data folder"):
+        await JobStore.open(tmp_path / "file" / "data")
+
+
+async def test_a_database_path_that_is_not_a_file(tmp_path: Path) -> None:
+    (tmp_path / "jobs.sqlite3").mkdir()
+    with pytest.raises(StoreError, match=r"jobs\.sqlite3 is not a regular file"):
+        await JobStore.open(tmp_path)
+    # the failed open released the folder
+    os.rmdir(tmp_path / "jobs.sqlite3")
+    store = await JobStore.open(tmp_path)
+    await store.close()
+
+
+async def test_a_garbage_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    garbage = b"this is not a database\n" * 300
+    (tmp_path / "jobs.sqlite3").write_bytes(garbage)
+    with pytest.raises(StoreError, match="not a database"):
+        await JobStore.open(tmp_path)
+    assert (tmp_path / "jobs.sqlite3").read_bytes() == garbage
+
+
+def make_db(path: Path, *statements: str) -> bytes:
+    with sqlite3.connect(path) as db:
+        for statement in statements:
+            db.execute(statement)
+    db.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("statements", "message"),
+    [
+        (["CREATE TABLE jobs (id INTEGER PRIMARY KEY)"], "not an arango-async-proxy job store"),
+        (["PRAGMA user_version = 1"], "not an arango-async-proxy job store"),
+        ([f"PRAGMA application_id = {schema.APPLICATION_ID}"], "not an arango-async-proxy"),
+        (
+            [f"PRAGMA application_id = {schema.APPLICATION_ID}", "PRAGMA user_version = 99"],
+            "schema version 99, newer than this proxy understands",
+        ),
+    ],
+)
+async def test_a_foreign_or_newer_sqlite_database_is_refused_and_left_alone(
+    tmp_path: Path, statements: list[str], message: str
+) -> None:
+    before = make_db(tmp_path / "jobs.sqlite3", *statements)
+    with pytest.raises(StoreError, match=message):
+        await JobStore.open(tmp_path)
+    assert (tmp_path / "jobs.sqlite3").read_bytes() == before  # not even switched to WAL
+
+
+async def _add_note_column(db: aiosqlite.Connection) -> None:
+    await db.execute("ALTER TABLE jobs ADD COLUMN note TEXT")
+
+
+async def _broken_migration(db: aiosqlite.Connection) -> None:
+    await db.execute("ALTER TABLE jobs ADD COLUMN note TEXT")
+    await db.execute("ALTER TABLE no_such_table ADD COLUMN x")
+
+
+async def test_migrations_run_in_order_at_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await JobStore.open(tmp_path)
+    job_id = await store.accept(new_job())
+    await store.close()
+
+    monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, _add_note_column))
+    monkeypatch.setattr(schema, "LATEST", 2)
+    store = await JobStore.open(tmp_path)
+    assert await store.state(job_id, None) is not None
+    db = store._writer.db
+    assert list(await db.execute_fetchall("PRAGMA user_version")) == [(2,)]
+    columns = [row[1] for row in await db.execute_fetchall("PRAGMA table_info(jobs)")]
+    assert columns[-1] == "note"
+    await store.close()
+
+
+async def test_a_failed_migration_leaves_the_old_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await JobStore.open(tmp_path)
+    job_id = await store.accept(new_job())
+    await store.close()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, _broken_migration))
+        patch.setattr(schema, "LATEST", 2)
+        with pytest.raises(StoreError, match="no such table"):
+            await JobStore.open(tmp_path)
+
+    store = await JobStore.open(tmp_path)
+    db = store._writer.db
+    assert list(await db.execute_fetchall("PRAGMA user_version")) == [(1,)]
+    columns = [row[1] for row in await db.execute_fetchall("PRAGMA table_info(jobs)")]
+    assert "note" not in columns
+    assert await store.finish(job_id, RESULT)
+    await store.close()
+
+
+async def test_a_dangling_symlink_for_the_database(tmp_path: Path) -> None:
+    (tmp_path / "jobs.sqlite3").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(StoreError, match=r"cannot prepare .*jobs\.sqlite3"):
+        await JobStore.open(tmp_path)
+    (tmp_path / "jobs.sqlite3").unlink()
+    store = await JobStore.open(tmp_path)  # the failed open released the folder
+    await store.close()
+
+
+async def test_the_last_id_is_2_63_minus_1(tmp_path: Path) -> None:
+    store = await JobStore.open(tmp_path)
+    await store.close()
+    with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
+        db.execute(
+            "INSERT INTO jobs (id, mode, state, user, database, method, target, created)"
+            " VALUES (?, 'store', 'accepted', 'u', 'd', 'GET', '/', 0)",
+            (2**63 - 1,),
+        )
+    db.close()
+    store = await JobStore.open(tmp_path)
+    try:
+        with pytest.raises(StoreError, match="used up all"):
+            await store.accept(new_job())
+        assert store.unfinished == 1
+    finally:
+        await store.close()
+
+
+async def test_release_of_the_folder_is_idempotent(tmp_path: Path) -> None:
+    folder = DataFolder.claim(tmp_path)
+    folder.release()
+    folder.release()
+    DataFolder.claim(tmp_path).release()
