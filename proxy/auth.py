@@ -6,8 +6,8 @@ superuser ``""`` that sees every job, as in ArangoDB. The header itself is
 trusted only after ArangoDB accepted it for the database: the proxy asks
 ``GET /_db/{db}/_api/version`` (ArangoDB answers 401/11 or 404/1228 before
 running any handler) and remembers a positive answer for ``auth_cache_ttl``
-seconds, keyed by an HMAC of header and database under a per-process random
-key, so the cache never holds a secret. Concurrent checks of the same new
+seconds, keyed by a MAC (keyed BLAKE2b) of header and database under a per-process
+random key, so the cache never holds a secret. Concurrent checks of the same new
 credentials share one request. Failures are never cached.
 """
 
@@ -17,7 +17,6 @@ import asyncio
 import base64
 import binascii
 import hashlib
-import hmac
 import json
 import os
 import time
@@ -88,7 +87,8 @@ class Verifier:
 
     def _digest(self, authorization: str | None, database: str) -> bytes:
         material = f"{authorization or ''}\x00{database}".encode()
-        return hmac.new(self._key, material, hashlib.sha256).digest()
+        # keyed BLAKE2 is a MAC in one C call, several times cheaper than hmac.new
+        return hashlib.blake2b(material, key=self._key, digest_size=32).digest()
 
     async def caller(self, request: web.Request) -> Caller | web.Response:
         """The verified caller of `request`, or the refusal to send back."""

@@ -53,12 +53,11 @@ def async_mode(request: web.Request) -> JobMode | None:
 
 async def read_body(request: web.Request) -> bytes | web.Response:
     """The whole body, or the 413/408 to answer instead."""
+    if not request.body_exists:
+        return b""
     limit = request.app[CONFIG].server.max_body_size
-    too_large = arango_error(
-        413, ERROR_TOO_LARGE, f"request body is larger than the limit of {limit} bytes"
-    )
     if request.content_length is not None and request.content_length > limit:
-        return too_large
+        return _too_large(limit)
     chunks: list[bytes] = []
     size = 0
     try:
@@ -66,11 +65,17 @@ async def read_body(request: web.Request) -> bytes | web.Response:
             async for chunk in request.content.iter_chunked(64 * 1024):
                 size += len(chunk)
                 if size > limit:
-                    return too_large
+                    return _too_large(limit)
                 chunks.append(chunk)
     except TimeoutError:
         return arango_error(408, ERROR_REQUEST_TIMEOUT, "request body was not received in time")
     return b"".join(chunks)
+
+
+def _too_large(limit: int) -> web.Response:
+    return arango_error(
+        413, ERROR_TOO_LARGE, f"request body is larger than the limit of {limit} bytes"
+    )
 
 
 async def intake(request: web.Request, mode: JobMode) -> web.Response:

@@ -48,8 +48,12 @@ def proxy_config(upstream: str, data: Path, /, **sections: dict[str, Any]) -> Co
 async def start_proxy(serve_app: Callable[..., Awaitable[str]], tmp_path: Path) -> ProxyFactory:
     """Start the proxy in-process in front of `upstream`; returns its base URL."""
 
+    started = 0
+
     async def start(upstream: str, /, **sections: dict[str, Any]) -> str:
-        config = proxy_config(upstream, tmp_path / "proxy-data", **sections)
+        nonlocal started
+        started += 1  # each proxy its own data folder (a folder serves one store)
+        config = proxy_config(upstream, tmp_path / f"proxy-data-{started}", **sections)
         return await serve_app(create_app(config))
 
     return start

@@ -12,8 +12,12 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamFailure
+from proxy.upstream import Upstream
 from tests.conftest import ProxyFactory
 from tests.processes import ProxyProcess, free_port
 
@@ -93,6 +97,17 @@ async def _upload(request: web.Request) -> web.Response:
     return web.json_response({"size": size, "sha256": digest.hexdigest()})
 
 
+async def _broken(request: web.Request) -> web.StreamResponse:
+    """Promises 1 MB, sends 10 bytes, hangs up."""
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = 1024 * 1024
+    await response.prepare(request)
+    await response.write(b"0123456789")
+    assert request.transport is not None
+    request.transport.close()
+    return response
+
+
 def echo_app() -> web.Application:
     app = web.Application(client_max_size=1024**3)
     app.router.add_routes(
@@ -102,6 +117,7 @@ def echo_app() -> web.Application:
             web.get("/gzip", _gzip),
             web.get("/redirect", _redirect),
             web.get("/slow", _slow),
+            web.get("/broken", _broken),
             web.get("/download", _download),
             web.post("/upload", _upload),
             web.route("*", "/{tail:.*}", _echo),
@@ -297,3 +313,24 @@ async def test_large_bodies_stream_without_growing_memory(
     growth_mib = (proc.peak_rss_kib() - baseline) / 1024
     assert growth_mib < 50, f"proxy grew by {growth_mib:.0f} MiB while streaming 400 MB"
     assert proc.stop() == 0
+
+
+async def test_upstream_breaking_off_mid_body_cuts_the_client_too(
+    http: aiohttp.ClientSession, proxy: str
+) -> None:
+    async with http.get(proxy + "/broken") as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+
+
+async def test_upstream_call_maps_a_broken_body(echo: str) -> None:
+    upstream = Upstream(UpstreamConfig(url=echo))
+    await upstream.start()
+    try:
+        with pytest.raises(UpstreamFailure) as info:
+            await upstream.call("GET", "/broken", CIMultiDict())
+    finally:
+        await upstream.close()
+    assert info.value.status == 503
+    assert echo in info.value.message

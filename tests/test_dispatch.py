@@ -1,0 +1,202 @@
+"""Dispatcher and harvester against what ArangoDB can do to them.
+
+Lost jobs and outages use the real stand-in. Replies that the stand-in never
+gives (a 503 without ArangoDB's body, a 202 that arrives after the job was
+cancelled, a harvest refused with 401) come from a scripted fake upstream,
+the only way to produce them here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import ProxyFactory
+from tests.jobclient import ROOT, JobClient
+from tests.processes import free_port
+from tests.standin import StandIn
+
+
+async def test_lost_jobs_follow_the_policy(
+    standin_factory: Callable[..., Awaitable[StandIn]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """One worker: a slow query runs, a GET waits behind it; the restart loses both."""
+    results: dict[str, tuple[int, int]] = {}
+    for policy in ("rerun", "rerun-safe", "fail"):
+        standin = await standin_factory(workers=1)
+        jobs = JobClient(http, await start_proxy(standin.url, jobs={"lost_job_policy": policy}))
+        slow = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.5)"})
+        quick = await jobs.submit("GET", "/_api/version")
+        direct = JobClient(http, standin.url)
+        for _ in range(400):  # until both are pending at the stand-in itself
+            if len((await direct.call("GET", "/_api/job/pending")).json) == 2:
+                break
+            await asyncio.sleep(0.005)
+        else:
+            pytest.fail("jobs never reached the stand-in")
+        await standin.restart()
+        slow_result = await jobs.result(slow)
+        quick_result = await jobs.result(quick)
+        results[policy] = (slow_result.status, quick_result.status)
+        if slow_result.status == 500:
+            body = slow_result.json
+            assert body["errorNum"] == 4
+            assert "lost this job" in body["errorMessage"]
+            assert f"lost_job_policy={policy}" in body["errorMessage"]
+    assert results == {"rerun": (201, 200), "rerun-safe": (500, 200), "fail": (500, 500)}
+
+
+async def test_accepts_while_upstream_is_down_then_delivers(
+    standin_factory: Callable[..., Awaitable[StandIn]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    port = free_port()
+    first = StandIn()
+    url = await first.start(port=port)
+    jobs = JobClient(http, await start_proxy(url))
+    assert (await jobs.call("GET", "/_api/job/done")).status == 200  # credentials verified
+    await first.stop()
+    job_ids = [await jobs.submit("GET", "/_api/version") for _ in range(5)]
+    await asyncio.sleep(0.3)  # the dispatcher meets a closed port and backs off
+    second = StandIn()
+    await second.start(port=port)
+    try:
+        for job_id in job_ids:
+            assert (await jobs.result(job_id)).json["server"] == "arango"
+    finally:
+        await second.stop()
+
+
+class FakeArango:
+    """An upstream that says what a test needs: scripted replies, recorded requests."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+        self.submit_reply: Callable[[], Awaitable[web.Response]] = self._accepted
+        self.fetch_reply: Callable[[str], web.Response] = self._result
+        self.release = asyncio.Event()
+        self.release.set()
+        self._next = 900
+
+    async def _accepted(self) -> web.Response:
+        await self.release.wait()
+        self._next += 1
+        return web.Response(status=202, headers={"x-arango-async-id": str(self._next)})
+
+    def _result(self, upstream_id: str) -> web.Response:
+        return web.json_response({"ok": upstream_id}, headers={"x-arango-async-id": upstream_id})
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append((request.method, request.path))
+        if request.path.endswith("/_api/version") and "x-arango-async" not in request.headers:
+            return web.json_response({"server": "arango", "version": "3.12.4"})
+        if request.path == "/_api/job/done":
+            return web.json_response([str(i) for i in range(901, self._next + 1)])
+        if request.path == "/_api/job/pending":
+            return web.json_response([])
+        if request.method == "PUT" and request.path.startswith("/_api/job/"):
+            return self.fetch_reply(request.path.split("/")[3])
+        return await self.submit_reply()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+
+@pytest.fixture
+async def fake(serve_app: Callable[[web.Application], Awaitable[str]]) -> tuple[FakeArango, str]:
+    upstream = FakeArango()
+    return upstream, await serve_app(upstream.app())
+
+
+async def test_immediate_reply_becomes_the_result(
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+
+    async def refuse() -> web.Response:
+        return web.json_response(
+            {"code": 412, "error": True, "errorMessage": "queue time violated", "errorNum": 21004},
+            status=412,
+        )
+
+    upstream.submit_reply = refuse
+    jobs = JobClient(http, await start_proxy(url))
+    answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
+    assert answer.status == 412
+    assert answer.json["errorNum"] == 21004
+
+
+async def test_bare_503_is_retried(
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    refusals = 2
+
+    async def busy_then_accept() -> web.Response:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            return web.Response(status=503, text="<html>overloaded</html>")
+        return await upstream._accepted()
+
+    upstream.submit_reply = busy_then_accept
+    jobs = JobClient(http, await start_proxy(url))
+    answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
+    assert answer.status == 200
+    assert refusals == 0
+
+
+async def test_cancelled_while_being_submitted_is_abandoned_upstream(
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+    upstream.release.clear()  # the 202 hangs until the job is cancelled here
+    jobs = JobClient(http, await start_proxy(url))
+    job_id = await jobs.submit("GET", "/_api/version")
+    await asyncio.sleep(0.1)
+    cancel = await jobs.call("PUT", f"/_api/job/{job_id}/cancel")
+    assert cancel.json == {"result": True}
+    upstream.release.set()
+    answer = await jobs.result(job_id)
+    assert (answer.status, answer.json["errorNum"]) == (410, 21)
+    for _ in range(100):
+        if ("DELETE", "/_api/job/901") in upstream.seen:
+            break
+        await asyncio.sleep(0.01)
+    assert ("PUT", "/_api/job/901/cancel") in upstream.seen
+    assert ("DELETE", "/_api/job/901") in upstream.seen
+
+
+async def test_refused_harvest_becomes_the_result(
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    upstream, url = fake
+
+    def refused(upstream_id: str) -> web.Response:
+        body: dict[str, Any] = {
+            "error": True,
+            "errorNum": 11,
+            "errorMessage": "not authorized",
+            "code": 401,
+        }
+        return web.Response(status=401, body=json.dumps(body), content_type="application/json")
+
+    upstream.fetch_reply = refused
+    jobs = JobClient(http, await start_proxy(url))
+    answer = await jobs.call("GET", "/_api/version", headers={**ROOT, "x-arango-async": "store"})
+    assert answer.async_id is not None
+    await jobs.wait_done(answer.async_id)
+    fetched = await jobs.call("PUT", f"/_api/job/{answer.async_id}")
+    assert fetched.status == 401
+    assert fetched.json["errorNum"] == 11
