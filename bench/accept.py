@@ -17,8 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-from common import ProxyProcess, StandInProcess, closed_loop
+from common import ProxyProcess, StandInProcess, load
 
 
 def single_commit_rate(folder: Path, seconds: float) -> float:
@@ -52,23 +51,21 @@ async def main() -> None:
         standin = StandInProcess.start("--no-auth", "--workers", "4", "--queue-size", "4096")
         proxy = ProxyProcess.start("--upstream", standin.url, data=folder / "data")
         try:
-
-            async def accept(session: aiohttp.ClientSession) -> None:
-                async with session.put(
-                    proxy.url + "/_api/version", headers={"x-arango-async": "store"}
-                ) as resp:
-                    await resp.read()
-                    assert resp.status == 202, resp.status
-
-            await closed_loop(accept, clients=args.clients, seconds=1.0)  # warm-up
-            load = await closed_loop(accept, clients=args.clients, seconds=args.seconds)
+            accepts = await load(
+                proxy.url + "/_api/version",
+                method="PUT",
+                headers={"x-arango-async": "store"},
+                expect=202,
+                clients=args.clients,
+                seconds=args.seconds,
+            )
         finally:
             proxy.stop()
             standin.stop()
     print(f"durable accepts (synchronous=FULL), {args.clients} concurrent clients")
     print(f"{'disk single-commit rate':<28} {fsync_rate:>10.0f}/s")
-    print(load.row("proxy accepts (202)"))
-    print(f"ratio accepts / single-commit rate: {load.rate / fsync_rate:.2f}")
+    print(accepts.row("proxy accepts (202)"))
+    print(f"ratio accepts / single-commit rate: {accepts.rate / fsync_rate:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
-"""What the benchmarks share: real processes on loopback and a closed-loop load generator.
+"""What the benchmarks share: real processes on loopback and the load generators.
 
 Every figure is printed next to a baseline measured in the same run, because
-these machines are noisy; the ratio is what to compare between runs.
+these machines are noisy; the ratio is what to compare between runs. The load
+comes from `wrk` when it is installed (C, so it leaves the cores to the
+servers being measured) and from an aiohttp closed loop otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
-import statistics
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,20 +31,27 @@ from tests.processes import ProxyProcess, StandInProcess  # noqa: E402
 class Load:
     requests: int
     seconds: float
-    latencies: list[float]
+    p50: float
+    p99: float
+    tool: str
 
     @property
     def rate(self) -> float:
         return self.requests / self.seconds
 
-    def percentile(self, p: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+    @classmethod
+    def of(cls, latencies: list[float], seconds: float, tool: str = "aiohttp") -> Load:
+        ordered = sorted(latencies)
+
+        def at(p: float) -> float:
+            return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+        return cls(len(ordered), seconds, at(50), at(99), tool)
 
     def row(self, name: str) -> str:
         return (
-            f"{name:<28} {self.rate:>10.0f}/s   p50 {self.percentile(50) * 1000:7.2f} ms"
-            f"   p99 {self.percentile(99) * 1000:7.2f} ms"
+            f"{name:<28} {self.rate:>10.0f}/s   p50 {self.p50 * 1000:7.2f} ms"
+            f"   p99 {self.p99 * 1000:7.2f} ms   ({self.tool})"
         )
 
 
@@ -64,11 +76,65 @@ async def closed_loop(
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         elapsed = time.perf_counter() - began
-    return Load(len(latencies), elapsed, latencies)
+    return Load.of(latencies, elapsed)
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
 
-__all__ = ["Load", "ProxyProcess", "StandInProcess", "closed_loop", "median"]
+def _seconds(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    assert match, text
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def wrk(
+    url: str, *, method: str, headers: dict[str, str], clients: int, seconds: float
+) -> Load | None:
+    """Load from wrk, or None when wrk is not installed."""
+    if shutil.which("wrk") is None:
+        return None
+    script = f'wrk.method = "{method}"\n' + "".join(
+        f'wrk.headers["{name}"] = "{value}"\n' for name, value in headers.items()
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
+        lua.write(script)
+        lua.flush()
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{clients}", f"-d{seconds:.0f}s", "--latency", "-s", lua.name, url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    assert errors is None, f"wrk saw failed requests:\n{out}"
+    requests = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s)", out)
+    p50 = re.search(r"50%\s+(\S+)", out)
+    p99 = re.search(r"99%\s+(\S+)", out)
+    assert requests, out
+    assert p50, out
+    assert p99, out
+    elapsed = _seconds(requests[2] + requests[3])
+    return Load(int(requests[1]), elapsed, _seconds(p50[1]), _seconds(p99[1]), "wrk")
+
+
+async def load(
+    url: str, *, method: str, headers: dict[str, str], expect: int, clients: int, seconds: float
+) -> Load:
+    """The same fixed request from `clients` connections for `seconds`, after a warm-up."""
+    measured = wrk(url, method=method, headers=headers, clients=clients, seconds=1)
+    if measured is not None:
+        measured = wrk(url, method=method, headers=headers, clients=clients, seconds=seconds)
+        assert measured is not None
+        return measured
+
+    async def call(session: aiohttp.ClientSession) -> None:
+        async with session.request(method, url, headers=headers) as resp:
+            await resp.read()
+            assert resp.status == expect, resp.status
+
+    await closed_loop(call, clients=clients, seconds=1.0)
+    return await closed_loop(call, clients=clients, seconds=seconds)
+
+
+__all__ = ["Load", "ProxyProcess", "StandInProcess", "closed_loop", "load", "wrk"]
