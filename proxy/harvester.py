@@ -3,7 +3,7 @@
 Cheap noticing: one ``GET /_api/job/done`` per distinct credential per tick
 (ArangoDB lists only the caller's own jobs), never one request per job. The
 tick follows the age of the youngest job at ArangoDB (a twentieth of it,
-between 2 ms and 0.5 s), so a short job's result is noticed within a few
+between 5 ms and 0.5 s), so a short job's result is noticed within a few
 milliseconds while long-running jobs cost a couple of requests a second.
 
 Each finished job is fetched with ``PUT /_api/job/{upstream-id}``, which also
@@ -33,7 +33,7 @@ from storage import Job, JobState, JobStore, StoredResponse
 
 log = logging.getLogger(__name__)
 
-POLL_MIN = 0.002
+POLL_MIN = 0.005
 POLL_MAX = 0.5
 LOST_CHECK_INTERVAL = 1.0
 LIST_SLACK = 1000  # other clients of the same user may have results waiting too
