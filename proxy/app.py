@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from proxy.dispatcher import Dispatcher
 from proxy.harvester import Harvester
 from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
-from proxy.state import CONFIG, DISPATCHER, STORE, UPSTREAM, VERIFIER
+from proxy.state import CONFIG, DISPATCHER, METRICS, STORE, UPSTREAM, VERIFIER
 from proxy.upstream import Upstream
 from storage import JobStore
 
@@ -66,9 +67,18 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
         assert dispatcher is not None
         dispatcher.wake()
 
-    harvester = Harvester(app[STORE], app[UPSTREAM], config.lost_job_policy, wake_dispatcher)
+    harvester = Harvester(
+        app[STORE], app[UPSTREAM], config.lost_job_policy, wake_dispatcher, app[METRICS]
+    )
     await harvester.load()
-    dispatcher = Dispatcher(app, app[STORE], app[UPSTREAM], harvester, config.max_inflight)
+    dispatcher = Dispatcher(
+        app,
+        app[STORE],
+        app[UPSTREAM],
+        harvester,
+        max_inflight=config.max_inflight,
+        metrics=app[METRICS],
+    )
     app[DISPATCHER] = dispatcher
     tasks = [
         asyncio.create_task(harvester.run(), name="harvester"),
@@ -86,10 +96,13 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_size)
     app[CONFIG] = config
+    app[METRICS] = Counter()
     app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx])
     app.router.add_routes(
         [
             web.get("/_proxy/health", ops.health),
+            web.get("/_proxy/ready", ops.ready),
+            web.get("/_proxy/metrics", ops.metrics),
             *(web.route("*", path, jobs_api.handle) for path in jobs_api.ROUTES),
             web.route("*", "/{tail:.*}", front),
         ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -63,8 +64,11 @@ class Dispatcher:
         store: JobStore,
         upstream: Upstream,
         harvester: Harvester,
+        *,
         max_inflight: int,
+        metrics: Counter[str],
     ) -> None:
+        self._metrics = metrics
         self._app = app
         self._store = store
         self._upstream = upstream
@@ -137,6 +141,7 @@ class Dispatcher:
             await self._store.finish(job.id, stored_response(reply))
             return
         if await self._store.mark_submitted(job.id, upstream_id):
+            self._metrics["jobs_submitted_total"] += 1
             self._harvester.track(job, upstream_id)
         else:
             # Cancelled while we were sending it: ArangoDB must not keep it either.
@@ -153,4 +158,5 @@ class Dispatcher:
                 await call()
 
     def _slow_down(self) -> None:
+        self._metrics["submit_retries_total"] += 1
         self._backoff = min(BACKOFF_MAX, max(BACKOFF_MIN, self._backoff * 2))

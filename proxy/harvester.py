@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -83,7 +83,9 @@ class Harvester:
         upstream: Upstream,
         policy: str,
         wake_dispatcher: Callable[[], None],
+        metrics: Counter[str],
     ) -> None:
+        self._metrics = metrics
         self._store = store
         self._upstream = upstream
         self._policy = policy
@@ -182,6 +184,7 @@ class Harvester:
             await self._store.finish(
                 tracked.job_id, stored_response(reply), from_states=(JobState.SUBMITTED,)
             )
+            self._metrics["jobs_harvested_total"] += 1
             self._untrack(tracked)
         elif reply.status == 404:
             await self._lost(tracked)
@@ -190,6 +193,7 @@ class Harvester:
         rerun = self._policy == "rerun" or (
             self._policy == "rerun-safe" and tracked.method in SAFE_METHODS
         )
+        self._metrics["jobs_lost_total"] += 1
         log.warning(
             "ArangoDB lost job %d (upstream %s): %s",
             tracked.job_id,

@@ -25,7 +25,7 @@ from aiohttp import web
 from proxy.auth import Caller
 from proxy.errors import ERROR_QUEUE_FULL, ERROR_SERVICE_UNAVAILABLE, arango_error
 from proxy.passthrough import forwarded_headers
-from proxy.state import CONFIG, DISPATCHER, STORE, VERIFIER
+from proxy.state import CONFIG, DISPATCHER, METRICS, STORE, VERIFIER
 from storage import CapacityExceeded, JobMode, NewJob, StoreError
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,15 @@ async def accept(request: web.Request, mode: JobMode, caller: Caller, body: byte
     try:
         job_id = await asyncio.shield(request.app[STORE].accept(job))
     except CapacityExceeded:
+        request.app[METRICS]["jobs_refused_total"] += 1
         return arango_error(503, ERROR_QUEUE_FULL, "queue is full", handler=False)
     except StoreError as exc:
+        request.app[METRICS]["jobs_refused_total"] += 1
         log.error("cannot store job %s %s: %s", request.method, request.path, exc)  # noqa: TRY400
         return arango_error(
             503, ERROR_SERVICE_UNAVAILABLE, f"the proxy cannot store the job: {exc}", handler=False
         )
+    request.app[METRICS]["jobs_accepted_total"] += 1
     request.app[DISPATCHER].wake()
     response = web.Response(status=202, headers={"Content-Type": "text/plain"})
     if mode is JobMode.STORE:

@@ -1,10 +1,64 @@
-"""Operations endpoints under /_proxy/: health for orchestrators."""
+"""Operations endpoints under /_proxy/: health, readiness, Prometheus metrics.
+
+GET /_proxy/health   200 as soon as the proxy serves requests
+GET /_proxy/ready    200 when the job store is open and ArangoDB answers, else 503
+GET /_proxy/metrics  counters and gauges in Prometheus' text format
+"""
 
 from __future__ import annotations
 
 from aiohttp import web
+from multidict import CIMultiDict
+
+from proxy.errors import ERROR_SERVICE_UNAVAILABLE, UpstreamFailure, arango_error
+from proxy.state import METRICS, STORE, UPSTREAM
+
+PREFIX = "arango_async_proxy_"
+
+COUNTERS = {
+    "jobs_accepted_total": "async requests written to the store and answered 202",
+    "jobs_refused_total": "async requests refused with 503 (capacity reached or store failing)",
+    "jobs_submitted_total": "jobs handed to ArangoDB in store mode",
+    "submit_retries_total": "submissions ArangoDB refused for now (503) or could not take",
+    "jobs_harvested_total": "results fetched from ArangoDB and stored",
+    "jobs_lost_total": "jobs ArangoDB forgot (restart), re-run or ended per lost_job_policy",
+}
 
 
 async def health(request: web.Request) -> web.Response:
     """200 as soon as the proxy serves requests; says nothing about ArangoDB."""
     return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Ready when ArangoDB answers at all: even a 401 shows it is up and serving."""
+    try:
+        await request.app[UPSTREAM].call("GET", "/_api/version", CIMultiDict())
+    except UpstreamFailure as failure:
+        return arango_error(
+            503, ERROR_SERVICE_UNAVAILABLE, f"not ready: {failure.message}", handler=False
+        )
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    counts = request.app[METRICS]
+    store = request.app[STORE]
+    lines: list[str] = []
+    for name, help_text in COUNTERS.items():
+        lines += [
+            f"# HELP {PREFIX}{name} {help_text}",
+            f"# TYPE {PREFIX}{name} counter",
+            f"{PREFIX}{name} {counts[name]}",
+        ]
+    gauges = {
+        "jobs_unfinished": ("jobs accepted or at ArangoDB, not done yet", store.unfinished),
+        "store_commits": ("SQLite transactions committed since start", store.commits),
+    }
+    for name, (help_text, value) in gauges.items():
+        lines += [
+            f"# HELP {PREFIX}{name} {help_text}",
+            f"# TYPE {PREFIX}{name} gauge",
+            f"{PREFIX}{name} {value}",
+        ]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")

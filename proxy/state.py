@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Protocol
 
 from aiohttp import web
@@ -23,3 +24,6 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 STORE = web.AppKey("store", JobStore)
 VERIFIER = web.AppKey("verifier", Verifier)
 DISPATCHER = web.AppKey("dispatcher", Waker)
+# counters by name (proxy.ops.COUNTERS lists them); a plain Counter keeps
+# dispatcher and harvester free of any metrics library
+METRICS = web.AppKey("metrics", Counter[str])

@@ -1,0 +1,58 @@
+"""Operations endpoints: health, readiness and metrics."""
+
+from __future__ import annotations
+
+import re
+
+import aiohttp
+
+from tests.conftest import ProxyFactory
+from tests.jobclient import ROOT, JobClient
+from tests.processes import free_port
+from tests.standin import StandIn
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^arango_async_proxy_{name} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} missing from\n{text}"
+    return float(match[1])
+
+
+async def test_ready_follows_arangodb(
+    standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(standin.url)
+    async with http.get(proxy + "/_proxy/ready") as resp:
+        assert resp.status == 200
+        assert await resp.json() == {"status": "ready"}
+    down = await start_proxy(f"http://127.0.0.1:{free_port()}")
+    async with http.get(down + "/_proxy/ready") as resp:
+        assert resp.status == 503
+        body = await resp.json()
+    assert body["errorNum"] == 503
+    assert body["errorMessage"].startswith("not ready: upstream ArangoDB at")
+
+
+async def test_metrics_count_the_job_flow(
+    standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    jobs = JobClient(http, await start_proxy(standin.url, jobs={"capacity": 2}))
+    standin.queue_full = True
+    first = await jobs.submit("GET", "/_api/version")
+    await jobs.submit("GET", "/_api/version", mode="true")
+    refused = await jobs.call("GET", "/_api/version", headers={**ROOT, "x-arango-async": "store"})
+    assert refused.status == 503
+    standin.queue_full = False
+    await jobs.result(first)
+    async with http.get(jobs.base + "/_proxy/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+        text = await resp.text()
+    assert metric(text, "jobs_accepted_total") == 2
+    assert metric(text, "jobs_refused_total") == 1
+    assert metric(text, "jobs_submitted_total") == 2
+    assert metric(text, "submit_retries_total") >= 1
+    assert metric(text, "jobs_lost_total") == 0
+    assert metric(text, "store_commits") >= 3
+    assert metric(text, "jobs_unfinished") <= 1  # the fire-and-forget one may still run
+    assert "# TYPE arango_async_proxy_jobs_harvested_total counter" in text
