@@ -14,6 +14,7 @@ import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -91,6 +92,18 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+def runner_options(config: Config) -> dict[str, Any]:
+    """How the server runs the application (aiohttp's AppRunner keywords)."""
+    # The keep-alive timer also runs while a request's headers arrive, so
+    # idle_timeout bounds slow senders of headers too. A client that hangs up
+    # must not cancel its handler half-way (the intake also shields its write).
+    return {
+        "keepalive_timeout": config.server.idle_timeout,
+        "access_log": None,
+        "handler_cancellation": False,
+    }
 
 
 def create_app(config: Config) -> web.Application:

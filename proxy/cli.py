@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.app import create_app
+from proxy.app import create_app, runner_options
 from proxy.config import Config, ConfigError, load_config
 
 log = logging.getLogger("arango_async_proxy")
@@ -53,12 +53,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 async def serve(config: Config) -> None:
     """Serve until SIGTERM or SIGINT, then shut down in order."""
     app = create_app(config)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log=None,
-        keepalive_timeout=config.server.idle_timeout,
-    )
+    runner = web.AppRunner(app, handle_signals=False, **runner_options(config))
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port)

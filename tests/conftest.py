@@ -9,9 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from proxy.app import create_app
+from proxy.app import create_app, runner_options
 from proxy.config import Config, load_config
 from tests.processes import ProxyProcess
 
@@ -21,19 +20,22 @@ ProxyFactory = Callable[..., Awaitable[str]]
 
 
 @pytest.fixture
-async def serve_app() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
-    """Start any aiohttp application on an ephemeral port; returns its base URL."""
-    servers: list[TestServer] = []
+async def serve_app() -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """Start any aiohttp application on an ephemeral port, as the CLI runs it; its URL."""
+    runners: list[web.AppRunner] = []
 
     async def start(app: web.Application, **runner_kwargs: Any) -> str:
-        server = TestServer(app, host="127.0.0.1", port=0, **runner_kwargs)
-        await server.start_server()
-        servers.append(server)
-        return str(server.make_url("")).rstrip("/")
+        runner = web.AppRunner(app, handle_signals=False, **runner_kwargs)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        return f"http://{host}:{port}"
 
     yield start
-    for server in reversed(servers):
-        await server.close()
+    for runner in reversed(runners):
+        await runner.cleanup()
 
 
 def proxy_config(upstream: str, data: Path, /, **sections: dict[str, Any]) -> Config:
@@ -54,7 +56,7 @@ async def start_proxy(serve_app: Callable[..., Awaitable[str]], tmp_path: Path) 
         nonlocal started
         started += 1  # each proxy its own data folder (a folder serves one store)
         config = proxy_config(upstream, tmp_path / f"proxy-data-{started}", **sections)
-        return await serve_app(create_app(config))
+        return await serve_app(create_app(config), **runner_options(config))
 
     return start
 

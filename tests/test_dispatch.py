@@ -200,3 +200,22 @@ async def test_refused_harvest_becomes_the_result(
     fetched = await jobs.call("PUT", f"/_api/job/{answer.async_id}")
     assert fetched.status == 401
     assert fetched.json["errorNum"] == 11
+
+
+async def test_never_more_than_max_inflight_at_arangodb(
+    standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    jobs = JobClient(http, await start_proxy(standin.url, jobs={"max_inflight": 3}))
+    direct = JobClient(http, standin.url)
+    ids = [
+        await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.05)"})
+        for _ in range(12)
+    ]
+    most = 0
+    while len((await jobs.call("GET", "/_api/job/done?count=100")).json) < len(ids):
+        at_arangodb = len((await direct.call("GET", "/_api/job/pending?count=100")).json)
+        most = max(most, at_arangodb)
+        await asyncio.sleep(0.005)
+    assert most == 3  # reached, never passed
+    for job_id in ids:
+        assert (await jobs.result(job_id)).status == 201

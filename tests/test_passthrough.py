@@ -19,7 +19,9 @@ from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamFailure
 from proxy.upstream import Upstream
 from tests.conftest import ProxyFactory
+from tests.jobclient import ROOT
 from tests.processes import ProxyProcess, free_port
+from tests.standin import StandIn
 
 ALL_BYTES = bytes(range(256)) * 64
 
@@ -334,3 +336,29 @@ async def test_upstream_call_maps_a_broken_body(echo: str) -> None:
         await upstream.close()
     assert info.value.status == 503
     assert echo in info.value.message
+
+
+async def test_version_passes_byte_for_byte(
+    standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    proxy = await start_proxy(standin.url)
+
+    async def fetch(base: str) -> tuple[int, bytes, list[tuple[str, str]]]:
+        async with http.get(base + "/_api/version?details=true", headers=ROOT) as resp:
+            headers = [(k, v) for k, v in resp.headers.items() if k.lower() != "date"]
+            return resp.status, await resp.read(), headers
+
+    assert await fetch(proxy) == await fetch(standin.url)
+
+
+async def test_idle_timeout_also_bounds_slow_headers(start_proxy: ProxyFactory, echo: str) -> None:
+    """aiohttp's keep-alive timer runs until the headers are complete (slowloris)."""
+    proxy = await start_proxy(echo, server={"idle_timeout": 0.5})
+    host, port = proxy.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+    await writer.drain()
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # closed, no answer
+    assert asyncio.get_running_loop().time() - started < 5
+    writer.close()
