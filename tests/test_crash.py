@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.jobclient import ROOT, JobClient
 from tests.processes import ProxyProcess, StandInProcess
+from tests.standin.client import ROOT, Client
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -62,7 +62,7 @@ class Load:
         self._next = 0
 
     async def client(self, base: str, stop: asyncio.Event, limit: int) -> None:
-        jobs = JobClient(self.session, base)
+        jobs = Client(self.session, base)
         while not stop.is_set() and self._next < limit:
             self._next += 1
             n = self._next
@@ -99,7 +99,7 @@ class Load:
         await asyncio.gather(*(self.client(base, stop, limit) for _ in range(clients)))
 
 
-async def done_now(jobs: JobClient, job_ids: list[str]) -> set[str]:
+async def done_now(jobs: Client, job_ids: list[str]) -> set[str]:
     """The ids whose results the proxy holds right now."""
     done = set()
     for job_id in job_ids:
@@ -112,7 +112,7 @@ async def done_now(jobs: JobClient, job_ids: list[str]) -> set[str]:
 async def check_every_job(
     session: aiohttp.ClientSession, proxy: str, standin: str, load: Load, exactly_once: set[str]
 ) -> None:
-    jobs = JobClient(session, proxy)
+    jobs = Client(session, proxy)
     for key, job_id in load.accepted.items():
         answer = await jobs.result(job_id)
         # 409: the insert ran again after a crash and found its own first run
@@ -148,7 +148,7 @@ async def test_kill_9_while_accepting_and_running(
         # Jobs of this round that are done were sent to ArangoDB once: a job
         # from an earlier round may have been sent again after that crash.
         fresh = [i for i in load.accepted.values() if i not in earlier]
-        exactly_once |= await done_now(JobClient(session, proxy.url), fresh)
+        exactly_once |= await done_now(Client(session, proxy.url), fresh)
         if _round < 2:
             proxy.kill()  # SIGKILL, mid-load
         else:
@@ -198,7 +198,7 @@ async def test_full_upstream_queue_is_invisible_to_clients(
     await load.run(proxy.url, asyncio.Event(), limit=100)
     assert load.refused == []
     assert len(load.accepted) + len(load.sleepers) == 100
-    jobs = JobClient(session, proxy.url)
+    jobs = Client(session, proxy.url)
     still_pending = await jobs.call("GET", "/_api/job/pending?count=1000")
     assert len(still_pending.json) == 100  # ArangoDB refuses: nothing ran yet
     async with session.put(standin + "/_standin/queue-full", data=b"false") as resp:

@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import ProxyFactory
-from tests.jobclient import ROOT, JobClient
 from tests.processes import free_port
 from tests.standin import StandIn
+from tests.standin.client import ROOT, Client
 
 
 async def test_lost_jobs_follow_the_policy(
@@ -32,10 +32,10 @@ async def test_lost_jobs_follow_the_policy(
     results: dict[str, tuple[int, int]] = {}
     for policy in ("rerun", "rerun-safe", "fail"):
         standin = await standin_factory(workers=1)
-        jobs = JobClient(http, await start_proxy(standin.url, jobs={"lost_job_policy": policy}))
+        jobs = Client(http, await start_proxy(standin.url, jobs={"lost_job_policy": policy}))
         slow = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.5)"})
         quick = await jobs.submit("GET", "/_api/version")
-        direct = JobClient(http, standin.url)
+        direct = Client(http, standin.url)
         for _ in range(400):  # until both are pending at the stand-in itself
             if len((await direct.call("GET", "/_api/job/pending")).json) == 2:
                 break
@@ -62,7 +62,7 @@ async def test_accepts_while_upstream_is_down_then_delivers(
     port = free_port()
     first = StandIn()
     url = await first.start(port=port)
-    jobs = JobClient(http, await start_proxy(url))
+    jobs = Client(http, await start_proxy(url))
     assert (await jobs.call("GET", "/_api/job/done")).status == 200  # credentials verified
     await first.stop()
     job_ids = [await jobs.submit("GET", "/_api/version") for _ in range(5)]
@@ -131,7 +131,7 @@ async def test_immediate_reply_becomes_the_result(
         )
 
     upstream.submit_reply = refuse
-    jobs = JobClient(http, await start_proxy(url))
+    jobs = Client(http, await start_proxy(url))
     answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
     assert answer.status == 412
     assert answer.json["errorNum"] == 21004
@@ -151,7 +151,7 @@ async def test_bare_503_is_retried(
         return await upstream._accepted()
 
     upstream.submit_reply = busy_then_accept
-    jobs = JobClient(http, await start_proxy(url))
+    jobs = Client(http, await start_proxy(url))
     answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
     assert answer.status == 200
     assert refusals == 0
@@ -162,7 +162,7 @@ async def test_cancelled_while_being_submitted_is_abandoned_upstream(
 ) -> None:
     upstream, url = fake
     upstream.release.clear()  # the 202 hangs until the job is cancelled here
-    jobs = JobClient(http, await start_proxy(url))
+    jobs = Client(http, await start_proxy(url))
     job_id = await jobs.submit("GET", "/_api/version")
     await asyncio.sleep(0.1)
     cancel = await jobs.call("PUT", f"/_api/job/{job_id}/cancel")
@@ -193,7 +193,7 @@ async def test_refused_harvest_becomes_the_result(
         return web.Response(status=401, body=json.dumps(body), content_type="application/json")
 
     upstream.fetch_reply = refused
-    jobs = JobClient(http, await start_proxy(url))
+    jobs = Client(http, await start_proxy(url))
     answer = await jobs.call("GET", "/_api/version", headers={**ROOT, "x-arango-async": "store"})
     assert answer.async_id is not None
     await jobs.wait_done(answer.async_id)
@@ -205,8 +205,8 @@ async def test_refused_harvest_becomes_the_result(
 async def test_never_more_than_max_inflight_at_arangodb(
     standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
-    jobs = JobClient(http, await start_proxy(standin.url, jobs={"max_inflight": 3}))
-    direct = JobClient(http, standin.url)
+    jobs = Client(http, await start_proxy(standin.url, jobs={"max_inflight": 3}))
+    direct = Client(http, standin.url)
     ids = [
         await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.05)"})
         for _ in range(12)

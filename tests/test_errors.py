@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 
 from tests.conftest import ProxyFactory
-from tests.jobclient import ROOT, basic
 from tests.processes import free_port
 from tests.standin import StandIn
+from tests.standin.client import ROOT, basic
 
 
 def assert_arango_error(

@@ -18,14 +18,14 @@ import aiohttp
 import pytest
 
 from tests.conftest import ProxyFactory
-from tests.jobclient import ALICE, BOB, ROOT, Answer, JobClient, basic
 from tests.standin import StandIn
+from tests.standin.client import ALICE, BOB, ROOT, Answer, Client, basic
 
 SLEEP = {"query": "RETURN SLEEP(3)"}
 
 
 class Recorder:
-    def __init__(self, client: JobClient) -> None:
+    def __init__(self, client: Client) -> None:
         self.client = client
         self.ids: dict[str, str] = {}
         self.log: list[tuple[str, Any]] = []
@@ -56,11 +56,11 @@ class Recorder:
         mode: str = "store",
     ) -> None:
         self.ids[name] = await self.client.submit(
-            method, self._path(path), body=body, headers=user, mode=mode
+            method, self._path(path), body, user=user, mode=mode
         )
 
     async def wait(self, name: str, user: dict[str, str] = ROOT) -> None:
-        await self.client.wait_done(self.ids[name], headers=user)
+        await self.client.wait_done(self.ids[name], user=user)
 
     async def call(
         self,
@@ -73,9 +73,7 @@ class Recorder:
         count_only: bool = False,
         label: str | None = None,
     ) -> Answer:
-        answer = await self.client.call(
-            method, self._path(path), headers={**user, **(headers or {})}, body=body
-        )
+        answer = await self.client.call(method, self._path(path), body, headers=headers, user=user)
         content: Any = answer.body.decode(errors="replace")
         json_type = (answer.content_type or "").startswith("application/json")
         if json_type and answer.body:  # a HEAD answer has the type but no body
@@ -270,9 +268,9 @@ SCENARIOS: dict[str, Callable[[Recorder], Awaitable[None]]] = {
 }
 
 
-async def _clean(client: JobClient) -> None:
+async def _clean(client: Client) -> None:
     for user in (ROOT, ALICE, BOB):
-        await client.call("DELETE", "/_api/job/all", headers=user)
+        await client.call("DELETE", "/_api/job/all", user=user)
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
@@ -280,9 +278,9 @@ async def test_facade_answers_like_arangodb(
     name: str, standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
     scenario = SCENARIOS[name]
-    direct = Recorder(JobClient(http, standin.url))
+    direct = Recorder(Client(http, standin.url))
     await scenario(direct)
     await _clean(direct.client)
-    proxied = Recorder(JobClient(http, await start_proxy(standin.url)))
+    proxied = Recorder(Client(http, await start_proxy(standin.url)))
     await scenario(proxied)
     assert proxied.log == direct.log

@@ -7,9 +7,9 @@ import re
 import aiohttp
 
 from tests.conftest import ProxyFactory
-from tests.jobclient import ROOT, JobClient
 from tests.processes import free_port
 from tests.standin import StandIn
+from tests.standin.client import ROOT, Client
 
 
 def metric(text: str, name: str) -> float:
@@ -36,7 +36,7 @@ async def test_ready_follows_arangodb(
 async def test_metrics_count_the_job_flow(
     standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
-    jobs = JobClient(http, await start_proxy(standin.url, jobs={"capacity": 2}))
+    jobs = Client(http, await start_proxy(standin.url, jobs={"capacity": 2}))
     standin.queue_full = True
     first = await jobs.submit("GET", "/_api/version")
     await jobs.submit("GET", "/_api/version", mode="true")

@@ -19,9 +19,9 @@ from proxy.config import UpstreamConfig
 from proxy.errors import UpstreamFailure
 from proxy.upstream import Upstream
 from tests.conftest import ProxyFactory
-from tests.jobclient import ROOT
 from tests.processes import ProxyProcess, free_port
 from tests.standin import StandIn
+from tests.standin.client import ROOT
 
 ALL_BYTES = bytes(range(256)) * 64
 
