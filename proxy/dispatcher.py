@@ -29,7 +29,7 @@ from proxy import jobs_api
 from proxy.errors import UpstreamFailure
 from proxy.harvester import Harvester, auth_headers, stored_response
 from proxy.upstream import Reply, Upstream
-from storage import Job, JobStore
+from storage import Job, JobStore, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,16 @@ class Dispatcher:
         while True:
             if self._backoff:
                 await asyncio.sleep(self._backoff)
+            # Cleared before looking, so a wake() during the look is not lost.
+            self._wake.clear()
             free = self._max_inflight - self._harvester.inflight - len(self._claimed)
-            jobs = await self._store.next_accepted(free, self._claimed) if free > 0 else []
+            try:
+                jobs = await self._store.next_accepted(free, self._claimed) if free > 0 else []
+            except StoreError as exc:
+                log.error("cannot read accepted jobs, will retry: %s", exc)  # noqa: TRY400
+                self._slow_down()
+                continue
             if not jobs:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(IDLE_RECHECK):
                         await self._wake.wait()
