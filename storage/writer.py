@@ -5,9 +5,10 @@ takes everything queued (at most ``MAX_BATCH`` writes), runs it inside one
 ``BEGIN IMMEDIATE`` ... ``COMMIT``, and only then resolves the futures: a burst of
 concurrent accepts shares one fsync, and a resolved future means committed.
 
-Each aiosqlite call is a thread round-trip (~0.1 ms), so consecutive writes with
-the same SQL that need no result go to SQLite as one ``executemany``; writes that
-need a rowcount or RETURNING rows run one by one.
+The whole batch runs as one call in aiosqlite's thread (one round-trip through
+the event loop, however many statements); inside it, consecutive writes with
+the same SQL that need no result go to SQLite as one ``executemany``, writes
+that need a rowcount or RETURNING rows run one by one.
 
 Outcome of a batch::
 
@@ -27,7 +28,7 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 import aiosqlite
 
@@ -137,19 +138,8 @@ class Writer:
         if not live:
             return
         try:
-            if len(live) == 1 and len(live[0].statements) == 1:
-                # A lone statement is its own transaction in autocommit mode: two
-                # round-trips fewer for the write that has the writer to itself.
-                results = [await self._execute_one(live[0])]
-            else:
-                await self.db.execute("BEGIN IMMEDIATE")
-                results = await self._execute(live)
-                await self.db.execute("COMMIT")
+            results = await self._in_sqlite_thread(live)
         except Exception as exc:
-            # SQLite may already have rolled back (e.g. on SQLITE_FULL); rollback() is then
-            # a no-op. If it fails too, the next batch's failure path tries again.
-            with contextlib.suppress(sqlite3.Error):
-                await self.db.rollback()
             _fail(live, f"the job store could not commit {len(live)} write(s): {exc}", exc)
             return
         except BaseException as exc:
@@ -162,7 +152,26 @@ class Writer:
             if not write.future.done():
                 write.future.set_result(result)
 
-    async def _execute(self, writes: list[_Write]) -> list[Result]:
+    async def _in_sqlite_thread(self, writes: list[_Write]) -> list[Result]:
+        """Run the whole batch with one hop to aiosqlite's thread.
+
+        One await per statement would wait for the event loop each time, and a
+        loop busy with HTTP makes that a millisecond or more per statement; a
+        batch of a hundred writes then held every caller for a hundred loop
+        turns. aiosqlite has no public call for "run this function in your
+        thread", so its `_execute` is used (aiosqlite is pinned below 0.23).
+        """
+        db = self.db
+        return cast(list[Result], await db._execute(_transaction, db._conn, writes))  # type: ignore[no-untyped-call]
+
+
+def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[Result]:
+    """BEGIN, every write, COMMIT; on any error ROLLBACK and raise. In SQLite's thread."""
+    if len(writes) == 1 and len(writes[0].statements) == 1:
+        # A lone statement is its own transaction in autocommit mode.
+        return [_execute_one(conn, writes[0])]
+    conn.execute("BEGIN IMMEDIATE")
+    try:
         results: list[Result] = []
         start = 0
         while start < len(writes):
@@ -171,25 +180,32 @@ class Writer:
                 end += 1
             if end - start > 1:
                 params = [write.statements[0].params for write in writes[start:end]]
-                await self.db.executemany(writes[start].statements[0].sql, params)
+                conn.executemany(writes[start].statements[0].sql, params)
                 results.extend([None] * (end - start))
             else:
-                results.append(await self._execute_one(writes[start]))
+                results.append(_execute_one(conn, writes[start]))
             start = end
-        return results
+        conn.execute("COMMIT")
+    except BaseException:
+        # SQLite may already have rolled back (e.g. on SQLITE_FULL): then this is a no-op.
+        with contextlib.suppress(sqlite3.Error):
+            conn.rollback()
+        raise
+    return results
 
-    async def _execute_one(self, write: _Write) -> Result:
-        count = 0
-        rows: list[Any] = []
-        for statement in write.statements:
-            if write.want is Want.ROWS:
-                rows.extend(await self.db.execute_fetchall(statement.sql, statement.params))
-            else:
-                cursor = await self.db.execute(statement.sql, statement.params)
-                count += cursor.rowcount
+
+def _execute_one(conn: sqlite3.Connection, write: _Write) -> Result:
+    count = 0
+    rows: list[Any] = []
+    for statement in write.statements:
+        cursor = conn.execute(statement.sql, statement.params)
         if write.want is Want.ROWS:
-            return rows
-        return count if write.want is Want.ROWCOUNT else None
+            rows.extend(cursor.fetchall())
+        else:
+            count += cursor.rowcount
+    if write.want is Want.ROWS:
+        return rows
+    return count if write.want is Want.ROWCOUNT else None
 
 
 def _abort(write: _Write) -> None:

@@ -62,7 +62,9 @@ async def test_every_reported_id_survives_sigkill(tmp_path: Path) -> None:
         if child.returncode is None:
             child.kill()
         await child.wait()
-    assert child.returncode == -signal.SIGKILL
+    # 255: asyncio's child watcher can miss the status of a child killed this
+    # early ("Unknown child process pid"); the kill was ours either way.
+    assert child.returncode in (-signal.SIGKILL, 255)
 
     store = await JobStore.open(data)
     try:
