@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict
 
-from proxy.errors import ERROR_INTERNAL, UpstreamFailure, error_body
+from proxy.errors import ERROR_INTERNAL, JSON_TYPE, UpstreamFailure, error_body
 from proxy.upstream import Reply, Upstream, end_to_end
 from storage import Job, JobState, JobStore, StoredResponse
 
@@ -63,7 +63,7 @@ def lost_response(upstream_id: str, policy: str) -> StoredResponse:
     )
     return StoredResponse(
         500,
-        (("Content-Type", "application/json; charset=utf-8"),),
+        (("Content-Type", JSON_TYPE),),
         error_body(500, ERROR_INTERNAL, message),
     )
 

@@ -30,9 +30,12 @@ from proxy.errors import (
     ERROR_BAD_PARAMETER,
     ERROR_METHOD_NOT_ALLOWED,
     ERROR_NOT_FOUND,
+    ERROR_REQUEST_CANCELED,
     ERROR_SERVICE_UNAVAILABLE,
+    JSON_TYPE,
     UpstreamFailure,
     arango_error,
+    error_body,
 )
 from proxy.intake import ASYNC_ID_HEADER, async_mode, intake
 from proxy.passthrough import passthrough
@@ -53,8 +56,8 @@ _FLOAT = re.compile(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
 CANCELED = StoredResponse(
     410,
-    (("Content-Type", "application/json; charset=utf-8"),),
-    b'{"code":410,"error":true,"errorMessage":"canceled request","errorNum":21}',
+    (("Content-Type", JSON_TYPE),),
+    error_body(410, ERROR_REQUEST_CANCELED, "canceled request"),
 )
 
 
