@@ -19,6 +19,7 @@ job (it restarted), and ``jobs.lost_job_policy`` decides::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
@@ -147,10 +148,11 @@ class Harvester:
         except UpstreamFailure as failure:
             log.debug("cannot list %s jobs: %s", which, failure.message)
             return None
-        if reply.status != 200:
-            log.warning("listing %s jobs at ArangoDB gave %d", which, reply.status)
-            return None
-        return {str(uid) for uid in reply.json()}
+        if reply.status == 200:
+            with contextlib.suppress(ValueError, TypeError):  # not ArangoDB's list of ids
+                return {str(uid) for uid in reply.json()}
+        log.warning("listing %s jobs at ArangoDB gave %d, no list of ids", which, reply.status)
+        return None
 
     async def _harvest(self, auth: str | None, jobs: list[Tracked]) -> None:
         done = await self._list(auth, "done", len(jobs))
