@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy import harvester
 from proxy.app import create_app, runner_options
 from proxy.state import METRICS, STORE
 from storage import Job, StoreError
@@ -321,3 +322,28 @@ async def test_unexpected_error_while_submitting_keeps_the_job(
     assert answer.status == 200
     assert failures == 0
     assert (await store.state(1, None)) is None  # fetched: gone
+
+
+async def test_new_job_is_harvested_without_waiting_out_a_long_poll(
+    fake: tuple[FakeArango, str],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long-running job stretches the poll interval (here to 10 s); a new job
+    shortens the wait, so its result comes long before the interval is over."""
+    monkeypatch.setattr(harvester, "POLL_MIN", 10.0)
+    monkeypatch.setattr(harvester, "POLL_MAX", 10.0)
+    upstream, url = fake
+    upstream.list_reply = lambda which: web.json_response(
+        [str(i) for i in range(902, upstream._next + 1)] if which == "done" else ["901"]
+    )
+    jobs = Client(http, await start_proxy(url))
+    await jobs.submit("GET", "/_api/version")  # 901: pending at ArangoDB for ever
+    for _ in range(100):
+        if ("GET", "/_api/job/done") in upstream.seen:
+            break  # the first tick is over: the harvester now waits 10 s
+        await asyncio.sleep(0.01)
+    quick = await jobs.submit("GET", "/_api/version")
+    async with asyncio.timeout(5.0):  # half the poll interval
+        await jobs.wait_done(quick)
