@@ -7,6 +7,8 @@ system's trust store, which is exactly why "no CA file" must fail to verify.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
 import ssl
 import subprocess
@@ -20,6 +22,10 @@ import aiohttp
 import pytest
 import trustme
 from arango.client import ArangoClient
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from proxy.config import ConfigError, ServerConfig, UpstreamConfig, load_config
 from proxy.tls import client_context, server_context
@@ -119,6 +125,50 @@ async def test_https_upstream_with_ca_file(
     await round_trip(Client(http, proxy))
     async with http.get(proxy + "/_proxy/ready") as ready:
         assert ready.status == 200
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed end-entity certificate for 127.0.0.1 (CA:FALSE): (key+cert, cert) files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "arangodb")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (folder / "self-signed-key+cert.pem").write_bytes(key_pem + cert_pem)
+    (folder / "self-signed.pem").write_bytes(cert_pem)
+    return folder / "self-signed-key+cert.pem", folder / "self-signed.pem"
+
+
+async def test_self_signed_upstream_trusted_by_naming_it_as_ca_file(
+    standin_factory: Callable[..., Awaitable[StandIn]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """What the README promises instead of a switch that turns verification off."""
+    key_and_cert, cert = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(key_and_cert)
+    standin = await standin_factory(ssl_context=context)
+    proxy = await start_proxy(standin.url, upstream={"ca_file": str(cert)})
+    await round_trip(Client(http, proxy))
 
 
 async def test_unverified_upstream_certificate_is_503_naming_the_upstream(
