@@ -41,9 +41,8 @@ async def front(request: web.Request) -> web.StreamResponse:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    upstream = Upstream(app[CONFIG].upstream)
+    upstream = app[UPSTREAM]
     await upstream.start()
-    app[UPSTREAM] = upstream
     app[VERIFIER] = Verifier(upstream, app[CONFIG].jobs.auth_cache_ttl)
     yield
     await upstream.close()
@@ -107,8 +106,11 @@ def runner_options(config: Config) -> dict[str, Any]:
 
 
 def create_app(config: Config) -> web.Application:
+    """Raises `ConfigError` when `upstream.ca_file` cannot be used."""
     app = web.Application(client_max_size=config.server.max_body_size)
     app[CONFIG] = config
+    # built here, not at start-up, so a bad CA file stops the command at once
+    app[UPSTREAM] = Upstream(config.upstream)
     app[METRICS] = Counter()
     app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx])
     app.router.add_routes(
