@@ -379,8 +379,8 @@ class JobStore:
                 Statement(sql.EVICT, {"excess": excess, "limit": chunk}),
                 on_commit=self._removed,
             )
-            if not sizes:
-                break  # nothing left to remove (cannot happen while the total is exact)
+            if not sizes:  # pragma: no cover - no done job left, yet a total above the cap
+                break  # cannot happen while the total is exact; never loop on it
             removed += _removed(sizes)
         return removed
 
