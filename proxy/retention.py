@@ -5,6 +5,7 @@ fetched or deleted::
 
     jobs.result_ttl > 0        a result still unfetched result_ttl seconds after its
                                job finished is deleted; swept every min(ttl / 4, 1 s)
+                               (but at most every 10 ms)
     jobs.max_result_bytes > 0  when stored results (headers and bodies) exceed it, the
                                oldest finished are deleted until they fit; checked
                                right after each result is stored, and at start-up
@@ -30,6 +31,7 @@ from storage import JobStore, Removed
 log = logging.getLogger(__name__)
 
 SWEEP_MAX = 1.0  # seconds between expiry sweeps at most
+SWEEP_MIN = 0.01  # and at least: a TTL of a millisecond must not spin the loop
 RETRY_AFTER = 1.0  # seconds to wait after a sweep failed (the store may be failing)
 
 
@@ -83,7 +85,7 @@ class Retention:
         return removed
 
     async def _expire_loop(self) -> None:
-        interval = min(self._ttl / 4, SWEEP_MAX)
+        interval = max(SWEEP_MIN, min(self._ttl / 4, SWEEP_MAX))
         while True:
             if not await self._sweep(self.expire):
                 await asyncio.sleep(RETRY_AFTER)

@@ -316,34 +316,24 @@ class JobStore:
         if not valid_id(job_id):
             return False
         params = _by_id(job_id, viewer)
-        changed = await self._write_rows(
-            Statement(sql.DELETE_DONE_ONE, params),
-            Statement(sql.FORGET_ONE, params),
-            on_commit=self._removed,
+        deleted = await self._delete(
+            Statement(sql.DELETE_DONE_ONE, params), Statement(sql.FORGET_ONE, params)
         )
-        return len(changed) > 0
+        return deleted > 0
 
     async def delete_all(self, viewer: str | None) -> int:
         """delete() for every visible job; returns how many were deleted or forgotten."""
         params = {"viewer": _viewer(viewer)}
-        changed = await self._write_rows(
-            Statement(sql.DELETE_DONE, params),
-            Statement(sql.FORGET, params),
-            on_commit=self._removed,
-        )
-        return len(changed)
+        return await self._delete(Statement(sql.DELETE_DONE, params), Statement(sql.FORGET, params))
 
     async def delete_expired(self, viewer: str | None, stamp: float) -> int:
         """delete() for visible pending jobs created before `stamp` and done jobs finished
         before it (epoch seconds, as ArangoDB's stamps)."""
         # float(): an int stamp beyond 64 bits must not fail the writer's whole batch.
         params = {"viewer": _viewer(viewer), "stamp": float(stamp)}
-        changed = await self._write_rows(
-            Statement(sql.DELETE_DONE_EXPIRED, params),
-            Statement(sql.FORGET_EXPIRED, params),
-            on_commit=self._removed,
+        return await self._delete(
+            Statement(sql.DELETE_DONE_EXPIRED, params), Statement(sql.FORGET_EXPIRED, params)
         )
-        return len(changed)
 
     # -- retention ---------------------------------------------------------------------
 
@@ -383,6 +373,10 @@ class JobStore:
                 break  # cannot happen while the total is exact; never loop on it
             removed += _removed(sizes)
         return removed
+
+    async def _delete(self, *statements: Statement) -> int:
+        """Deletes and forgets in one write; how many jobs were deleted or forgotten."""
+        return len(await self._write_rows(*statements, on_commit=self._removed))
 
     def _removed(self, result: Result) -> None:
         """on_commit of every write that removes done jobs: rows of (size, ...) last."""
