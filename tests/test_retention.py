@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -17,6 +18,7 @@ import pytest
 from proxy.retention import Retention
 from storage import JobStore, Removed, StoredResponse
 from tests.conftest import ProxyFactory
+from tests.processes import ProxyProcess, free_port
 from tests.standin import StandIn
 from tests.standin.client import Client
 from tests.test_ops import metric
@@ -151,6 +153,42 @@ async def test_retention_is_off_by_default(
     assert metric(text, "results_expired_total") == metric(text, "results_evicted_total") == 0
     assert (await jobs.result(job)).status == 201
     assert retention_lines(caplog) == []
+
+
+async def test_a_lowered_cap_applies_when_the_proxy_starts_again_on_its_data(
+    standin: StandIn,
+    proxy_process: Callable[..., ProxyProcess],
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """Real processes: results stored without a cap, then a restart with one. The
+    stand-in runs in this event loop, so blocking process calls go to a thread."""
+    data = tmp_path / "proxy-data"
+    first = await asyncio.to_thread(proxy_process, "--upstream", standin.url, data=data)
+    jobs = Client(http, first.url)
+    ids = {}
+    for letter in "abc":
+        ids[letter] = await jobs.submit(
+            "POST", "/_api/cursor", body={"query": f'RETURN "{letter * 10_000}"'}
+        )
+        await jobs.wait_done(ids[letter])
+    assert await asyncio.to_thread(first.stop) == 0
+
+    config = tmp_path / "capped.toml"
+    config.write_text("[jobs]\nmax_result_bytes = 25000\n")
+    listen = f"127.0.0.1:{free_port()}"
+    args = ("--config", str(config), "--listen", listen, "--upstream", standin.url)
+    second = await asyncio.to_thread(proxy_process, *args, data=data)
+    jobs = Client(http, second.url)
+    await gone(jobs, ids["a"])
+    for letter in "bc":
+        answer = await jobs.result(ids[letter])
+        assert answer.json["result"] == [letter * 10_000]
+    assert metric(await metrics(jobs), "results_evicted_total") == 1
+    assert await asyncio.to_thread(second.stop) == 0
+    [line] = [line for line in "".join(second.output).splitlines() if "retention:" in line]
+    assert "evicted 1 unfetched result (" in line
+    assert line.endswith("within jobs.max_result_bytes = 25000")
 
 
 async def test_a_store_over_the_cap_is_trimmed_at_start_and_failures_are_retried(
