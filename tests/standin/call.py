@@ -56,9 +56,10 @@ def uint64(text: str) -> int:
         if not "0" <= char <= "9":
             break
         digits += char
-    if not digits:
+    digits = digits.lstrip("0")
+    if len(digits) > 20:  # overflow; and int() refuses strings beyond 4300 digits
         return 0
-    value = int(digits)
+    value = int(digits) if digits else 0
     return value if value <= UINT64_MAX else 0
 
 

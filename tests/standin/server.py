@@ -17,6 +17,7 @@ result is byte for byte what the synchronous call would have answered.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -64,7 +65,12 @@ WWW_AUTHENTICATE = ('Basic, realm="ArangoDB"', 'Bearer, token_type="JWT", realm=
 
 
 def split_database(raw_path: str) -> tuple[str, str]:
-    """`/_db/shop/_api/x` -> ("shop", "/_api/x"); no prefix means `_system`."""
+    """`/_db/shop/_api/x` -> ("shop", "/_api/x"); no prefix means `_system`.
+
+    Repeated slashes are collapsed first, as `HttpRequest::parseUrl` does:
+    `//_db/shop//_api/x` is the same request.
+    """
+    raw_path = re.sub(r"//+", "/", raw_path)
     if not raw_path.startswith("/_db/"):
         return "_system", raw_path
     name, slash, rest = raw_path[len("/_db/") :].partition("/")
