@@ -33,7 +33,10 @@ SHUTDOWN_GRACE = 5.0
 
 
 async def front(request: web.Request) -> web.StreamResponse:
-    """Everything outside the job API: an async job, or pass-through."""
+    """Everything the route table did not send to the job facade."""
+    if jobs_api.is_job_api(request.raw_path):
+        # spelled with repeated slashes (//_api//job): ArangoDB's job API all the same
+        return await jobs_api.handle(request)
     mode = async_mode(request)
     if mode is not None:
         return await intake(request, mode)
