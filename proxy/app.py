@@ -34,6 +34,8 @@ SHUTDOWN_GRACE = 5.0
 
 async def front(request: web.Request) -> web.StreamResponse:
     """Everything the route table did not send to the job facade."""
+    if request.method == "OPTIONS":
+        return await passthrough(request)  # CORS preflight: ArangoDB never queues it
     if jobs_api.is_job_api(request.raw_path):
         # spelled with repeated slashes (//_api//job): ArangoDB's job API all the same
         return await jobs_api.handle(request)

@@ -122,6 +122,9 @@ def _result_true() -> web.Response:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
+    if request.method == "OPTIONS":
+        # ArangoDB answers a CORS preflight itself, before credentials or handlers
+        return await passthrough(request)
     mode = async_mode(request)
     if mode is not None:
         return await intake(request, mode)

@@ -291,6 +291,11 @@ async def odd_paths(r: Recorder) -> None:
     ]:
         await r.call(method, path)
     await r.wait("p")  # cancelled: done soon, with 410 as its result
+    # CORS preflight: answered by ArangoDB before credentials, never queued (spec §1.3)
+    await r.call("OPTIONS", "/_api/job/{a}", user={})
+    await r.call("OPTIONS", "/_api/version", headers={"x-arango-async": "store"})
+    await r.call("OPTIONS", "//_api//job", headers={"x-arango-async": "store"})
+    await r.call("GET", "/_api/job/pending")
     # an async request for the job API spelled with slashes runs in the facade too
     await r.submit("x", "PUT", "//_api//job/{c}")
     await r.wait("x")
