@@ -122,7 +122,9 @@ def create_app(config: Config) -> web.Application:
             web.get("/_proxy/ready", ops.ready),
             web.get("/_proxy/metrics", ops.metrics),
             *(web.route("*", path, jobs_api.handle) for path in jobs_api.ROUTES),
-            web.route("*", "/{tail:.*}", front),
+            # [\s\S], not ".": a decoded path may hold a newline (%0A), and a
+            # route that misses it leaves aiohttp to answer a plain-text 404
+            web.route("*", r"/{tail:[\s\S]*}", front),
         ]
     )
     return app

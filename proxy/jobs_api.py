@@ -46,7 +46,7 @@ from storage.records import Job
 
 JOB_PATH = re.compile(r"^(?:/_db/[^/?]+)?/_(?:api|admin)/job(?=/|$)")
 ROUTES = tuple(
-    prefix + base + "{tail:(/.*)?}"
+    prefix + base + r"{tail:(/[\s\S]*)?}"  # also a decoded newline (%0A)
     for prefix in ("", "/_db/{database}")
     for base in ("/_api/job", "/_admin/job")
 )

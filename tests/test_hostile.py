@@ -281,6 +281,8 @@ async def odd_paths(r: Recorder) -> None:
         ("DELETE", "/_api/job%2Fall"),
         ("GET", "/_api/job/%2E%2E/{a}"),
         ("GET", "/_db/%5Fsystem/_api/job/{a}"),
+        ("GET", "/_api/job/{a}%0A"),  # a decoded newline must not fall out of the routes
+        ("GET", "/_api/version/%0A"),
         ("GET", "/_db/_sys%00tem/_api/job/{a}"),
         ("GET", "/_db/..%2F_system/_api/job/{a}"),
         ("PUT", "//_api/job/{a}"),

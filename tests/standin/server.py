@@ -138,7 +138,8 @@ class StandIn:
                 web.post("/_standin/restart", self._control_restart),
                 web.put("/_standin/queue-full", self._control_queue_full),
                 web.get("/_standin/counters", self._control_counters),
-                web.route("*", "/{tail:.*}", self._serve),
+                # [\s\S]: a decoded path may hold a newline (%0A); ArangoDB serves it
+                web.route("*", r"/{tail:[\s\S]*}", self._serve),
             ]
         )
         # a short grace period: a synchronous SLEEP must not hold up a test's teardown
