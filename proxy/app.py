@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from proxy import jobs_api, ops
 from proxy.auth import Verifier
 from proxy.config import Config
 from proxy.dispatcher import Dispatcher
+from proxy.errors import ERROR_BAD_PARAMETER, arango_error
 from proxy.harvester import Harvester
 from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
@@ -30,6 +31,24 @@ from proxy.upstream import Upstream
 from storage import JobStore
 
 SHUTDOWN_GRACE = 5.0
+
+
+@web.middleware
+async def origin_form_only(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Only a path is a target the proxy can serve or forward.
+
+    aiohttp also accepts absolute-form (``GET http://host/x``), asterisk-form
+    (``OPTIONS *``) and authority-form (``CONNECT host:443``) targets. Their
+    raw target is no path: glued to the upstream URL it made an invalid URL (a
+    500), and as an async job one the dispatcher could never send. ArangoDB
+    serves none of them (it finds no handler for such a path), so they are
+    refused here, before routing decides anything, in ArangoDB's error shape.
+    """
+    if not request.raw_path.startswith("/"):
+        return arango_error(400, ERROR_BAD_PARAMETER, "the request target must be a path")
+    return await handler(request)
 
 
 async def front(request: web.Request) -> web.StreamResponse:
@@ -112,7 +131,9 @@ def runner_options(config: Config) -> dict[str, Any]:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(client_max_size=config.server.max_body_size)
+    app = web.Application(
+        client_max_size=config.server.max_body_size, middlewares=[origin_form_only]
+    )
     app[CONFIG] = config
     app[METRICS] = Counter()
     app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx])

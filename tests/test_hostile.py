@@ -153,6 +153,35 @@ async def test_malformed_http_is_refused_and_changes_nothing(
     await assert_still_serving(http, proxy)
 
 
+@pytest.mark.parametrize(
+    "target", ["http://127.0.0.1:9/_api/version", "http://x/_api/job/pending", "*", "x:443"]
+)
+@pytest.mark.parametrize("mode", [b"", STORE], ids=["sync", "store"])
+async def test_a_target_that_is_no_path_is_refused(
+    target: str,
+    mode: bytes,
+    standin_jwt: StandIn,
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Absolute-, asterisk- and authority-form targets: ArangoDB serves none of them."""
+    proxy = await start_proxy(standin_jwt.url)
+    method = {"*": b"OPTIONS", "x:443": b"CONNECT"}.get(target, b"PUT")
+    raw = method + b" " + target.encode() + b" HTTP/1.1\r\nHost: x\r\n" + AUTH + mode
+    status, head, body = only_answer(await exchange(proxy, raw + b"Connection: close\r\n\r\n"))
+    assert status == 400
+    assert b"Content-Type: application/json; charset=utf-8" in head
+    assert json.loads(body) == {
+        "code": 400,
+        "error": True,
+        "errorMessage": "the request target must be a path",
+        "errorNum": 400,
+    }
+    assert await stored_ids(http, proxy) == []
+    assert not [call for call in standin_jwt.executed if call[0] != "GET"]
+    await assert_still_serving(http, proxy)
+
+
 async def test_body_over_limit_does_not_smuggle_its_content(
     standin_jwt: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
