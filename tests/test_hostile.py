@@ -132,6 +132,7 @@ MALFORMED = {
     "bare LF in a header value": request(b"X-Note: a\nX-Injected: 1\r\n"),
     "NUL in a header value": request(b"X-Note: a\x00b\r\n"),
     "header line over 8 KiB": request(b"X-Big: " + b"a" * 9000 + b"\r\n"),
+    "more than 128 headers": request(b"".join(b"X-H%d: v\r\n" % i for i in range(200))),
     "target over 8 KiB": b"GET /_api/job/" + b"1" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
     "NUL in the path": b"GET /_api/job/\x00 HTTP/1.1\r\nHost: x\r\n" + AUTH + b"\r\n",
     "non-UTF-8 bytes in the path": b"PUT /_api/job/\xff\xfe HTTP/1.1\r\nHost: x\r\n"

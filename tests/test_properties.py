@@ -9,14 +9,18 @@ a 202 for ``store`` adds one job, a fetch or a delete that succeeded may
 remove jobs, anything else leaves every job where it was.
 
 One stand-in and one proxy serve all examples of a test; Hypothesis runs in
-a worker thread and hands each request to the test's event loop.
+a worker thread and hands each request to the test's event loop. Paths name
+the store's jobs by position (``{job2}``), filled in when sent, and the store
+is topped up with jobs of Alice and Bob, so requests keep meeting real jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -49,7 +53,7 @@ USERS = {
     "none": {},
 }
 SETTINGS = settings(
-    max_examples=120,
+    max_examples=300,
     deadline=None,
     derandomize=True,
     database=None,
@@ -57,14 +61,17 @@ SETTINGS = settings(
 )
 
 escaped_text = st.text(max_size=12).map(lambda t: quote(t, safe=""))
-# the seeded jobs have ids 1 to 8: aim at them with padding and tails, too
+# "{job3}" stands for the id of the fourth job the store holds when the request
+# is sent (see Prober.send), so that requests keep finding jobs as they go;
+# padded and with tails too, as ArangoDB's parser still reads them as that id
 job_id = st.builds(
-    lambda pad, number, tail: pad + str(number) + tail,
-    st.sampled_from(["", "0", "00", "+", "-", "%20"]),
-    st.integers(min_value=1, max_value=9),
-    st.sampled_from(["", "x", "%00", "%0D%0AX-Injected:%201", ".5", "/cancel"]),
+    lambda pad, index, tail: f"{pad}{{job{index}}}{tail}",
+    st.sampled_from(["", "", "", "0", "00", "+", "-", "%20"]),
+    st.integers(min_value=0, max_value=5),
+    st.sampled_from(["", "", "", "x", "%00", "%0D%0AX-Injected:%201", ".5", "/cancel"]),
 )
 segment = st.one_of(
+    job_id,
     job_id,
     st.sampled_from(
         [
@@ -81,9 +88,10 @@ query = st.lists(st.tuples(st.sampled_from(["count", "stamp", "x"]), escaped_tex
 )
 facade_path = st.builds(
     lambda prefix, base, segments, q: prefix + base + "".join("/" + s for s in segments) + q,
-    st.sampled_from(["", "/_db/_system", "//_db//_system/", "/_db/nope", "/_db/%5Fsystem"]),
-    st.sampled_from(["/_api/job", "/_admin/job", "//_api//job"]),
-    st.lists(segment, max_size=3),
+    st.sampled_from(["", "", "/_db/_system", "//_db//_system/", "/_db/nope", "/_db/%5Fsystem"]),
+    st.sampled_from(["/_api/job", "/_api/job", "/_admin/job", "//_api//job"]),
+    # mostly one suffix, the shape of every id verb
+    st.one_of(*[st.lists(segment, min_size=1, max_size=1)] * 3, st.lists(segment, max_size=3)),
     query,
 )
 intake_path = st.builds(
@@ -122,9 +130,9 @@ def requests(paths: st.SearchStrategy[str], modes: list[str | None]) -> st.Searc
             {**headers, **({"x-arango-async": mode} if mode is not None else {})},
             body,
         ),
-        st.sampled_from(["GET", "PUT", "DELETE", "POST", "PATCH", "HEAD"]),
+        st.sampled_from(["GET", "PUT", "DELETE", "GET", "PUT", "DELETE", "POST", "PATCH", "HEAD"]),
         paths,
-        st.sampled_from(list(USERS)),
+        st.sampled_from(["alice", "bob", "superuser", *USERS]),
         st.sampled_from(modes),
         extra_headers,
         st.binary(max_size=200),
@@ -165,7 +173,31 @@ class Prober:
                 found |= set(json.loads(await resp.read()))
         return found
 
-    async def send(self, request: Hostile) -> None:
+    async def seed(self) -> None:
+        """One done and one pending job for Alice and for Bob."""
+        for name in ("alice", "bob"):
+            for body in (None, b'{"query":"RETURN SLEEP(5)"}'):
+                async with self.http.post(
+                    self.proxy + "/_api/cursor",
+                    headers={**USERS[name], "x-arango-async": "store"},
+                    data=body,
+                ) as resp:
+                    assert resp.status == 202
+                    self.owner[resp.headers["x-arango-async-id"]] = name
+        self.jobs = await self.listed()
+
+    async def send(self, hostile: Hostile) -> None:
+        if len(self.jobs) < 4:
+            await self.seed()
+        ids = sorted(self.jobs, key=int)
+        path = re.sub(
+            r"\{job(\d)\}",
+            lambda m: ids[int(m[1])] if int(m[1]) < len(ids) else "123456789",
+            hostile.path,
+        )
+        await self.check(dataclasses.replace(hostile, path=path))
+
+    async def check(self, request: Hostile) -> None:
         async with self.http.request(
             request.method,
             URL(self.proxy + request.path, encoded=True),
@@ -174,6 +206,12 @@ class Prober:
         ) as resp:
             status, body, headers = resp.status, await resp.read(), resp.headers
         assert status < 500, (status, body)
+        if len(f"{request.method} {request.path} HTTP/1.1") > 8190:
+            # aiohttp's parser refuses a request line this long with a bare 400
+            # before any proxy code runs (see README, Hostile input)
+            assert status == 400
+            assert await self.listed() == self.jobs
+            return
         if status >= 400 and request.method != "HEAD":
             assert headers.get("Content-Type") == "application/json; charset=utf-8"
             doc = json.loads(body)
@@ -234,21 +272,12 @@ def run_threaded(
 async def prober(
     standin_factory: StandInFactory, start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> Prober:
-    standin: StandIn = await standin_factory(auth=True, jwt_secret=SECRET, workers=8)
+    standin: StandIn = await standin_factory(auth=True, jwt_secret=SECRET, workers=16)
     proxy = await start_proxy(standin.url)
     found = Prober(http, proxy)
-    # jobs 1 to 8, done and pending, for the generated requests to find, fetch and delete
-    for name in ("alice", "bob"):
-        for body in (None, b'{"query":"RETURN SLEEP(30)"}') * 2:
-            async with http.post(
-                proxy + "/_api/cursor",
-                headers={**USERS[name], "x-arango-async": "store"},
-                data=body,
-            ) as resp:
-                assert resp.status == 202
-                found.owner[resp.headers["x-arango-async-id"]] = name
-    found.jobs = await found.listed()
-    assert found.jobs == set(found.owner) == {str(n) for n in range(1, 9)}
+    await found.seed()
+    assert found.jobs == set(found.owner)
+    assert len(found.jobs) == 4
     return found
 
 
