@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict, MultiDict, MultiMapping
 
 from proxy.auth import arango_path
 from proxy.errors import (
@@ -105,6 +104,12 @@ def suffixes_of(raw_target: str) -> list[str] | None:
     return [part for part in path[match.end() :].split("/") if part]
 
 
+def _param(query: MultiMapping[str], name: str) -> str | None:
+    """A query parameter as ArangoDB reads it: of repeated ones, the last counts."""
+    values = query.getall(name, [])
+    return values[-1] if values else None
+
+
 def _bad_parameter() -> web.Response:
     return arango_error(400, ERROR_BAD_PARAMETER, "bad parameter")
 
@@ -154,7 +159,7 @@ async def answer(
     app: web.Application,
     method: str,
     suffixes: list[str],
-    query: Mapping[str, str],
+    query: MultiMapping[str],
     viewer: str | None,
 ) -> web.Response:
     try:
@@ -170,7 +175,7 @@ async def answer(
 
 
 async def _get(
-    app: web.Application, suffixes: list[str], query: Mapping[str, str], viewer: str | None
+    app: web.Application, suffixes: list[str], query: MultiMapping[str], viewer: str | None
 ) -> web.Response:
     if len(suffixes) != 1:
         return _bad_parameter()
@@ -183,7 +188,8 @@ async def _get(
         return _empty(200 if state is JobState.DONE else 204)
     if what not in ("done", "pending"):
         return _bad_parameter()
-    count = parse_uint64(query["count"]) if "count" in query else DEFAULT_COUNT
+    text = _param(query, "count")
+    count = DEFAULT_COUNT if text is None else parse_uint64(text)
     # ArangoDB appends before it compares with count, so 0 still lists one id.
     limit = min(max(count, 1), 2**62)
     ids = await store.list_ids(done=what == "done", viewer=viewer, limit=limit)
@@ -243,7 +249,7 @@ async def _cancel_upstream(app: web.Application, job: Job) -> web.Response:
 
 
 async def _delete(
-    app: web.Application, suffixes: list[str], query: Mapping[str, str], viewer: str | None
+    app: web.Application, suffixes: list[str], query: MultiMapping[str], viewer: str | None
 ) -> web.Response:
     if len(suffixes) != 1:
         return _bad_parameter()
@@ -252,9 +258,10 @@ async def _delete(
     if what == "all":
         await store.delete_all(viewer)
     elif what == "expired":
-        if "stamp" not in query:
+        stamp = _param(query, "stamp")
+        if stamp is None:
             return _bad_parameter()
-        await store.delete_expired(viewer, parse_stamp(query["stamp"]))
+        await store.delete_expired(viewer, parse_stamp(stamp))
     elif not await store.delete(parse_uint64(what), viewer):
         return _not_found()
     return _result_true()

@@ -348,7 +348,11 @@ async def odd_parameters(r: Recorder) -> None:
     for stamp in ("99999999999x", "%D9%A3%D9%A3", "%2099999999999", "9e9e9", "1.2.3", "+-1"):
         await r.call("DELETE", f"/_api/job/expired?stamp={stamp}")
         await r.call("GET", "/_api/job/done")
-    await r.call("DELETE", "/_api/job/expired?stamp=%2B9.9e10")
+    # repeated parameters: the last one counts (setValue overwrites)
+    await r.call("GET", "/_api/job/done?count=5&count=1", count_only=True)
+    await r.call("DELETE", "/_api/job/expired?stamp=9e10&stamp=0")
+    await r.call("GET", "/_api/job/done")
+    await r.call("DELETE", "/_api/job/expired?stamp=0&stamp=%2B9.9e10")
     await r.call("GET", "/_api/job/done")
 
 

@@ -44,8 +44,13 @@ class Call:
     def suffix(self, index: int) -> str:
         return unquote(self.suffixes[index])
 
+    def param(self, name: str) -> str | None:
+        """A query parameter; of repeated ones the last counts (`setValue` overwrites)."""
+        values = self.query.getall(name, [])
+        return values[-1] if values else None
+
     def flag(self, name: str, default: bool = False) -> bool:
-        value = self.query.get(name)
+        value = self.param(name)
         return default if value is None else boolean(value)
 
 
