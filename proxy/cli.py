@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from proxy.app import create_app, runner_options
 from proxy.config import Config, ConfigError, load_config
@@ -81,6 +82,19 @@ async def serve(config: Config) -> None:
         await runner.cleanup()
 
 
+def one_line_for_malformed_requests(record: logging.LogRecord) -> bool:
+    """aiohttp logs every request its parser refuses at ERROR, with a traceback: any
+    client could fill the log that way. Such a refusal (already answered 400) is one
+    WARNING line instead; real failures in handlers keep their traceback."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError):
+        record.args = (record.getMessage(), error.message)
+        record.msg = "%s: %s"
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -91,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("aiohttp.server").addFilter(one_line_for_malformed_requests)
     try:
         _run(serve(config))
     except ConfigError as exc:  # a TLS file that cannot be read or used

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import subprocess
@@ -77,3 +78,21 @@ def test_config_error_exits_1(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "arango-async-proxy: config error: server.listen: expected HOST:PORT, got 'nowhere'"
     )
+
+
+async def test_a_malformed_request_is_one_log_line(
+    proxy_process: Callable[..., ProxyProcess],
+) -> None:
+    """aiohttp would log it with a traceback at ERROR: a way to fill the log."""
+    proc = proxy_process("--upstream", f"http://127.0.0.1:{free_port()}")
+    host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+    writer.close()
+    assert proc.stop() == 0
+    logged = "".join(proc.output)
+    assert "Traceback" not in logged
+    [line] = [line for line in logged.splitlines() if "aiohttp.server" in line]
+    assert "WARNING" in line
+    assert "Error handling request from 127.0.0.1" in line
