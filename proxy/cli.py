@@ -15,6 +15,7 @@ from aiohttp import web
 
 from proxy.app import create_app, runner_options
 from proxy.config import Config, ConfigError, load_config
+from storage import StoreError
 
 log = logging.getLogger("arango_async_proxy")
 
@@ -54,8 +55,9 @@ async def serve(config: Config) -> None:
     """Serve until SIGTERM or SIGINT, then shut down in order."""
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, **runner_options(config))
-    await runner.setup()
     try:
+        # inside the try: parts started before a failing one (the store) are closed again
+        await runner.setup()
         site = web.TCPSite(runner, config.server.host, config.server.port)
         await site.start()
         stop = asyncio.Event()
@@ -85,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         _run(serve(config))
+    except ConfigError as exc:  # found only while starting (upstream.jwt_secret_file)
+        print(f"arango-async-proxy: config error: {exc}", file=sys.stderr)
+        return 1
+    except StoreError as exc:  # the data folder: not private, in use, not our database
+        log.error("cannot open the job store: %s", exc)  # noqa: TRY400
+        return 1
     except OSError as exc:
         # one line, no traceback: the cause (port in use, ...) is all an operator needs
         log.error("cannot serve on %s: %s", config.server.listen, exc.strerror or exc)  # noqa: TRY400

@@ -10,6 +10,10 @@ Visibility: the job facade's methods see only jobs in mode ``store``; a viewer o
 A job deleted while unfinished is *forgotten* (mode ``true``): it runs on, and
 ``finish`` deletes it instead of storing its result (the schema's trigger).
 
+Credentials and results that are wiped or deleted are zeroed in place
+(``secure_delete``) and, soon after, cleared from the -wal file as well (the
+writer's scrubbing checkpoint, ``storage.writer``).
+
 ``unfinished`` counts jobs in state accepted or submitted. It is kept in memory,
 read once at open, and changed only by the writer right after a commit, so it is
 exact even when a caller is cancelled while its write commits.
@@ -122,6 +126,11 @@ class JobStore:
         return self._writer.commits
 
     @property
+    def checkpoints(self) -> int:
+        """Checkpoints that cleared the -wal file of wiped data since open (storage.writer)."""
+        return self._writer.checkpoints
+
+    @property
     def unfinished(self) -> int:
         """Jobs in state accepted or submitted, forgotten ones included (they still run)."""
         return self._unfinished
@@ -226,8 +235,9 @@ class JobStore:
             states[0],
             states[-1],
         )
+        # scrubs: the wiped credentials must leave the -wal file too (storage.writer)
         changed = await self._write_count(
-            Statement(sql.FINISH, params), on_commit=self._finish_committed
+            Statement(sql.FINISH, params), on_commit=self._finish_committed, scrubs=True
         )
         return changed == 1
 
@@ -262,7 +272,9 @@ class JobStore:
         state = await self.state(job_id, viewer)
         if state is not JobState.DONE:
             return state
-        taken = await self._write_rows(Statement(sql.TAKE_RESULT, _by_id(job_id, viewer)))
+        taken = await self._write_rows(
+            Statement(sql.TAKE_RESULT, _by_id(job_id, viewer)), scrubs=True
+        )
         return rows.response_from_row(taken[0]) if taken else None
 
     async def list_ids(self, *, done: bool, viewer: str | None, limit: int) -> list[int]:
@@ -281,7 +293,7 @@ class JobStore:
             return False
         params = _by_id(job_id, viewer)
         changed = await self._write_count(
-            Statement(sql.DELETE_DONE_ONE, params), Statement(sql.FORGET_ONE, params)
+            Statement(sql.DELETE_DONE_ONE, params), Statement(sql.FORGET_ONE, params), scrubs=True
         )
         return changed > 0
 
@@ -289,7 +301,7 @@ class JobStore:
         """delete() for every visible job; returns how many were deleted or forgotten."""
         params = {"viewer": _viewer(viewer)}
         return await self._write_count(
-            Statement(sql.DELETE_DONE, params), Statement(sql.FORGET, params)
+            Statement(sql.DELETE_DONE, params), Statement(sql.FORGET, params), scrubs=True
         )
 
     async def delete_expired(self, viewer: str | None, stamp: float) -> int:
@@ -298,7 +310,9 @@ class JobStore:
         # float(): an int stamp beyond 64 bits must not fail the writer's whole batch.
         params = {"viewer": _viewer(viewer), "stamp": float(stamp)}
         return await self._write_count(
-            Statement(sql.DELETE_DONE_EXPIRED, params), Statement(sql.FORGET_EXPIRED, params)
+            Statement(sql.DELETE_DONE_EXPIRED, params),
+            Statement(sql.FORGET_EXPIRED, params),
+            scrubs=True,
         )
 
     # -- plumbing ----------------------------------------------------------------------
@@ -311,12 +325,17 @@ class JobStore:
         except sqlite3.Error as exc:
             raise StoreError(f"the job store could not read: {exc}") from exc
 
-    async def _write_count(self, *statements: Statement, on_commit: OnCommit | None = None) -> int:
-        future = self._writer.enqueue(*statements, want=Want.ROWCOUNT, on_commit=on_commit)
+    async def _write_count(
+        self, *statements: Statement, on_commit: OnCommit | None = None, scrubs: bool = False
+    ) -> int:
+        future = self._writer.enqueue(
+            *statements, want=Want.ROWCOUNT, on_commit=on_commit, scrubs=scrubs
+        )
         return cast(int, await future)
 
-    async def _write_rows(self, statement: Statement) -> list[Any]:
-        return cast(list[Any], await self._writer.enqueue(statement, want=Want.ROWS))
+    async def _write_rows(self, statement: Statement, *, scrubs: bool = False) -> list[Any]:
+        future = self._writer.enqueue(statement, want=Want.ROWS, scrubs=scrubs)
+        return cast(list[Any], await future)
 
 
 def _viewer(viewer: str | None) -> str | bytes | None:

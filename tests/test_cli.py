@@ -77,3 +77,31 @@ def test_config_error_exits_1(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "arango-async-proxy: config error: server.listen: expected HOST:PORT, got 'nowhere'"
     )
+
+
+def test_a_data_folder_others_can_write_exits_1(tmp_path: Path) -> None:
+    data = tmp_path / "shared"
+    data.mkdir()
+    data.chmod(0o777)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--data",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()  # one line, no traceback, nothing unclosed
+    assert line.endswith(
+        f"ERROR arango_async_proxy: cannot open the job store: the data folder {data} is "
+        f"writable by group or others (mode 0777); make it private, e.g. chmod 700 {data}"
+    )
+    assert not (data / "jobs.sqlite3").exists()
