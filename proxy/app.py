@@ -25,7 +25,8 @@ from proxy.dispatcher import Dispatcher
 from proxy.harvester import Harvester
 from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
-from proxy.state import CONFIG, DISPATCHER, METRICS, STORE, UPSTREAM, VERIFIER
+from proxy.state import CONFIG, CREDENTIALS, DISPATCHER, METRICS, STORE, UPSTREAM, VERIFIER
+from proxy.tokens import ClientCredentials, JobCredentials, SignedTokens
 from proxy.upstream import Upstream
 from storage import JobStore
 
@@ -69,13 +70,19 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
         dispatcher.wake()
 
     harvester = Harvester(
-        app[STORE], app[UPSTREAM], config.lost_job_policy, wake_dispatcher, app[METRICS]
+        app[STORE],
+        app[UPSTREAM],
+        app[CREDENTIALS],
+        policy=config.lost_job_policy,
+        wake_dispatcher=wake_dispatcher,
+        metrics=app[METRICS],
     )
     await harvester.load()
     dispatcher = Dispatcher(
         app,
         app[STORE],
         app[UPSTREAM],
+        app[CREDENTIALS],
         harvester,
         max_inflight=config.max_inflight,
         metrics=app[METRICS],
@@ -107,8 +114,14 @@ def runner_options(config: Config) -> dict[str, Any]:
 
 
 def create_app(config: Config) -> web.Application:
+    """The application; raises ConfigError if upstream.jwt_secret_file cannot be used."""
     app = web.Application(client_max_size=config.server.max_body_size)
     app[CONFIG] = config
+    secret_file = config.upstream.jwt_secret_file
+    credentials: JobCredentials = (
+        SignedTokens.from_file(secret_file) if secret_file else ClientCredentials()
+    )
+    app[CREDENTIALS] = credentials
     app[METRICS] = Counter()
     app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx])
     app.router.add_routes(

@@ -25,9 +25,8 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from multidict import CIMultiDict
-
 from proxy.errors import ERROR_INTERNAL, JSON_TYPE, UpstreamFailure, error_body
+from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream, end_to_end
 from storage import Job, JobState, JobStore, StoredResponse
 
@@ -42,13 +41,6 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # Not replayed from a stored response: recomputed, or added by the facade.
 _NOT_KEPT = ("content-length", "date", "x-arango-async-id")
-
-
-def auth_headers(auth: str | None) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    if auth is not None:
-        headers["Authorization"] = auth
-    return headers
 
 
 def stored_response(reply: Reply) -> StoredResponse:
@@ -68,10 +60,14 @@ def lost_response(upstream_id: str, policy: str) -> StoredResponse:
     )
 
 
+Owner = tuple[str, str | None]  # (user, stored Authorization): whose credentials
+
+
 @dataclass(frozen=True, slots=True)
 class Tracked:
     job_id: int
     upstream_id: str
+    user: str
     auth: str | None
     method: str
 
@@ -81,6 +77,8 @@ class Harvester:
         self,
         store: JobStore,
         upstream: Upstream,
+        credentials: JobCredentials,
+        *,
         policy: str,
         wake_dispatcher: Callable[[], None],
         metrics: Counter[str],
@@ -88,6 +86,7 @@ class Harvester:
         self._metrics = metrics
         self._store = store
         self._upstream = upstream
+        self._credentials = credentials
         self._policy = policy
         # called whenever a job leaves ArangoDB: a slot is free, or a job is back in line
         self._wake_dispatcher = wake_dispatcher
@@ -103,7 +102,7 @@ class Harvester:
         return len(self._jobs)
 
     def track(self, job: Job, upstream_id: str) -> None:
-        self._jobs[upstream_id] = Tracked(job.id, upstream_id, job.auth, job.method)
+        self._jobs[upstream_id] = Tracked(job.id, upstream_id, job.user, job.auth, job.method)
         self._youngest = time.monotonic()
         self._new.set()
 
@@ -128,21 +127,25 @@ class Harvester:
 
     async def tick(self) -> None:
         groups = self._by_credentials()
-        await asyncio.gather(*(self._harvest(auth, jobs) for auth, jobs in groups.items()))
+        await asyncio.gather(*(self._harvest(owner, jobs) for owner, jobs in groups.items()))
         if time.monotonic() - self._last_lost_check >= LOST_CHECK_INTERVAL:
             self._last_lost_check = time.monotonic()
-            await asyncio.gather(*(self._find_lost(auth, jobs) for auth, jobs in groups.items()))
+            await asyncio.gather(*(self._find_lost(owner, jobs) for owner, jobs in groups.items()))
 
-    def _by_credentials(self) -> dict[str | None, list[Tracked]]:
-        groups: dict[str | None, list[Tracked]] = defaultdict(list)
+    def _by_credentials(self) -> dict[Owner, list[Tracked]]:
+        # (user, stored header): the same header means the same user; with signed
+        # tokens nothing is stored, and each user is one group.
+        groups: dict[Owner, list[Tracked]] = defaultdict(list)
         for tracked in self._jobs.values():
-            groups[tracked.auth].append(tracked)
+            groups[tracked.user, tracked.auth].append(tracked)
         return groups
 
-    async def _list(self, auth: str | None, which: str, size: int) -> set[str] | None:
+    async def _list(self, owner: Owner, which: str, size: int) -> set[str] | None:
         try:
             reply = await self._upstream.call(
-                "GET", f"/_api/job/{which}?count={size + LIST_SLACK}", auth_headers(auth)
+                "GET",
+                f"/_api/job/{which}?count={size + LIST_SLACK}",
+                self._credentials.headers(*owner),
             )
         except UpstreamFailure as failure:
             log.debug("cannot list %s jobs: %s", which, failure.message)
@@ -152,15 +155,15 @@ class Harvester:
             return None
         return {str(uid) for uid in reply.json()}
 
-    async def _harvest(self, auth: str | None, jobs: list[Tracked]) -> None:
-        done = await self._list(auth, "done", len(jobs))
+    async def _harvest(self, owner: Owner, jobs: list[Tracked]) -> None:
+        done = await self._list(owner, "done", len(jobs))
         if done:
             await self._collect_all(t for t in jobs if t.upstream_id in done)
 
-    async def _find_lost(self, auth: str | None, jobs: list[Tracked]) -> None:
+    async def _find_lost(self, owner: Owner, jobs: list[Tracked]) -> None:
         # pending first: a job that finishes in between then shows up as done
-        pending = await self._list(auth, "pending", len(jobs))
-        done = await self._list(auth, "done", len(jobs))
+        pending = await self._list(owner, "pending", len(jobs))
+        done = await self._list(owner, "done", len(jobs))
         if pending is None or done is None:
             return
         missing = [t for t in jobs if t.upstream_id not in pending | done]
@@ -173,7 +176,9 @@ class Harvester:
         async with self._fetching:
             try:
                 reply = await self._upstream.call(
-                    "PUT", f"/_api/job/{tracked.upstream_id}", auth_headers(tracked.auth)
+                    "PUT",
+                    f"/_api/job/{tracked.upstream_id}",
+                    self._credentials.headers(tracked.user, tracked.auth),
                 )
             except UpstreamFailure as failure:
                 log.debug("cannot fetch job %d: %s", tracked.job_id, failure.message)

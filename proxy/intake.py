@@ -25,7 +25,7 @@ from aiohttp import web
 from proxy.auth import Caller
 from proxy.errors import ERROR_QUEUE_FULL, ERROR_SERVICE_UNAVAILABLE, arango_error
 from proxy.passthrough import forwarded_headers
-from proxy.state import CONFIG, DISPATCHER, METRICS, STORE, VERIFIER
+from proxy.state import CONFIG, CREDENTIALS, DISPATCHER, METRICS, STORE, VERIFIER
 from storage import CapacityExceeded, JobMode, NewJob, StoreError
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,9 @@ ERROR_REQUEST_TIMEOUT = 408
 ERROR_TOO_LARGE = 413
 
 # Not stored with the job: the dispatcher sets its own async header, the
-# credentials live in their own column (wiped when done), and aiohttp
-# computes the length of the stored body.
+# credentials live in their own column (wiped when done, or never stored at
+# all with upstream.jwt_secret_file), and aiohttp computes the length of the
+# stored body.
 _NOT_STORED = (ASYNC_HEADER, "authorization", "content-length", "expect")
 
 
@@ -99,7 +100,8 @@ async def accept(request: web.Request, mode: JobMode, caller: Caller, body: byte
         method=request.method,
         target=request.raw_path,
         headers=tuple(headers.items()),
-        auth=caller.authorization,
+        # None when the proxy signs its own tokens (upstream.jwt_secret_file)
+        auth=request.app[CREDENTIALS].to_store(caller.authorization),
         body=body,
         created=time.time(),
     )
