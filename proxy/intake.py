@@ -8,6 +8,7 @@ client that hangs up cannot abort it half-way.
 Refusals, all in ArangoDB's error shape::
 
     credentials refused ─▶ ArangoDB's own 401/11 or 404/1228
+    JWT with allowed_paths, upstream.jwt_secret_file set ─▶ 403/11
     ArangoDB unreachable, credentials not known ─▶ 503
     body over server.max_body_size ─▶ 413      body too slow ─▶ 408
     jobs.capacity unfinished jobs ─▶ 503/21003 "queue is full"
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ASYNC_HEADER = "x-arango-async"
 ASYNC_ID_HEADER = "x-arango-async-id"
+ERROR_FORBIDDEN = 11  # ArangoDB's TRI_ERROR_FORBIDDEN
 ERROR_REQUEST_TIMEOUT = 408
 ERROR_TOO_LARGE = 413
 
@@ -83,6 +85,14 @@ async def intake(request: web.Request, mode: JobMode) -> web.Response:
     verified = await request.app[VERIFIER].caller(request)
     if isinstance(verified, web.Response):
         return verified
+    if not request.app[CREDENTIALS].can_act_for(verified.authorization):
+        return arango_error(
+            403,
+            ERROR_FORBIDDEN,
+            "the proxy signs its own tokens (upstream.jwt_secret_file) and cannot keep a "
+            "token's allowed_paths limit; send this request without x-arango-async",
+            handler=False,
+        )
     body = await read_body(request)
     if isinstance(body, web.Response):
         return body

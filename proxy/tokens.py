@@ -54,6 +54,9 @@ def auth_headers(authorization: str | None) -> CIMultiDict[str]:
 
 
 class JobCredentials(Protocol):
+    def can_act_for(self, authorization: str | None) -> bool:
+        """Whether jobs of this verified caller can be sent with these credentials."""
+
     def to_store(self, authorization: str | None) -> str | None:
         """What the job store keeps of a verified caller's Authorization header."""
 
@@ -63,6 +66,9 @@ class JobCredentials(Protocol):
 
 class ClientCredentials:
     """Replay the caller's own header (kept with the job only until it is done)."""
+
+    def can_act_for(self, authorization: str | None) -> bool:
+        return True
 
     def to_store(self, authorization: str | None) -> str | None:
         return authorization
@@ -97,6 +103,11 @@ class SignedTokens:
             log.warning("%s: %s can be read by others; chmod 600 it", setting, path)
         return cls(secret)
 
+    def can_act_for(self, authorization: str | None) -> bool:
+        # ArangoDB limits a token with allowed_paths to those paths; a token the
+        # proxy signed would not be limited, so such a caller's jobs are refused.
+        return not _has_allowed_paths(authorization)
+
     def to_store(self, authorization: str | None) -> str | None:
         return None
 
@@ -120,6 +131,18 @@ class SignedTokens:
         token = sign(self._secret, claims)
         self._tokens[user] = (token, issued + TOKEN_LIFETIME)
         return token
+
+
+def _has_allowed_paths(authorization: str | None) -> bool:
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    try:
+        payload = token.strip().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, IndexError):
+        return False  # ArangoDB accepted it, so this cannot happen; nothing to limit
+    return isinstance(claims, dict) and "allowed_paths" in claims
 
 
 def _b64url(raw: bytes) -> str:

@@ -259,3 +259,25 @@ def test_an_unusable_secret_file_is_a_config_error(
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("arango-async-proxy: config error: upstream.jwt_secret_file: ")
     assert not (tmp_path / "data").exists()  # nothing started
+
+
+async def test_tokens_limited_by_allowed_paths_are_not_queued_with_signed_tokens(
+    jwt_standin: StandIn, serve_app: Serve, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    limited = bearer({"server_id": "x", "allowed_paths": ["/_db/_system/_api/version"]})
+    secret_file = write_secret(tmp_path)
+    signing = Client(
+        http,
+        await start(serve_app, jwt_standin.url, tmp_path / "a", jwt_secret_file=str(secret_file)),
+    )
+    answer = await signing.call(
+        "GET", "/_api/version", headers={"x-arango-async": "store"}, user=limited
+    )
+    assert (answer.status, answer.json["errorNum"], answer.async_id) == (403, 11, None)
+    assert "allowed_paths" in answer.json["errorMessage"]
+    assert (await signing.call("GET", "/_api/job/pending", user=limited)).json == []
+    # ordinary tokens are fine; with the caller's own header replayed, so is this one
+    assert await signing.submit("GET", "/_api/version", user=bearer({"server_id": "x"}))
+    replaying = Client(http, await start(serve_app, jwt_standin.url, tmp_path / "b"))
+    job = await replaying.submit("GET", "/_api/version", user=limited)
+    assert (await replaying.result(job, user=limited)).status == 200
