@@ -1,7 +1,11 @@
 """Harvester: notices jobs ArangoDB finished, fetches their results, stores them.
 
 Cheap noticing: one ``GET /_api/job/done`` per distinct credential per tick
-(ArangoDB lists only the caller's own jobs), never one request per job. The
+(ArangoDB lists only the caller's own jobs), never one request per job; the
+credentials come from ``proxy.tokens`` (the caller's stored header, or a token
+signed for the job's user). A list refused with 401/403 means the credentials
+no longer work: each of those jobs is fetched, and ArangoDB's refusal becomes
+its result. The
 tick follows the age of the youngest job at ArangoDB (a twentieth of it,
 between 5 ms and 0.5 s), so a short job's result is noticed within a few
 milliseconds while long-running jobs cost a couple of requests a second.
@@ -58,6 +62,10 @@ def lost_response(upstream_id: str, policy: str) -> StoredResponse:
         (("Content-Type", JSON_TYPE),),
         error_body(500, ERROR_INTERNAL, message),
     )
+
+
+class _Refused(Exception):
+    """ArangoDB refused the credentials a job list was asked with (401/403)."""
 
 
 Owner = tuple[str, str | None]  # (user, stored Authorization): whose credentials
@@ -150,20 +158,31 @@ class Harvester:
         except UpstreamFailure as failure:
             log.debug("cannot list %s jobs: %s", which, failure.message)
             return None
+        if reply.status in (401, 403):
+            raise _Refused
         if reply.status != 200:
             log.warning("listing %s jobs at ArangoDB gave %d", which, reply.status)
             return None
         return {str(uid) for uid in reply.json()}
 
     async def _harvest(self, owner: Owner, jobs: list[Tracked]) -> None:
-        done = await self._list(owner, "done", len(jobs))
+        try:
+            done = await self._list(owner, "done", len(jobs))
+        except _Refused:
+            # The credentials no longer work (password changed, token expired, user
+            # gone): fetching each job gets ArangoDB's refusal, which becomes its result.
+            await self._collect_all(jobs)
+            return
         if done:
             await self._collect_all(t for t in jobs if t.upstream_id in done)
 
     async def _find_lost(self, owner: Owner, jobs: list[Tracked]) -> None:
         # pending first: a job that finishes in between then shows up as done
-        pending = await self._list(owner, "pending", len(jobs))
-        done = await self._list(owner, "done", len(jobs))
+        try:
+            pending = await self._list(owner, "pending", len(jobs))
+            done = await self._list(owner, "done", len(jobs))
+        except _Refused:
+            return  # _harvest ends these jobs
         if pending is None or done is None:
             return
         missing = [t for t in jobs if t.upstream_id not in pending | done]

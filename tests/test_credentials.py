@@ -27,7 +27,7 @@ from tests.conftest import proxy_config
 from tests.processes import free_port
 from tests.standin import StandIn, make_jwt
 from tests.standin.auth import Authenticator
-from tests.standin.client import ALICE, BOB, Client, eventually
+from tests.standin.client import ALICE, BOB, Client, basic, eventually
 from tests.standin.pytest_plugin import StandInFactory
 
 SECRET = "the-deployment-jwt-secret"
@@ -281,3 +281,16 @@ async def test_tokens_limited_by_allowed_paths_are_not_queued_with_signed_tokens
     replaying = Client(http, await start(serve_app, jwt_standin.url, tmp_path / "b"))
     job = await replaying.submit("GET", "/_api/version", user=limited)
     assert (await replaying.result(job, user=limited)).status == 200
+
+
+async def test_jobs_whose_credentials_stop_working_end_with_arangodbs_refusal(
+    standin: StandIn, serve_app: Serve, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    client = Client(http, await start(serve_app, standin.url, tmp_path / "data"))
+    job = await client.submit("POST", "/_api/cursor", body=SLOW, user=ALICE)
+    await eventually(lambda: len(standin.jobs.entries) == 1, 15)  # running at ArangoDB
+    standin.authenticator.users["alice"] = "changed"  # the operator changes her password
+    renewed = basic("alice", "changed")
+    answer = await client.result(job, user=renewed)  # not stuck until ArangoDB forgets it
+    assert (answer.status, answer.json["errorNum"]) == (401, 11)
+    assert (await client.call("GET", "/_api/job/pending", user=renewed)).json == []
