@@ -294,3 +294,19 @@ async def test_jobs_whose_credentials_stop_working_end_with_arangodbs_refusal(
     answer = await client.result(job, user=renewed)  # not stuck until ArangoDB forgets it
     assert (answer.status, answer.json["errorNum"]) == (401, 11)
     assert (await client.call("GET", "/_api/job/pending", user=renewed)).json == []
+
+
+@pytest.mark.parametrize(
+    ("authorization", "allowed"),
+    [
+        (None, True),
+        ("Basic YWxpY2U6YWxpY2Vwdw==", True),
+        (bearer({"server_id": "x"})["authorization"], True),
+        (bearer({"server_id": "x", "allowed_paths": ["/_api/version"]})["authorization"], False),
+        ("Bearer not-a-jwt", True),  # ArangoDB refuses it first; nothing to limit
+    ],
+)
+def test_which_callers_signed_tokens_can_act_for(authorization: str | None, allowed: bool) -> None:
+    assert SignedTokens(b"s").can_act_for(authorization) is allowed
+    with pytest.raises(ValueError, match="must not be empty"):
+        SignedTokens(b"")
