@@ -2,10 +2,12 @@
 
     python bench/accept.py [--clients 64] [--seconds 5]
 
-Baseline, measured in the same run: the disk's own rate of single-row SQLite
-commits (WAL, synchronous=FULL), i.e. what one-commit-per-request would give.
-The proxy runs for real with dispatcher and harvester busy behind it (the
-stand-in executes every job), and synchronous=FULL.
+Baselines, measured in the same run: the disk's own rate of single-row SQLite
+commits (WAL, synchronous=FULL), i.e. what one-commit-per-request would give;
+and a bare aiohttp server whose handler only answers 202 (bench/bare.py), the
+most any aiohttp process serves on this machine. The proxy runs for real with
+dispatcher and harvester busy behind it (the stand-in executes every job), and
+synchronous=FULL.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sqlite3
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import ProxyProcess, StandInProcess, load
+from common import Load, ProxyProcess, ServerProcess, StandInProcess, free_port, load
 
 
 def single_commit_rate(folder: Path, seconds: float) -> float:
@@ -40,6 +43,17 @@ def single_commit_rate(folder: Path, seconds: float) -> float:
     return commits / elapsed
 
 
+async def accepts(url: str, clients: int, seconds: float) -> Load:
+    return await load(
+        url + "/_api/version",
+        method="PUT",
+        headers={"x-arango-async": "store"},
+        expect=202,
+        clients=clients,
+        seconds=seconds,
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=64)
@@ -48,24 +62,27 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         folder = Path(tmp)
         fsync_rate = single_commit_rate(folder, args.seconds)
+        bare_server = ServerProcess.run(
+            [sys.executable, str(Path(__file__).with_name("bare.py")), str(free_port())]
+        )
+        try:
+            bare = await accepts(bare_server.url, args.clients, args.seconds)
+        finally:
+            bare_server.stop()
         standin = StandInProcess.start("--no-auth", "--workers", "4", "--queue-size", "4096")
         proxy = ProxyProcess.start("--upstream", standin.url, data=folder / "data")
         try:
-            accepts = await load(
-                proxy.url + "/_api/version",
-                method="PUT",
-                headers={"x-arango-async": "store"},
-                expect=202,
-                clients=args.clients,
-                seconds=args.seconds,
-            )
+            durable = await accepts(proxy.url, args.clients, args.seconds)
         finally:
             proxy.stop()
             standin.stop()
     print(f"durable accepts (synchronous=FULL), {args.clients} concurrent clients")
     print(f"{'disk single-commit rate':<28} {fsync_rate:>10.0f}/s")
-    print(accepts.row("proxy accepts (202)"))
-    print(f"ratio accepts / single-commit rate: {accepts.rate / fsync_rate:.2f}")
+    print(bare.row("bare aiohttp 202 handler"))
+    print(durable.row("proxy accepts (202)"))
+    print(f"ratio accepts / single-commit rate: {durable.rate / fsync_rate:.2f}")
+    print(f"ratio bare aiohttp / single-commit rate (ceiling): {bare.rate / fsync_rate:.2f}")
+    print(f"ratio accepts / bare aiohttp: {durable.rate / bare.rate:.2f}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.processes import ProxyProcess, StandInProcess  # noqa: E402
+from tests.processes import ProxyProcess, ServerProcess, StandInProcess, free_port  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -137,4 +137,13 @@ async def load(
     return await closed_loop(call, clients=clients, seconds=seconds)
 
 
-__all__ = ["Load", "ProxyProcess", "StandInProcess", "closed_loop", "load", "wrk"]
+__all__ = [
+    "Load",
+    "ProxyProcess",
+    "ServerProcess",
+    "StandInProcess",
+    "closed_loop",
+    "free_port",
+    "load",
+    "wrk",
+]

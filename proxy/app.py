@@ -42,9 +42,8 @@ async def front(request: web.Request) -> web.StreamResponse:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    upstream = Upstream(app[CONFIG].upstream)
+    upstream = app[UPSTREAM]
     await upstream.start()
-    app[UPSTREAM] = upstream
     app[VERIFIER] = Verifier(upstream, app[CONFIG].jobs.auth_cache_ttl)
     yield
     await upstream.close()
@@ -114,9 +113,12 @@ def runner_options(config: Config) -> dict[str, Any]:
 
 
 def create_app(config: Config) -> web.Application:
-    """The application; raises ConfigError if upstream.jwt_secret_file cannot be used."""
+    """Raises `ConfigError` when `upstream.ca_file` or `upstream.jwt_secret_file`
+    cannot be used."""
     app = web.Application(client_max_size=config.server.max_body_size)
     app[CONFIG] = config
+    # built here, not at start-up, so a bad CA or secret file stops the command at once
+    app[UPSTREAM] = Upstream(config.upstream)
     secret_file = config.upstream.jwt_secret_file
     credentials: JobCredentials = (
         SignedTokens.from_file(secret_file) if secret_file else ClientCredentials()

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from proxy.app import create_app, runner_options
 from proxy.config import Config, ConfigError, load_config
+from proxy.tls import server_context
 from storage import StoreError
 
 log = logging.getLogger("arango_async_proxy")
@@ -52,22 +53,30 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 async def serve(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down in order."""
+    """Serve until SIGTERM or SIGINT, then shut down in order.
+
+    TLS files are read first: a `ConfigError` from them stops the command
+    before the store is opened or the port taken.
+    """
+    ssl_context = server_context(config.server)
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, **runner_options(config))
     try:
         # inside the try: parts started before a failing one (the store) are closed again
         await runner.setup()
-        site = web.TCPSite(runner, config.server.host, config.server.port)
+        site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context)
         await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        scheme = "http" if ssl_context is None else "https"
         for address in runner.addresses:
             host, port = address[0], address[1]
             shown = f"[{host}]" if ":" in host else host
-            log.info("listening on http://%s:%d, upstream %s", shown, port, config.upstream.url)
+            log.info(
+                "listening on %s://%s:%d, upstream %s", scheme, shown, port, config.upstream.url
+            )
         await stop.wait()
         log.info("stopping")
     finally:
@@ -79,17 +88,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except ConfigError as exc:
-        print(f"arango-async-proxy: config error: {exc}", file=sys.stderr)
-        return 1
+        return _config_error(exc)
     logging.basicConfig(
         level=config.log.level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
         _run(serve(config))
-    except ConfigError as exc:  # found only while starting (upstream.jwt_secret_file)
-        print(f"arango-async-proxy: config error: {exc}", file=sys.stderr)
-        return 1
+    except ConfigError as exc:  # a TLS or JWT secret file that cannot be read or used
+        return _config_error(exc)
     except StoreError as exc:  # the data folder: not private, in use, not our database
         log.error("cannot open the job store: %s", exc)  # noqa: TRY400
         return 1
@@ -98,6 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("cannot serve on %s: %s", config.server.listen, exc.strerror or exc)  # noqa: TRY400
         return 1
     return 0
+
+
+def _config_error(exc: ConfigError) -> int:
+    print(f"arango-async-proxy: config error: {exc}", file=sys.stderr)
+    return 1
 
 
 def _run(main_coroutine: Coroutine[Any, Any, None]) -> None:

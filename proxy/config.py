@@ -34,6 +34,10 @@ class ServerConfig:
     body_timeout: float = 60.0
     # Largest body accepted for an async job (413 beyond it).
     max_body_size: int = 64 * 1024 * 1024
+    # PEM certificate (chain) and private key: both set, the proxy serves TLS
+    # only; both empty, plain HTTP.
+    tls_cert: str = ""
+    tls_key: str = ""
 
     @property
     def host(self) -> str:
@@ -56,6 +60,9 @@ class UpstreamConfig:
     # set, the proxy stores no client credentials at all: it signs a short-lived
     # token for a job's user whenever it talks to ArangoDB about that job.
     jwt_secret_file: str = ""
+    # PEM bundle of the CAs that may sign an https:// upstream's certificate;
+    # empty: the system's trust store. Verification is never turned off.
+    ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,13 @@ def _validate(config: Config) -> None:
     _one_of("log.level", config.log.level, LOG_LEVELS)
     _one_of("storage.synchronous", config.storage.synchronous, SYNCHRONOUS)
     _one_of("jobs.lost_job_policy", config.jobs.lost_job_policy, LOST_JOB_POLICIES)
+    server = config.server
+    if bool(server.tls_cert) != bool(server.tls_key):
+        have, missing = ("tls_cert", "tls_key") if server.tls_cert else ("tls_key", "tls_cert")
+        raise ConfigError(
+            f"server.{missing}: expected a PEM file path, since server.{have} is set"
+            " (TLS needs both or neither)"
+        )
     if not config.storage.data:
         raise ConfigError("storage.data: expected a folder path, got an empty string")
 

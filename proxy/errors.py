@@ -9,6 +9,8 @@ reproduced so the facade's bodies equal ArangoDB's byte for byte.
 Upstream failures (``upstream_failure``)::
 
     asyncio.TimeoutError / ServerTimeoutError ─▶ 504, errorNum 504
+    ClientConnectorCertificateError           ─▶ 503, "certificate could not be verified"
+    ClientSSLError (other TLS handshake)      ─▶ 503, "TLS handshake ... failed"
     any other aiohttp.ClientError / OSError    ─▶ 503, errorNum 503
 """
 
@@ -79,6 +81,22 @@ def upstream_failure(exc: BaseException, upstream: str) -> UpstreamFailure:
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamFailure(
             504, ERROR_GATEWAY_TIMEOUT, f"upstream ArangoDB at {upstream} did not answer in time"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cause = exc.certificate_error
+        detail = getattr(cause, "verify_message", None) or str(cause) or type(cause).__name__
+        return UpstreamFailure(
+            503,
+            ERROR_SERVICE_UNAVAILABLE,
+            f"upstream ArangoDB at {upstream}: its TLS certificate could not be verified"
+            f" ({detail})",
+        )
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return UpstreamFailure(
+            503,
+            ERROR_SERVICE_UNAVAILABLE,
+            f"upstream ArangoDB at {upstream}: the TLS handshake failed"
+            f" ({exc.strerror or exc}); does it serve TLS on that port?",
         )
     reason = str(exc) or type(exc).__name__
     return UpstreamFailure(

@@ -23,6 +23,7 @@ job (it restarted), and ``jobs.lost_job_policy`` decides::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 POLL_MIN = 0.005
 POLL_MAX = 0.5
+NEW_JOB_DELAY = POLL_MIN
 LOST_CHECK_INTERVAL = 1.0
 LIST_SLACK = 1000  # other clients of the same user may have results waiting too
 FETCH_CONCURRENCY = 32
@@ -130,8 +132,17 @@ class Harvester:
             except Exception:
                 log.exception("harvest tick failed; trying again")
                 await asyncio.sleep(POLL_MAX)
-            age = time.monotonic() - self._youngest
-            await asyncio.sleep(min(POLL_MAX, max(POLL_MIN, age / 20)))
+            await self._pause()
+
+    async def _pause(self) -> None:
+        """Until the next tick: a twentieth of the youngest job's age, or soon after a new
+        job arrives (long-running jobs must not make a short one wait POLL_MAX)."""
+        self._new.clear()
+        age = time.monotonic() - self._youngest
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(POLL_MAX, max(POLL_MIN, age / 20))):
+                await self._new.wait()
+                await asyncio.sleep(NEW_JOB_DELAY)  # it needs a moment to run anyway
 
     async def tick(self) -> None:
         groups = self._by_credentials()
@@ -160,10 +171,11 @@ class Harvester:
             return None
         if reply.status in (401, 403):
             raise _Refused
-        if reply.status != 200:
-            log.warning("listing %s jobs at ArangoDB gave %d", which, reply.status)
-            return None
-        return {str(uid) for uid in reply.json()}
+        if reply.status == 200:
+            with contextlib.suppress(ValueError, TypeError):  # not ArangoDB's list of ids
+                return {str(uid) for uid in reply.json()}
+        log.warning("listing %s jobs at ArangoDB gave %d, no list of ids", which, reply.status)
+        return None
 
     async def _harvest(self, owner: Owner, jobs: list[Tracked]) -> None:
         try:

@@ -29,7 +29,12 @@ def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
     peer = request.remote or ""
     previous = headers.popall("X-Forwarded-For", [])
     headers["X-Forwarded-For"] = ", ".join([*previous, peer])
-    headers.setdefault("X-Forwarded-Proto", request.scheme)
+    if request.secure:
+        # a TLS connection is proof of https: a client cannot claim otherwise
+        headers["X-Forwarded-Proto"] = "https"
+    else:
+        # a plain hop may sit behind a TLS-terminating balancer that said https
+        headers.setdefault("X-Forwarded-Proto", "http")
     if request.host:
         headers.setdefault("X-Forwarded-Host", request.host)
     return headers

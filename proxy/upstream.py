@@ -2,7 +2,9 @@
 
 Everything that talks to ArangoDB (pass-through, credential checks,
 dispatcher, harvester) goes through `Upstream`, so transport errors are
-mapped to ArangoDB-shaped errors in one place (`proxy.errors`).
+mapped to ArangoDB-shaped errors in one place (`proxy.errors`). For an
+https:// upstream the session verifies ArangoDB's certificate with the one
+TLS context built in `__init__` (`proxy.tls`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from yarl import URL
 
 from proxy.config import UpstreamConfig
 from proxy.errors import upstream_failure
+from proxy.tls import client_context
 
 # RFC 9110 §7.6.1 plus the non-standard ones proxies traditionally drop.
 HOP_BY_HOP = frozenset(
@@ -66,8 +69,10 @@ class Reply:
 
 class Upstream:
     def __init__(self, config: UpstreamConfig) -> None:
+        """Raises `ConfigError` when `upstream.ca_file` cannot be used."""
         self.config = config
         self.base = config.url.rstrip("/")
+        self._ssl = client_context(config)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -77,7 +82,10 @@ class Upstream:
             sock_read=self.config.request_timeout,
         )
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.config.pool_size),
+            connector=aiohttp.TCPConnector(
+                limit=self.config.pool_size,
+                ssl=True if self._ssl is None else self._ssl,
+            ),
             timeout=timeout,
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),

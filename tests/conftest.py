@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from proxy.app import create_app, runner_options
 from proxy.config import Config, load_config
+from proxy.tls import server_context
 from tests.processes import ProxyProcess
 
 pytest_plugins = ["tests.standin.pytest_plugin"]
@@ -21,17 +23,22 @@ ProxyFactory = Callable[..., Awaitable[str]]
 
 @pytest.fixture
 async def serve_app() -> AsyncIterator[Callable[..., Awaitable[str]]]:
-    """Start any aiohttp application on an ephemeral port, as the CLI runs it; its URL."""
+    """Start any aiohttp application on an ephemeral port, as the CLI runs it; its URL.
+
+    With `ssl_context` it serves TLS only, and the URL is https://.
+    """
     runners: list[web.AppRunner] = []
 
-    async def start(app: web.Application, **runner_kwargs: Any) -> str:
+    async def start(
+        app: web.Application, *, ssl_context: ssl.SSLContext | None = None, **runner_kwargs: Any
+    ) -> str:
         runner = web.AppRunner(app, handle_signals=False, **runner_kwargs)
         await runner.setup()
         runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
         host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
+        return f"{'http' if ssl_context is None else 'https'}://{host}:{port}"
 
     yield start
     for runner in reversed(runners):
@@ -48,7 +55,10 @@ def proxy_config(upstream: str, data: Path, /, **sections: dict[str, Any]) -> Co
 
 @pytest.fixture
 async def start_proxy(serve_app: Callable[..., Awaitable[str]], tmp_path: Path) -> ProxyFactory:
-    """Start the proxy in-process in front of `upstream`; returns its base URL."""
+    """Start the proxy in-process in front of `upstream`; returns its base URL.
+
+    `server={"tls_cert": ..., "tls_key": ...}` makes it serve TLS, as the CLI does.
+    """
 
     started = 0
 
@@ -56,7 +66,9 @@ async def start_proxy(serve_app: Callable[..., Awaitable[str]], tmp_path: Path) 
         nonlocal started
         started += 1  # each proxy its own data folder (a folder serves one store)
         config = proxy_config(upstream, tmp_path / f"proxy-data-{started}", **sections)
-        return await serve_app(create_app(config), **runner_options(config))
+        return await serve_app(
+            create_app(config), ssl_context=server_context(config.server), **runner_options(config)
+        )
 
     return start
 

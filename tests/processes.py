@@ -1,6 +1,6 @@
 """Real processes for tests and benchmarks: the proxy's own command and the stand-in.
 
-Both print one "listening on http://HOST:PORT" line when they serve; `start`
+Both print one "listening on http(s)://HOST:PORT" line when they serve; `start`
 waits for it. Crash tests use `kill()` (SIGKILL) and start again on the same data.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-LISTENING = re.compile(r"listening on (http://[^\s,]+)")
+LISTENING = re.compile(r"listening on (https?://[^\s,]+)")
 
 
 def free_port() -> int:

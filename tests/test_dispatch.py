@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.conftest import ProxyFactory
+from proxy import harvester
+from proxy.app import create_app, runner_options
+from proxy.state import METRICS, STORE
+from storage import Job, StoreError
+from tests.conftest import ProxyFactory, proxy_config
 from tests.processes import free_port
 from tests.standin import StandIn
 from tests.standin.client import ROOT, Client
@@ -82,7 +87,8 @@ class FakeArango:
     def __init__(self) -> None:
         self.seen: list[tuple[str, str]] = []
         self.submit_reply: Callable[[], Awaitable[web.Response]] = self._accepted
-        self.fetch_reply: Callable[[str], web.Response] = self._result
+        self.fetch_reply: Callable[[str], Awaitable[web.Response]] = self._result
+        self.list_reply: Callable[[str], web.Response] = self._list
         self.release = asyncio.Event()
         self.release.set()
         self._next = 900
@@ -92,19 +98,21 @@ class FakeArango:
         self._next += 1
         return web.Response(status=202, headers={"x-arango-async-id": str(self._next)})
 
-    def _result(self, upstream_id: str) -> web.Response:
+    async def _result(self, upstream_id: str) -> web.Response:
         return web.json_response({"ok": upstream_id}, headers={"x-arango-async-id": upstream_id})
+
+    def _list(self, which: str) -> web.Response:
+        done = [str(i) for i in range(901, self._next + 1)]
+        return web.json_response(done if which == "done" else [])
 
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append((request.method, request.path))
         if request.path.endswith("/_api/version") and "x-arango-async" not in request.headers:
             return web.json_response({"server": "arango", "version": "3.12.4"})
-        if request.path == "/_api/job/done":
-            return web.json_response([str(i) for i in range(901, self._next + 1)])
-        if request.path == "/_api/job/pending":
-            return web.json_response([])
+        if request.path in ("/_api/job/done", "/_api/job/pending"):
+            return self.list_reply(request.path.rsplit("/", 1)[1])
         if request.method == "PUT" and request.path.startswith("/_api/job/"):
-            return self.fetch_reply(request.path.split("/")[3])
+            return await self.fetch_reply(request.path.split("/")[3])
         return await self.submit_reply()
 
     def app(self) -> web.Application:
@@ -183,7 +191,7 @@ async def test_refused_harvest_becomes_the_result(
 ) -> None:
     upstream, url = fake
 
-    def refused(upstream_id: str) -> web.Response:
+    async def refused(upstream_id: str) -> web.Response:
         body: dict[str, Any] = {
             "error": True,
             "errorNum": 11,
@@ -219,3 +227,123 @@ async def test_never_more_than_max_inflight_at_arangodb(
     assert most == 3  # reached, never passed
     for job_id in ids:
         assert (await jobs.result(job_id)).status == 201
+
+
+async def test_failing_lists_and_fetches_only_delay_the_harvest(
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """Lists that fail (500, then a body that is not ArangoDB's) and a fetch that
+    times out: the job stays submitted, and its result arrives once ArangoDB answers."""
+    upstream, url = fake
+    list_failures = ["500", "garbage", "500", "garbage"]
+    slow_fetches = 1
+
+    def flaky_list(which: str) -> web.Response:
+        if list_failures:
+            kind = list_failures.pop(0)
+            if kind == "500":
+                return web.json_response({"error": True, "code": 500}, status=500)
+            return web.Response(status=200, text="<html>not json</html>")
+        return upstream._list(which)
+
+    async def slow_then_result(upstream_id: str) -> web.Response:
+        nonlocal slow_fetches
+        if slow_fetches:
+            slow_fetches -= 1
+            await asyncio.sleep(1.0)  # beyond upstream.request_timeout: a 504 inside
+        return await upstream._result(upstream_id)
+
+    upstream.list_reply = flaky_list
+    upstream.fetch_reply = slow_then_result
+    jobs = Client(http, await start_proxy(url, upstream={"request_timeout": 0.2}))
+    answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
+    assert (answer.status, answer.json) == (200, {"ok": "901"})
+    assert (list_failures, slow_fetches) == ([], 0)
+    assert upstream.seen.count(("PUT", "/_api/job/901")) == 2
+
+
+async def test_store_read_failure_in_dispatcher_is_retried(
+    standin: StandIn,
+    serve_app: Callable[..., Awaitable[str]],
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A read error cannot be produced on demand in SQLite: the store's method
+    fails (mock) twice, then works; the dispatcher backs off and goes on."""
+    config = proxy_config(standin.url, tmp_path / "data")
+    app = create_app(config)
+    base = await serve_app(app, **runner_options(config))
+    store = app[STORE]
+    real = store.next_accepted
+    failures = 2
+
+    async def failing(limit: int, exclude: Collection[int] = ()) -> list[Job]:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StoreError("disk I/O error (injected)")
+        return await real(limit, exclude)
+
+    monkeypatch.setattr(store, "next_accepted", failing)
+    jobs = Client(http, base)
+    answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
+    assert answer.status == 200
+    assert failures == 0
+    assert app[METRICS]["submit_retries_total"] >= 2
+
+
+async def test_unexpected_error_while_submitting_keeps_the_job(
+    standin: StandIn,
+    serve_app: Callable[..., Awaitable[str]],
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failing write after ArangoDB took the job (mocked: SQLite cannot be made
+    to fail one statement on demand) leaves it accepted; it is sent again."""
+    config = proxy_config(standin.url, tmp_path / "data")
+    app = create_app(config)
+    base = await serve_app(app, **runner_options(config))
+    store = app[STORE]
+    real = store.mark_submitted
+    failures = 1
+
+    async def failing(job_id: int, upstream_id: str) -> bool:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StoreError("database or disk is full (injected)")
+        return await real(job_id, upstream_id)
+
+    monkeypatch.setattr(store, "mark_submitted", failing)
+    jobs = Client(http, base)
+    answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
+    assert answer.status == 200
+    assert failures == 0
+    assert (await store.state(1, None)) is None  # fetched: gone
+
+
+async def test_new_job_is_harvested_without_waiting_out_a_long_poll(
+    fake: tuple[FakeArango, str],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long-running job stretches the poll interval (here to 10 s); a new job
+    shortens the wait, so its result comes long before the interval is over."""
+    monkeypatch.setattr(harvester, "POLL_MIN", 10.0)
+    monkeypatch.setattr(harvester, "POLL_MAX", 10.0)
+    upstream, url = fake
+    upstream.list_reply = lambda which: web.json_response(
+        [str(i) for i in range(902, upstream._next + 1)] if which == "done" else ["901"]
+    )
+    jobs = Client(http, await start_proxy(url))
+    await jobs.submit("GET", "/_api/version")  # 901: pending at ArangoDB for ever
+    for _ in range(100):
+        if ("GET", "/_api/job/done") in upstream.seen:
+            break  # the first tick is over: the harvester now waits 10 s
+        await asyncio.sleep(0.01)
+    quick = await jobs.submit("GET", "/_api/version")
+    async with asyncio.timeout(5.0):  # half the poll interval
+        await jobs.wait_done(quick)

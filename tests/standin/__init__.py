@@ -3,7 +3,8 @@
 
 In-process use (pytest-asyncio)::
 
-    standin = StandIn(users={"root": ""}, auth=True, workers=4, queue_size=128, jwt_secret=None)
+    standin = StandIn(users={"root": ""}, auth=True, workers=4, queue_size=128, jwt_secret=None,
+                      ssl_context=None)  # an ssl.SSLContext: serve TLS only, url is https://
     url = await standin.start(host="127.0.0.1", port=0)
     await standin.restart()   # jobs, results and cursors lost; data and tick counter kept
     standin.queue_full = True # every async request: 503/21003
@@ -12,7 +13,7 @@ In-process use (pytest-asyncio)::
     standin.received  # [(method, raw path, Authorization or None)], every request as it came
     await standin.stop()
 
-As a process: ``python -m tests.standin --host 127.0.0.1 --port 0`` (see __main__).
+As a process: ``python -m tests.standin --host 127.0.0.1 --port 0 [--tls PEM]`` (see __main__).
 """
 
 from tests.standin.auth import make_jwt

@@ -2,6 +2,10 @@
 
     python -m tests.standin --host 127.0.0.1 --port 0 [--no-auth]
         [--users root:,alice:alicepw] [--workers N] [--queue-size N] [--jwt-secret S]
+        [--tls PEM]
+
+With `--tls PEM` (private key and certificate chain in one file) it serves
+TLS only and prints an https:// URL.
 
 Stops cleanly (exit 0) on SIGTERM or SIGINT. Tests reach its state through the
 `/_standin/restart`, `/_standin/queue-full` and `/_standin/counters` endpoints.
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import ssl
 import sys
 
 from tests.standin.server import DEFAULT_USERS, StandIn
@@ -28,6 +33,12 @@ def parse_users(text: str) -> dict[str, str]:
     return users
 
 
+def tls_context(pem: str) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(pem)
+    return context
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tests.standin", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
@@ -37,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--queue-size", type=int, default=128)
     parser.add_argument("--jwt-secret", default=None)
+    parser.add_argument("--tls", metavar="PEM", help="key and certificate chain: serve TLS")
     return parser.parse_args(argv)
 
 
@@ -47,6 +59,7 @@ async def serve(args: argparse.Namespace) -> None:
         workers=args.workers,
         queue_size=args.queue_size,
         jwt_secret=args.jwt_secret,
+        ssl_context=tls_context(args.tls) if args.tls else None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

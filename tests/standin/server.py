@@ -17,6 +17,7 @@ result is byte for byte what the synchronous call would have answered.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -81,11 +82,13 @@ class StandIn:
         workers: int = 4,
         queue_size: int = 128,
         jwt_secret: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.authenticator = Authenticator(
             dict(DEFAULT_USERS if users is None else users), auth, jwt_secret
         )
         self.workers = workers
+        self.ssl_context = ssl_context  # serve TLS only (https://) when set
         self.queue_size = queue_size
         self.queue_full = False
         self.executed: Counter[tuple[str, str]] = Counter()
@@ -140,11 +143,12 @@ class StandIn:
         # a short grace period: a synchronous SLEEP must not hold up a test's teardown
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context)
         await site.start()
         self._runner = runner
         bound_port = runner.addresses[0][1]
-        self._url = f"http://{host}:{bound_port}"
+        scheme = "http" if self.ssl_context is None else "https"
+        self._url = f"{scheme}://{host}:{bound_port}"
         self._scheduler = Scheduler(self._run, self.jobs, self.workers, self.queue_size)
         return self._url
 
