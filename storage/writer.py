@@ -106,6 +106,7 @@ class Writer:
         self.db = db
         self.commits = 0
         self.checkpoints = 0  # scrubbing checkpoints that completed
+        self.scrub_attempts = 0  # completed or not (a reader in the way)
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._closing = False
         self._scrub_wanted_since: float | None = time.monotonic()
@@ -167,27 +168,31 @@ class Writer:
         """The next queued write, after a scrubbing checkpoint if one is due (see above)."""
         while self._scrub_wanted_since is not None:
             now = time.monotonic()
+            wait = self._last_scrub + SCRUB_INTERVAL - now
             if not self._queue.empty():
-                if now - self._scrub_wanted_since < SCRUB_MAX_DELAY:
+                # a busy writer checkpoints only when overdue, and never twice in a
+                # row (a reader in the way must not starve the queued writes)
+                if wait > 0 or now - self._scrub_wanted_since < SCRUB_MAX_DELAY:
                     return self._queue.get_nowait()
-            else:
-                wait = self._last_scrub + SCRUB_INTERVAL - now
-                if wait > 0:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(wait):
-                            return await self._queue.get()
-                    continue
+            elif wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        return await self._queue.get()
+                continue
             await self._scrub()
         return await self._queue.get()
 
     async def _scrub(self) -> None:
-        self._last_scrub = time.monotonic()
+        self.scrub_attempts += 1
         db = self.db
         try:
             done = await db._execute(_checkpoint, db._conn)  # type: ignore[no-untyped-call]
         except sqlite3.Error as exc:
             log.warning("cannot checkpoint the job store's WAL, will retry: %s", exc)
             return
+        finally:
+            # from the end: a slow (busy) attempt is never followed at once by another
+            self._last_scrub = time.monotonic()
         if done:
             self._scrub_wanted_since = None
             self.checkpoints += 1

@@ -302,3 +302,36 @@ async def test_frames_a_killed_store_left_behind_are_scrubbed_at_open(
         assert await reopened.state(job_id, "alice") is JobState.DONE
     finally:
         await reopened.close()
+
+
+async def test_a_reader_in_the_way_delays_the_scrub_but_never_the_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Scrubs wanted at once and overdue at once: the writer must still interleave.
+    monkeypatch.setattr(writer, "SCRUB_INTERVAL", 0.01)
+    monkeypatch.setattr(writer, "SCRUB_MAX_DELAY", 0.0)
+    secret = "Basic cmVhZGVyLWluLXRoZS13YXk="
+    store = await JobStore.open(tmp_path)
+    try:
+        job_id = await store.accept(new_job(auth=secret))
+        await wait_for_checkpoint(store, 0)  # the scrub at open; none is wanted now
+        # Another process reading the database holds a snapshot: a TRUNCATE
+        # checkpoint cannot finish while it lasts.
+        reader = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchall()
+        checkpoints, attempts = store.checkpoints, store._writer.scrub_attempts
+        await store.finish(job_id, RESULT)
+        deadline = time.monotonic() + 20
+        # writes keep committing while the scrub fails again and again
+        while store._writer.scrub_attempts < attempts + 3:
+            assert time.monotonic() < deadline, "no scrub was tried"
+            await store.finish(await store.accept(new_job()), RESULT)
+        assert store.checkpoints == checkpoints
+        assert secret.encode() in stored_bytes(tmp_path)  # still in the -wal file
+        reader.execute("COMMIT")
+        reader.close()
+        await wait_for_checkpoint(store, checkpoints)
+        assert secret.encode() not in stored_bytes(tmp_path)
+    finally:
+        await store.close()
