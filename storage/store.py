@@ -84,6 +84,8 @@ class JobStore:
             writer_db = await _connect(data.database)
             connections.append(writer_db)
             await schema.prepare(writer_db, data.database, synchronous)
+            # A killed predecessor may have left wiped credentials in old WAL frames.
+            await writer_db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             [(high_water, unfinished)] = await writer_db.execute_fetchall(
                 sql.HIGH_WATER_AND_UNFINISHED
             )

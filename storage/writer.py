@@ -35,8 +35,8 @@ and the next commit has to grow the -wal file again, so it is rate-limited and d
 when the writer is idle; writes that arrive meanwhile wait for it (milliseconds). In
 exchange, wiped secrets leave the files within about SCRUB_INTERVAL of a quiet moment
 (at most SCRUB_MAX_DELAY under constant load) instead of whenever SQLite reuses the
-space. A checkpoint blocked by a reader ("busy") is simply tried again later. The
-writer starts with a scrub wanted, for frames a killed process left behind.
+space. A checkpoint blocked by a reader ("busy") is simply tried again later.
+(Frames a killed process left behind are cleared by ``JobStore.open``.)
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -109,8 +108,8 @@ class Writer:
         self.scrub_attempts = 0  # completed or not (a reader in the way)
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._closing = False
-        self._scrub_wanted_since: float | None = time.monotonic()
-        self._last_scrub = -math.inf
+        self._scrub_wanted_since: float | None = None
+        self._last_scrub = time.monotonic()  # JobStore.open has just checkpointed
         self._task = asyncio.create_task(self._run(), name="job-store-writer")
 
     def enqueue(
