@@ -26,9 +26,10 @@ A write enqueued with ``scrubs=True`` (one that wipes or deletes data) therefore
 for ``PRAGMA wal_checkpoint(TRUNCATE)``: every frame is copied into the database and
 the -wal file is cut to zero bytes. It runs between batches, never inside one:
 
-    scrub wanted, queue empty, last checkpoint >= SCRUB_INTERVAL ago -> checkpoint now
+    scrub wanted, queue empty, last attempt >= SCRUB_INTERVAL ago    -> checkpoint now
     scrub wanted, queue busy, wanted for < SCRUB_MAX_DELAY            -> writes first
-    scrub wanted, queue busy, wanted for >= SCRUB_MAX_DELAY           -> checkpoint now
+    scrub wanted, queue busy, wanted for >= SCRUB_MAX_DELAY,
+                  last attempt >= SCRUB_INTERVAL ago                 -> checkpoint now
 
 The trade-off: a TRUNCATE checkpoint costs an fsync of the database and a truncation,
 and the next commit has to grow the -wal file again, so it is rate-limited and done
