@@ -1,10 +1,11 @@
 """Builds the aiohttp application: the route table and the lifetimes of its parts.
 
 Start-up: upstream session, then the job store, then harvester and dispatcher
-(which resume every stored job). Shutdown, after aiohttp has stopped accepting
-and let running handlers finish: stop the dispatcher (submissions under way
-get a grace period, so none is sent twice), stop the harvester, close the
-store (queued writes are committed first), close the upstream session last.
+(which resume every stored job), then retention (when configured). Shutdown,
+after aiohttp has stopped accepting and let running handlers finish: stop
+retention, stop the dispatcher (submissions under way get a grace period, so
+none is sent twice), stop the harvester, close the store (queued writes are
+committed first), close the upstream session last.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from proxy.dispatcher import Dispatcher
 from proxy.harvester import Harvester
 from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
+from proxy.retention import Retention
 from proxy.state import CONFIG, CREDENTIALS, DISPATCHER, METRICS, STORE, UPSTREAM, VERIFIER
 from proxy.tokens import ClientCredentials, JobCredentials, SignedTokens
 from proxy.upstream import Upstream
@@ -100,6 +102,24 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
+async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG].jobs
+    store = app[STORE]
+    retention = Retention(
+        store, ttl=config.result_ttl, max_bytes=config.max_result_bytes, metrics=app[METRICS]
+    )
+    if not retention.enabled:
+        yield
+        return
+    store.set_result_listener(retention.result_stored)
+    task = asyncio.create_task(retention.run(), name="retention")
+    yield
+    store.set_result_listener(None)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def runner_options(config: Config) -> dict[str, Any]:
     """How the server runs the application (aiohttp's AppRunner keywords)."""
     # The keep-alive timer also runs while a request's headers arrive, so
@@ -125,7 +145,7 @@ def create_app(config: Config) -> web.Application:
     )
     app[CREDENTIALS] = credentials
     app[METRICS] = Counter()
-    app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx])
+    app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx, _retention_ctx])
     app.router.add_routes(
         [
             web.get("/_proxy/health", ops.health),

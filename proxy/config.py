@@ -8,6 +8,7 @@ that names the setting (``upstream.url``) and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -84,6 +85,12 @@ class JobsConfig:
     lost_job_policy: str = "rerun"
     # Seconds a successful credential check with ArangoDB is remembered.
     auth_cache_ttl: float = 30.0
+    # Seconds a finished result nobody fetched is kept after it finished; 0:
+    # until fetched or deleted (ArangoDB's rule).
+    result_ttl: float = 0.0
+    # Most bytes of stored results (headers and bodies); beyond it the oldest
+    # finished results are deleted. 0: no cap.
+    max_result_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,13 @@ def _validate(config: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name}: expected a positive number, got {value}")
+    zero_or_more = {
+        "jobs.result_ttl": config.jobs.result_ttl,
+        "jobs.max_result_bytes": config.jobs.max_result_bytes,
+    }
+    for name, value in zero_or_more.items():
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name}: expected 0 (off) or a positive number, got {value}")
     _one_of("log.level", config.log.level, LOG_LEVELS)
     _one_of("storage.synchronous", config.storage.synchronous, SYNCHRONOUS)
     _one_of("jobs.lost_job_policy", config.jobs.lost_job_policy, LOST_JOB_POLICIES)

@@ -22,6 +22,10 @@ COUNTERS = {
     "submit_retries_total": "submissions ArangoDB refused for now (503) or could not take",
     "jobs_harvested_total": "results fetched from ArangoDB and stored",
     "jobs_lost_total": "jobs ArangoDB forgot (restart), re-run or ended per lost_job_policy",
+    "results_expired_total": "unfetched results deleted after jobs.result_ttl",
+    "results_expired_bytes_total": "bytes of the results deleted after jobs.result_ttl",
+    "results_evicted_total": "oldest results deleted to stay within jobs.max_result_bytes",
+    "results_evicted_bytes_total": "bytes of the results deleted for jobs.max_result_bytes",
 }
 
 
@@ -54,6 +58,7 @@ async def metrics(request: web.Request) -> web.Response:
     gauges = {
         "jobs_unfinished": ("jobs accepted or at ArangoDB, not done yet", store.unfinished),
         "store_commits": ("SQLite transactions committed since start", store.commits),
+        "results_stored_bytes": ("bytes of finished results held for fetching", store.result_bytes),
     }
     for name, (help_text, value) in gauges.items():
         lines += [

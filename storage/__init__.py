@@ -5,7 +5,7 @@
 """
 
 from storage.errors import CapacityExceeded, StoreError
-from storage.records import Headers, Job, JobMode, JobState, NewJob, StoredResponse
+from storage.records import Headers, Job, JobMode, JobState, NewJob, Removed, StoredResponse
 from storage.store import JobStore
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "JobState",
     "JobStore",
     "NewJob",
+    "Removed",
     "StoreError",
     "StoredResponse",
 ]

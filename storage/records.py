@@ -71,3 +71,14 @@ class StoredResponse:
     status: int
     headers: Headers
     body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """What a retention sweep removed: how many stored results, and their bytes."""
+
+    count: int
+    bytes: int
+
+    def __add__(self, other: Removed) -> Removed:
+        return Removed(self.count + other.count, self.bytes + other.bytes)

@@ -3,7 +3,11 @@
 A database is recognised by ``PRAGMA application_id`` (set with the first schema)
 and versioned by ``PRAGMA user_version``. ``MIGRATIONS[n]`` takes version ``n`` to
 ``n + 1`` in one transaction together with the new ``user_version``, so a crash
-mid-migration leaves the old version intact. Version 2 is one more function.
+mid-migration leaves the old version intact.
+
+    version 1   the jobs table, its state index, the forgotten-job trigger
+    version 2   rsize (bytes of a stored result) and a partial index on the finish
+                time of done jobs, for retention; rsize is filled in for stored results
 
 What ``prepare`` does with the file it finds::
 
@@ -69,8 +73,24 @@ async def _to_v1(db: aiosqlite.Connection) -> None:
         await db.execute(statement)
 
 
+# Retention (result_ttl, max_result_bytes) walks done jobs oldest-finished first and
+# needs their sizes without reading any result: the index covers (finished, id,
+# rsize) and holds done jobs only, so accepts and submits never touch it.
+SCHEMA_V2 = (
+    "ALTER TABLE jobs ADD COLUMN rsize INTEGER",  # bytes of rheaders + rbody, once done
+    "UPDATE jobs SET rsize = coalesce(length(CAST(rheaders AS BLOB)), 0)"
+    " + coalesce(length(CAST(rbody AS BLOB)), 0) WHERE state = 'done'",
+    "CREATE INDEX jobs_done_finished ON jobs (finished, id, rsize) WHERE state = 'done'",
+)
+
+
+async def _to_v2(db: aiosqlite.Connection) -> None:
+    for statement in SCHEMA_V2:
+        await db.execute(statement)
+
+
 Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
-MIGRATIONS: tuple[Migration, ...] = (_to_v1,)
+MIGRATIONS: tuple[Migration, ...] = (_to_v1, _to_v2)
 LATEST = len(MIGRATIONS)
 
 

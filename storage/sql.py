@@ -20,10 +20,15 @@ VISIBLE = "mode = 'store' AND (:viewer IS NULL OR user = :viewer)"
 PENDING = "state IN ('accepted', 'submitted')"
 
 # The sequence remembers the ids of rows deleted since: they must never come back.
-HIGH_WATER_AND_UNFINISHED = (
+# Done jobs are read through their partial index (the planner, without ANALYZE
+# statistics, would pick jobs_state and read every row instead).
+DONE_BY_AGE = "jobs INDEXED BY jobs_done_finished WHERE state = 'done'"
+RESULT_BYTES = f"SELECT coalesce(sum(rsize), 0) FROM {DONE_BY_AGE}"
+OPEN_COUNTS = (
     "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'jobs'), 0),"
     " coalesce((SELECT max(id) FROM jobs), 0)),"
-    f" (SELECT count(*) FROM jobs WHERE {PENDING})"
+    f" (SELECT count(*) FROM jobs WHERE {PENDING}),"
+    f" ({RESULT_BYTES})"
 )
 
 INSERT_JOB = (
@@ -38,9 +43,11 @@ REQUEUE = (
     " WHERE id = ? AND state = 'submitted'"
 )
 # Two state parameters: a single from-state is bound twice.
+# RETURNING mode: a forgotten job's row is deleted by the trigger, its result not kept.
 FINISH = (
     "UPDATE jobs SET state = 'done', finished = ?, status = ?, rheaders = ?, rbody = ?,"
-    " auth = NULL, headers = NULL, body = NULL WHERE id = ? AND state IN (?, ?)"
+    " rsize = ?, auth = NULL, headers = NULL, body = NULL WHERE id = ? AND state IN (?, ?)"
+    " RETURNING mode"
 )
 
 SELECT_ACCEPTED = (
@@ -53,14 +60,35 @@ SELECT_PENDING_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id AND {PENDIN
 LIST_DONE = f"SELECT id FROM jobs WHERE state = 'done' AND {VISIBLE} ORDER BY id LIMIT :limit"
 LIST_PENDING = f"SELECT id FROM jobs WHERE {PENDING} AND {VISIBLE} ORDER BY id LIMIT :limit"
 
+# Every statement that removes done jobs returns the sizes it removed (the store
+# keeps the total of stored result bytes); a forget returns 0 for its row.
 TAKE_RESULT = (
-    f"DELETE FROM jobs WHERE id = :id AND state = 'done' AND {VISIBLE} RETURNING {RESULT_COLUMNS}"
+    f"DELETE FROM jobs WHERE id = :id AND state = 'done' AND {VISIBLE}"
+    f" RETURNING {RESULT_COLUMNS}, rsize"
 )
 # Deleting removes done jobs and forgets unfinished ones (they run on, result dropped):
 # each delete_* method runs its pair in one write.
-DELETE_DONE = f"DELETE FROM jobs WHERE state = 'done' AND {VISIBLE}"
-FORGET = f"UPDATE jobs SET mode = 'true' WHERE {PENDING} AND {VISIBLE}"
-DELETE_DONE_ONE = f"{DELETE_DONE} AND id = :id"
-FORGET_ONE = f"{FORGET} AND id = :id"
-DELETE_DONE_EXPIRED = f"{DELETE_DONE} AND finished < :stamp"
-FORGET_EXPIRED = f"{FORGET} AND created < :stamp"
+_DELETE_DONE = f"DELETE FROM jobs WHERE state = 'done' AND {VISIBLE}"
+_FORGET = f"UPDATE jobs SET mode = 'true' WHERE {PENDING} AND {VISIBLE}"
+DELETE_DONE = f"{_DELETE_DONE} RETURNING rsize"
+FORGET = f"{_FORGET} RETURNING 0"
+DELETE_DONE_ONE = f"{_DELETE_DONE} AND id = :id RETURNING rsize"
+FORGET_ONE = f"{_FORGET} AND id = :id RETURNING 0"
+DELETE_DONE_EXPIRED = f"{_DELETE_DONE} AND finished < :stamp RETURNING rsize"
+FORGET_EXPIRED = f"{_FORGET} AND created < :stamp RETURNING 0"
+
+# Retention: only done jobs, oldest-finished first, at most :limit per statement so
+# that one sweep never holds the writer (and every accept behind it) for long.
+OLDEST_FINISHED = f"SELECT min(finished) FROM {DONE_BY_AGE}"
+EXPIRE = (
+    "DELETE FROM jobs WHERE id IN ("
+    f"SELECT id FROM {DONE_BY_AGE} AND finished < :stamp ORDER BY finished, id LIMIT :limit"
+    ") RETURNING rsize"
+)
+# The oldest done jobs whose sizes, added up oldest first, first reach :excess.
+EVICT = (
+    "DELETE FROM jobs WHERE id IN (SELECT id FROM ("
+    "SELECT id, rsize, sum(rsize) OVER (ORDER BY finished, id ROWS UNBOUNDED PRECEDING) AS upto"
+    f" FROM (SELECT id, rsize, finished FROM {DONE_BY_AGE} ORDER BY finished, id LIMIT :limit)"
+    ") WHERE upto - rsize < :excess) RETURNING rsize"
+)

@@ -71,6 +71,11 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ("[storage]\nsynchronous = 'OFF'\n", "storage.synchronous: expected one of FULL, NORMAL"),
         ("[storage]\ndata = ''\n", "storage.data: expected a folder path"),
         ("[jobs]\nlost_job_policy = 'maybe'\n", "jobs.lost_job_policy: expected one of rerun"),
+        ("[jobs]\nresult_ttl = -1\n", "jobs.result_ttl: expected 0 (off) or a positive"),
+        ("[jobs]\nresult_ttl = nan\n", "jobs.result_ttl: expected 0 (off) or a positive"),
+        ("[jobs]\nresult_ttl = inf\n", "jobs.result_ttl: expected 0 (off) or a positive"),
+        ("[jobs]\nmax_result_bytes = -5\n", "jobs.max_result_bytes: expected 0 (off) or a"),
+        ("[jobs]\nmax_result_bytes = 1.5\n", "jobs.max_result_bytes: expected int, got float"),
         ("[server\n", "is not valid TOML"),
     ],
 )
@@ -80,6 +85,16 @@ def test_bad_settings_name_the_setting(tmp_path: Path, toml: str, message: str) 
     with pytest.raises(ConfigError, match=None) as info:
         load_config(path)
     assert message in str(info.value)
+
+
+def test_retention_is_off_by_default_and_takes_zero_or_more(tmp_path: Path) -> None:
+    assert (Config().jobs.result_ttl, Config().jobs.max_result_bytes) == (0, 0)
+    path = tmp_path / "c.toml"
+    path.write_text("[jobs]\nresult_ttl = 90\nmax_result_bytes = 1048576\n")
+    jobs = load_config(path).jobs
+    assert (jobs.result_ttl, jobs.max_result_bytes) == (90.0, 1048576)
+    path.write_text("[jobs]\nresult_ttl = 0\nmax_result_bytes = 0\n")
+    assert load_config(path) == Config()
 
 
 def test_missing_file(tmp_path: Path) -> None:

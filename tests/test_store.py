@@ -21,6 +21,7 @@ from storage import (
     NewJob,
     StoredResponse,
     StoreError,
+    schema,
 )
 
 RESULT = StoredResponse(
@@ -438,7 +439,7 @@ async def test_pragmas(data: Path, synchronous: str, level: int) -> None:
             ("secure_delete", 1),
             ("busy_timeout", 5000),
             ("journal_size_limit", 64 * 1024 * 1024),
-            ("user_version", 1),
+            ("user_version", schema.LATEST),
         ]:
             assert list(await db.execute_fetchall(f"PRAGMA {pragma}")) == [(value,)]
     finally:

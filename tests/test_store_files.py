@@ -161,12 +161,13 @@ async def test_migrations_run_in_order_at_open(
     job_id = await store.accept(new_job())
     await store.close()
 
+    latest = schema.LATEST
     monkeypatch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, _add_note_column))
-    monkeypatch.setattr(schema, "LATEST", 2)
+    monkeypatch.setattr(schema, "LATEST", latest + 1)
     store = await JobStore.open(tmp_path)
     assert await store.state(job_id, None) is not None
     db = store._writer.db
-    assert list(await db.execute_fetchall("PRAGMA user_version")) == [(2,)]
+    assert list(await db.execute_fetchall("PRAGMA user_version")) == [(latest + 1,)]
     columns = [row[1] for row in await db.execute_fetchall("PRAGMA table_info(jobs)")]
     assert columns[-1] == "note"
     await store.close()
@@ -179,15 +180,16 @@ async def test_a_failed_migration_leaves_the_old_version(
     job_id = await store.accept(new_job())
     await store.close()
 
+    latest = schema.LATEST
     with monkeypatch.context() as patch:
         patch.setattr(schema, "MIGRATIONS", (*schema.MIGRATIONS, _broken_migration))
-        patch.setattr(schema, "LATEST", 2)
+        patch.setattr(schema, "LATEST", latest + 1)
         with pytest.raises(StoreError, match="no such table"):
             await JobStore.open(tmp_path)
 
     store = await JobStore.open(tmp_path)
     db = store._writer.db
-    assert list(await db.execute_fetchall("PRAGMA user_version")) == [(1,)]
+    assert list(await db.execute_fetchall("PRAGMA user_version")) == [(latest,)]
     columns = [row[1] for row in await db.execute_fetchall("PRAGMA table_info(jobs)")]
     assert "note" not in columns
     assert await store.finish(job_id, RESULT)
