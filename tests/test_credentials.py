@@ -310,3 +310,25 @@ def test_which_callers_signed_tokens_can_act_for(authorization: str | None, allo
     assert SignedTokens(b"s").can_act_for(authorization) is allowed
     with pytest.raises(ValueError, match="must not be empty"):
         SignedTokens(b"")
+
+
+async def test_with_a_jwt_secret_jobs_waiting_for_a_down_arangodb_hold_no_credentials(
+    jwt_standin: StandIn, serve_app: Serve, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    secret_file = write_secret(tmp_path)
+    client = Client(
+        http, await start(serve_app, jwt_standin.url, data, jwt_secret_file=str(secret_file))
+    )
+    bobs_token = bearer({"preferred_username": "bob"})
+    for caller in (ALICE, bobs_token):  # verified now, so accepted while ArangoDB is down
+        assert (await client.call("GET", "/_api/job/pending", user=caller)).json == []
+    await jwt_standin.stop()
+    jobs = [await client.submit("GET", "/_api/version", user=c) for c in (ALICE, bobs_token)]
+    assert (await client.call("GET", f"/_api/job/{jobs[0]}", user=ALICE)).status == 204
+    assert ALICE["authorization"].encode() not in stored_bytes(data)
+    assert bobs_token["authorization"].encode() not in stored_bytes(data)
+    with sqlite3.connect(data / "jobs.sqlite3") as db:
+        rows = db.execute("SELECT user, auth, state FROM jobs ORDER BY id").fetchall()
+    db.close()
+    assert rows == [("alice", None, "accepted"), ("bob", None, "accepted")]
