@@ -1,14 +1,18 @@
 """Harvester: notices jobs ArangoDB finished, fetches their results, stores them.
 
-Cheap noticing: one ``GET /_api/job/done`` per distinct credential per tick
-(ArangoDB lists only the caller's own jobs), never one request per job; the
-credentials come from ``proxy.tokens`` (the caller's stored header, or a token
-signed for the job's user). A list refused with 401/403 means the credentials
-no longer work: each of those jobs is fetched, and ArangoDB's refusal becomes
-its result. The
-tick follows the age of the youngest job at ArangoDB (a twentieth of it,
-between 5 ms and 0.5 s), so a short job's result is noticed within a few
-milliseconds while long-running jobs cost a couple of requests a second.
+Cheap noticing. Most jobs are short, so a job just submitted is asked for
+once, directly, a few milliseconds later (its first look): done, that one
+request fetches its result; still running (204), it joins the others. For the
+others, one ``GET /_api/job/done`` per distinct credential per tick (ArangoDB
+lists only the caller's own jobs), never one request per job. The tick follows
+the age of the youngest job at ArangoDB (a twentieth of it, between 5 ms and
+0.5 s), so a result is noticed within milliseconds while long-running jobs
+cost a couple of requests a second.
+
+The credentials come from ``proxy.tokens`` (the caller's stored header, or a
+token signed for the job's user). A list refused with 401/403 means they no
+longer work: each of those jobs is fetched, and ArangoDB's refusal becomes its
+result.
 
 Each finished job is fetched with ``PUT /_api/job/{upstream-id}``, which also
 frees ArangoDB's memory. Once a second, jobs that are neither pending nor
@@ -27,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from proxy.errors import ERROR_INTERNAL, JSON_TYPE, UpstreamFailure, error_body
@@ -101,6 +105,7 @@ class Harvester:
         # called whenever a job leaves ArangoDB: a slot is free, or a job is back in line
         self._wake_dispatcher = wake_dispatcher
         self._jobs: dict[str, Tracked] = {}  # by upstream id
+        self._fresh: list[Tracked] = []  # tracked since the last tick: due a first look
         self._new = asyncio.Event()
         self._youngest = time.monotonic()
         self._last_lost_check = time.monotonic()
@@ -112,7 +117,9 @@ class Harvester:
         return len(self._jobs)
 
     def track(self, job: Job, upstream_id: str) -> None:
-        self._jobs[upstream_id] = Tracked(job.id, upstream_id, job.user, job.auth, job.method)
+        tracked = Tracked(job.id, upstream_id, job.user, job.auth, job.method)
+        self._jobs[upstream_id] = tracked
+        self._fresh.append(tracked)
         self._youngest = time.monotonic()
         self._new.set()
 
@@ -145,18 +152,24 @@ class Harvester:
                 await asyncio.sleep(NEW_JOB_DELAY)  # it needs a moment to run anyway
 
     async def tick(self) -> None:
-        groups = self._by_credentials()
-        await asyncio.gather(*(self._harvest(owner, jobs) for owner, jobs in groups.items()))
+        fresh, self._fresh = self._fresh, []
+        looked_at = {t.upstream_id for t in fresh}
+        groups = self._by_credentials(skip=looked_at)
+        await asyncio.gather(
+            self._collect_all(fresh),
+            *(self._harvest(owner, jobs) for owner, jobs in groups.items()),
+        )
         if time.monotonic() - self._last_lost_check >= LOST_CHECK_INTERVAL:
             self._last_lost_check = time.monotonic()
             await asyncio.gather(*(self._find_lost(owner, jobs) for owner, jobs in groups.items()))
 
-    def _by_credentials(self) -> dict[Owner, list[Tracked]]:
+    def _by_credentials(self, skip: Collection[str] = ()) -> dict[Owner, list[Tracked]]:
         # (user, stored header): the same header means the same user; with signed
         # tokens nothing is stored, and each user is one group.
         groups: dict[Owner, list[Tracked]] = defaultdict(list)
         for tracked in self._jobs.values():
-            groups[tracked.user, tracked.auth].append(tracked)
+            if tracked.upstream_id not in skip:
+                groups[tracked.user, tracked.auth].append(tracked)
         return groups
 
     async def _list(self, owner: Owner, which: str, size: int) -> set[str] | None:
@@ -205,6 +218,8 @@ class Harvester:
 
     async def _collect(self, tracked: Tracked) -> None:
         async with self._fetching:
+            if tracked.upstream_id not in self._jobs:
+                return  # settled while this fetch waited for its turn
             try:
                 reply = await self._upstream.call(
                     "PUT",

@@ -347,3 +347,37 @@ async def test_new_job_is_harvested_without_waiting_out_a_long_poll(
     quick = await jobs.submit("GET", "/_api/version")
     async with asyncio.timeout(5.0):  # half the poll interval
         await jobs.wait_done(quick)
+
+
+async def test_short_job_costs_one_fetch_and_a_running_one_is_listed(
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """The first look fetches a finished job directly (no list); a job still
+    running there (204) is found later through the done list."""
+    upstream, url = fake
+    running = {"902"}
+
+    async def result_unless_running(upstream_id: str) -> web.Response:
+        if upstream_id in running:
+            return web.Response(status=204)
+        return await upstream._result(upstream_id)
+
+    upstream.fetch_reply = result_unless_running
+    upstream.list_reply = lambda which: web.json_response(
+        [i for i in ("901", "902") if i not in running] if which == "done" else sorted(running)
+    )
+    jobs = Client(http, await start_proxy(url))
+    short = await jobs.submit("GET", "/_api/version")
+    assert (await jobs.result(short)).json == {"ok": "901"}
+    assert upstream.seen.count(("PUT", "/_api/job/901")) == 1
+    assert ("GET", "/_api/job/done") not in upstream.seen
+
+    long = await jobs.submit("GET", "/_api/version")
+    for _ in range(200):
+        if ("PUT", "/_api/job/902") in upstream.seen:
+            break  # first look done: 204
+        await asyncio.sleep(0.01)
+    running.clear()
+    assert (await jobs.result(long)).json == {"ok": "902"}
+    assert ("GET", "/_api/job/done") in upstream.seen
+    assert upstream.seen.count(("PUT", "/_api/job/902")) == 2
