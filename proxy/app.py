@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from proxy import jobs_api, ops
 from proxy.auth import Verifier
 from proxy.config import Config
 from proxy.dispatcher import Dispatcher
+from proxy.errors import ERROR_BAD_PARAMETER, arango_error
 from proxy.harvester import Harvester
 from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
@@ -35,8 +36,31 @@ from storage import JobStore
 SHUTDOWN_GRACE = 5.0
 
 
+@web.middleware
+async def origin_form_only(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Only a path is a target the proxy can serve or forward.
+
+    aiohttp also accepts absolute-form (``GET http://host/x``), asterisk-form
+    (``OPTIONS *``) and authority-form (``CONNECT host:443``) targets. Their
+    raw target is no path: glued to the upstream URL it made an invalid URL (a
+    500), and as an async job one the dispatcher could never send. ArangoDB
+    serves none of them (it finds no handler for such a path), so they are
+    refused here, before routing decides anything, in ArangoDB's error shape.
+    """
+    if not request.raw_path.startswith("/"):
+        return arango_error(400, ERROR_BAD_PARAMETER, "the request target must be a path")
+    return await handler(request)
+
+
 async def front(request: web.Request) -> web.StreamResponse:
-    """Everything outside the job API: an async job, or pass-through."""
+    """Everything the route table did not send to the job facade."""
+    if request.method == "OPTIONS":
+        return await passthrough(request)  # CORS preflight: ArangoDB never queues it
+    if jobs_api.is_job_api(request.raw_path):
+        # spelled with repeated slashes (//_api//job): ArangoDB's job API all the same
+        return await jobs_api.handle(request)
     mode = async_mode(request)
     if mode is not None:
         return await intake(request, mode)
@@ -135,7 +159,9 @@ def runner_options(config: Config) -> dict[str, Any]:
 def create_app(config: Config) -> web.Application:
     """Raises `ConfigError` when `upstream.ca_file` or `upstream.jwt_secret_file`
     cannot be used."""
-    app = web.Application(client_max_size=config.server.max_body_size)
+    app = web.Application(
+        client_max_size=config.server.max_body_size, middlewares=[origin_form_only]
+    )
     app[CONFIG] = config
     # built here, not at start-up, so a bad CA or secret file stops the command at once
     app[UPSTREAM] = Upstream(config.upstream)
@@ -152,7 +178,9 @@ def create_app(config: Config) -> web.Application:
             web.get("/_proxy/ready", ops.ready),
             web.get("/_proxy/metrics", ops.metrics),
             *(web.route("*", path, jobs_api.handle) for path in jobs_api.ROUTES),
-            web.route("*", "/{tail:.*}", front),
+            # [\s\S], not ".": a decoded path may hold a newline (%0A), and a
+            # route that misses it leaves aiohttp to answer a plain-text 404
+            web.route("*", r"/{tail:[\s\S]*}", front),
         ]
     )
     return app

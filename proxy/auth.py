@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -48,10 +49,24 @@ class Caller:
         return self.user or None
 
 
-def database_of(path: str) -> tuple[str, str]:
-    """(decoded name, raw segment) of the database a raw path addresses."""
+_SLASHES = re.compile(r"//+")
+
+
+def arango_path(raw_target: str) -> str:
+    """The path of a raw request target as ArangoDB reads it (``HttpRequest::parseUrl``).
+
+    ArangoDB collapses repeated slashes before it looks for ``/_db/{name}`` or
+    a handler, so ``//_api//job/all`` is its job API; the query is cut off and
+    nothing is decoded (``/_api/job%2Fall`` is not the job API).
+    """
+    return _SLASHES.sub("/", raw_target.partition("?")[0])
+
+
+def database_of(raw_target: str) -> tuple[str, str]:
+    """(decoded name, raw segment) of the database a raw target addresses."""
+    path = arango_path(raw_target)
     if path.startswith("/_db/"):
-        raw = path[len("/_db/") :].split("/", 1)[0].split("?", 1)[0]
+        raw = path[len("/_db/") :].split("/", 1)[0]
         return unquote(raw), raw
     return SYSTEM_DB, SYSTEM_DB
 

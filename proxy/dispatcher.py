@@ -118,7 +118,7 @@ class Dispatcher:
 
     async def _submit(self, job: Job) -> None:
         try:
-            if jobs_api.JOB_PATH.match(job.target):
+            if jobs_api.is_job_api(job.target):
                 result = await jobs_api.execute(self._app, job.method, job.target, job.user)
                 await self._store.finish(job.id, result)
             else:

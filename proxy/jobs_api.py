@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 from aiohttp import web
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict, MultiDict, MultiMapping
 
+from proxy.auth import arango_path
 from proxy.errors import (
     ERROR_BAD_PARAMETER,
     ERROR_METHOD_NOT_ALLOWED,
@@ -45,14 +45,15 @@ from storage.records import Job
 
 JOB_PATH = re.compile(r"^(?:/_db/[^/?]+)?/_(?:api|admin)/job(?=/|$)")
 ROUTES = tuple(
-    prefix + base + "{tail:(/.*)?}"
+    prefix + base + r"{tail:(/[\s\S]*)?}"  # also a decoded newline (%0A)
     for prefix in ("", "/_db/{database}")
     for base in ("/_api/job", "/_admin/job")
 )
 
 MAX_ID = 2**64 - 1
 DEFAULT_COUNT = 100
-_FLOAT = re.compile(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_DIGITS = re.compile(r"[0-9]*")
+_DECIMAL = re.compile(r"([-+]?)([0-9]*)(?:\.([0-9]*))?(?:[eE]([-+]?)([0-9]*))?")
 
 CANCELED = StoredResponse(
     410,
@@ -62,28 +63,51 @@ CANCELED = StoredResponse(
 
 
 def parse_uint64(text: str) -> int:
-    """ArangoDB's StringUtils::uint64: leading digits; 0 without any, or on overflow."""
-    digits = re.match(r"\d*", text)
-    value = int(digits.group()) if digits and digits.group() else 0
+    """ArangoDB's StringUtils::uint64 (std::from_chars): leading ASCII digits, no
+    sign or space; 0 without any, or on overflow. Never int() of a huge string,
+    which Python refuses beyond 4300 digits."""
+    match = _DIGITS.match(text)
+    digits = match.group().lstrip("0") if match else ""
+    if len(digits) > 20:
+        return 0
+    value = int(digits) if digits else 0
     return value if value <= MAX_ID else 0
 
 
 def parse_stamp(text: str) -> float:
-    """ArangoDB's StringUtils::doubleDecimal: a leading decimal number, else 0."""
-    match = _FLOAT.match(text)
-    return float(match.group()) if match else 0.0
+    """ArangoDB's StringUtils::doubleDecimal: the whole value must be a decimal
+    number (sign, digits, one point, exponent; ASCII only), else 0."""
+    match = _DECIMAL.fullmatch(text)
+    if match is None:
+        return 0.0
+    sign, whole, fraction, exp_sign, exponent = match.groups()
+    return float(f"{sign}{whole or 0}.{fraction or 0}e{exp_sign or ''}{exponent or 0}")
 
 
-def suffixes_of(raw_path: str) -> list[str] | None:
-    """The decoded segments of a raw path after /_api/job (or /_admin/job).
+def is_job_api(raw_target: str) -> bool:
+    """Whether ArangoDB would hand this raw target to its job handler."""
+    return JOB_PATH.match(arango_path(raw_target)) is not None
 
-    None when only the decoded path names the job API (``/_api/job%2F1``):
-    ArangoDB splits the raw path, so such a path is not its job API either.
+
+def suffixes_of(raw_target: str) -> list[str] | None:
+    """The raw (still percent-encoded) segments after /_api/job (or /_admin/job).
+
+    ArangoDB's job handler reads the raw suffixes: ``/_api/job/%61ll`` is no
+    ``all``, and the fetched job's ``x-arango-async-id`` is the id exactly as
+    sent. None when only the decoded path names the job API (``/_api/job%2F1``):
+    ArangoDB routes on the raw path, so such a path is not its job API either.
     """
-    match = JOB_PATH.match(raw_path)
+    path = arango_path(raw_target)
+    match = JOB_PATH.match(path)
     if match is None:
         return None
-    return [unquote(part) for part in raw_path[match.end() :].split("/") if part]
+    return [part for part in path[match.end() :].split("/") if part]
+
+
+def _param(query: MultiMapping[str], name: str) -> str | None:
+    """A query parameter as ArangoDB reads it: of repeated ones, the last counts."""
+    values = query.getall(name, [])
+    return values[-1] if values else None
 
 
 def _bad_parameter() -> web.Response:
@@ -103,10 +127,13 @@ def _result_true() -> web.Response:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
+    if request.method == "OPTIONS":
+        # ArangoDB answers a CORS preflight itself, before credentials or handlers
+        return await passthrough(request)
     mode = async_mode(request)
     if mode is not None:
         return await intake(request, mode)
-    suffixes = suffixes_of(request.raw_path.partition("?")[0])
+    suffixes = suffixes_of(request.raw_path)
     if suffixes is None:
         return await passthrough(request)
     verified = await request.app[VERIFIER].caller(request)
@@ -132,7 +159,7 @@ async def answer(
     app: web.Application,
     method: str,
     suffixes: list[str],
-    query: Mapping[str, str],
+    query: MultiMapping[str],
     viewer: str | None,
 ) -> web.Response:
     try:
@@ -148,7 +175,7 @@ async def answer(
 
 
 async def _get(
-    app: web.Application, suffixes: list[str], query: Mapping[str, str], viewer: str | None
+    app: web.Application, suffixes: list[str], query: MultiMapping[str], viewer: str | None
 ) -> web.Response:
     if len(suffixes) != 1:
         return _bad_parameter()
@@ -161,7 +188,8 @@ async def _get(
         return _empty(200 if state is JobState.DONE else 204)
     if what not in ("done", "pending"):
         return _bad_parameter()
-    count = parse_uint64(query["count"]) if "count" in query else DEFAULT_COUNT
+    text = _param(query, "count")
+    count = DEFAULT_COUNT if text is None else parse_uint64(text)
     # ArangoDB appends before it compares with count, so 0 still lists one id.
     limit = min(max(count, 1), 2**62)
     ids = await store.list_ids(done=what == "done", viewer=viewer, limit=limit)
@@ -219,7 +247,7 @@ async def _cancel_upstream(app: web.Application, job: Job) -> web.Response:
 
 
 async def _delete(
-    app: web.Application, suffixes: list[str], query: Mapping[str, str], viewer: str | None
+    app: web.Application, suffixes: list[str], query: MultiMapping[str], viewer: str | None
 ) -> web.Response:
     if len(suffixes) != 1:
         return _bad_parameter()
@@ -228,9 +256,10 @@ async def _delete(
     if what == "all":
         await store.delete_all(viewer)
     elif what == "expired":
-        if "stamp" not in query:
+        stamp = _param(query, "stamp")
+        if stamp is None:
             return _bad_parameter()
-        await store.delete_expired(viewer, parse_stamp(query["stamp"]))
+        await store.delete_expired(viewer, parse_stamp(stamp))
     elif not await store.delete(parse_uint64(what), viewer):
         return _not_found()
     return _result_true()

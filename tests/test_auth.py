@@ -55,6 +55,7 @@ def test_user_of(header: str | None, user: str) -> None:
         ("/_db/my%20db/_api/job?x=1", ("my db", "my%20db")),
         ("/_db/only", ("only", "only")),
         ("/_db/q?x=/y", ("q", "q")),
+        ("//_db//shop//_api/job", ("shop", "shop")),  # ArangoDB collapses slashes
     ],
 )
 def test_database_of(path: str, expected: tuple[str, str]) -> None:

@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.standin.call import UINT64_MAX, boolean, double_decimal, uint64
+from tests.standin.server import split_database
 
 
 @pytest.mark.parametrize(
@@ -25,6 +26,9 @@ from tests.standin.call import UINT64_MAX, boolean, double_decimal, uint64
         ("18446744073709551615", UINT64_MAX),
         ("18446744073709551616", 0),
         ("99999999999999999999999", 0),
+        ("1" * 5000, 0),  # overflow, not Python's int() limit
+        ("0" * 5000 + "7", 7),  # leading zeros do not overflow
+        ("\u0663", 0),  # an Arabic-Indic three is no ASCII digit
     ],
 )
 def test_uint64(text: str, value: int) -> None:
@@ -78,3 +82,19 @@ def test_double_decimal_reads_plain_decimals(number: float) -> None:
 )
 def test_boolean(text: str, value: bool) -> None:
     assert boolean(text) is value
+
+
+@pytest.mark.parametrize(
+    ("raw_path", "split"),
+    [
+        ("/_api/job/1", ("_system", "/_api/job/1")),
+        ("//_api//job///1", ("_system", "/_api/job/1")),
+        ("/_db/shop//_api/job", ("shop", "/_api/job")),
+        ("//_db//shop/_api/job", ("shop", "/_api/job")),
+        ("/_db/my%20db/_api/x%2Fy", ("my db", "/_api/x%2Fy")),
+    ],
+)
+def test_split_database_collapses_slashes_like_parse_url(
+    raw_path: str, split: tuple[str, str]
+) -> None:
+    assert split_database(raw_path) == split

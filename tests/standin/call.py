@@ -44,8 +44,13 @@ class Call:
     def suffix(self, index: int) -> str:
         return unquote(self.suffixes[index])
 
+    def param(self, name: str) -> str | None:
+        """A query parameter; of repeated ones the last counts (`setValue` overwrites)."""
+        values = self.query.getall(name, [])
+        return values[-1] if values else None
+
     def flag(self, name: str, default: bool = False) -> bool:
-        value = self.query.get(name)
+        value = self.param(name)
         return default if value is None else boolean(value)
 
 
@@ -56,9 +61,10 @@ def uint64(text: str) -> int:
         if not "0" <= char <= "9":
             break
         digits += char
-    if not digits:
+    digits = digits.lstrip("0")
+    if len(digits) > 20:  # overflow; and int() refuses strings beyond 4300 digits
         return 0
-    value = int(digits)
+    value = int(digits) if digits else 0
     return value if value <= UINT64_MAX else 0
 
 

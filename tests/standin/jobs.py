@@ -131,7 +131,7 @@ def job_api(call: Call, jobs: JobManager) -> Reply:
             return empty(204 if entry.status is Status.PENDING else 200)
         if value not in ("done", "pending"):
             return BAD_PARAMETER
-        text = call.query.get("count")
+        text = call.param("count")
         count = DEFAULT_COUNT if text is None else uint64(text)
         ids = jobs.ids(Status(value), count, who)
         return json_reply(200, [str(job_id) for job_id in ids])
@@ -157,7 +157,7 @@ def job_api(call: Call, jobs: JobManager) -> Reply:
         if value == "all":
             jobs.delete_where(who)
         elif value == "expired":
-            stamp = call.query.get("stamp")
+            stamp = call.param("stamp")
             if stamp is None:
                 return BAD_PARAMETER
             jobs.delete_where(who, before=double_decimal(stamp))

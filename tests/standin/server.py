@@ -17,6 +17,7 @@ result is byte for byte what the synchronous call would have answered.
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -65,7 +66,12 @@ WWW_AUTHENTICATE = ('Basic, realm="ArangoDB"', 'Bearer, token_type="JWT", realm=
 
 
 def split_database(raw_path: str) -> tuple[str, str]:
-    """`/_db/shop/_api/x` -> ("shop", "/_api/x"); no prefix means `_system`."""
+    """`/_db/shop/_api/x` -> ("shop", "/_api/x"); no prefix means `_system`.
+
+    Repeated slashes are collapsed first, as `HttpRequest::parseUrl` does:
+    `//_db/shop//_api/x` is the same request.
+    """
+    raw_path = re.sub(r"//+", "/", raw_path)
     if not raw_path.startswith("/_db/"):
         return "_system", raw_path
     name, slash, rest = raw_path[len("/_db/") :].partition("/")
@@ -137,7 +143,8 @@ class StandIn:
                 web.post("/_standin/restart", self._control_restart),
                 web.put("/_standin/queue-full", self._control_queue_full),
                 web.get("/_standin/counters", self._control_counters),
-                web.route("*", "/{tail:.*}", self._serve),
+                # [\s\S]: a decoded path may hold a newline (%0A); ArangoDB serves it
+                web.route("*", r"/{tail:[\s\S]*}", self._serve),
             ]
         )
         # a short grace period: a synchronous SLEEP must not hold up a test's teardown
