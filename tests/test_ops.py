@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import aiohttp
@@ -16,6 +17,13 @@ def metric(text: str, name: str) -> float:
     match = re.search(rf"^arango_async_proxy_{name} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} missing from\n{text}"
     return float(match[1])
+
+
+async def metrics(http: aiohttp.ClientSession, base: str) -> str:
+    async with http.get(base + "/_proxy/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+        return await resp.text()
 
 
 async def test_ready_follows_arangodb(
@@ -42,12 +50,13 @@ async def test_metrics_count_the_job_flow(
     await jobs.submit("GET", "/_api/version", mode="true")
     refused = await jobs.call("GET", "/_api/version", headers={**ROOT, "x-arango-async": "store"})
     assert refused.status == 503
+    for _ in range(500):  # until the dispatcher has met the full queue at least once
+        if metric(await metrics(http, jobs.base), "submit_retries_total") >= 1:
+            break
+        await asyncio.sleep(0.01)
     standin.queue_full = False
     await jobs.result(first)
-    async with http.get(jobs.base + "/_proxy/metrics") as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
-        text = await resp.text()
+    text = await metrics(http, jobs.base)
     assert metric(text, "jobs_accepted_total") == 2
     assert metric(text, "jobs_refused_total") == 1
     assert metric(text, "jobs_submitted_total") == 2
