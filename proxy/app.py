@@ -28,7 +28,8 @@ from proxy.harvester import Harvester
 from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
 from proxy.retention import Retention
-from proxy.state import CONFIG, DISPATCHER, METRICS, STORE, UPSTREAM, VERIFIER
+from proxy.state import CONFIG, CREDENTIALS, DISPATCHER, METRICS, STORE, UPSTREAM, VERIFIER
+from proxy.tokens import ClientCredentials, JobCredentials, SignedTokens
 from proxy.upstream import Upstream
 from storage import JobStore
 
@@ -94,13 +95,19 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
         dispatcher.wake()
 
     harvester = Harvester(
-        app[STORE], app[UPSTREAM], config.lost_job_policy, wake_dispatcher, app[METRICS]
+        app[STORE],
+        app[UPSTREAM],
+        app[CREDENTIALS],
+        policy=config.lost_job_policy,
+        wake_dispatcher=wake_dispatcher,
+        metrics=app[METRICS],
     )
     await harvester.load()
     dispatcher = Dispatcher(
         app,
         app[STORE],
         app[UPSTREAM],
+        app[CREDENTIALS],
         harvester,
         max_inflight=config.max_inflight,
         metrics=app[METRICS],
@@ -150,13 +157,19 @@ def runner_options(config: Config) -> dict[str, Any]:
 
 
 def create_app(config: Config) -> web.Application:
-    """Raises `ConfigError` when `upstream.ca_file` cannot be used."""
+    """Raises `ConfigError` when `upstream.ca_file` or `upstream.jwt_secret_file`
+    cannot be used."""
     app = web.Application(
         client_max_size=config.server.max_body_size, middlewares=[origin_form_only]
     )
     app[CONFIG] = config
-    # built here, not at start-up, so a bad CA file stops the command at once
+    # built here, not at start-up, so a bad CA or secret file stops the command at once
     app[UPSTREAM] = Upstream(config.upstream)
+    secret_file = config.upstream.jwt_secret_file
+    credentials: JobCredentials = (
+        SignedTokens.from_file(secret_file) if secret_file else ClientCredentials()
+    )
+    app[CREDENTIALS] = credentials
     app[METRICS] = Counter()
     app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx, _retention_ctx])
     app.router.add_routes(

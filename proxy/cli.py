@@ -17,6 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from proxy.app import create_app, runner_options
 from proxy.config import Config, ConfigError, load_config
 from proxy.tls import server_context
+from storage import StoreError
 
 log = logging.getLogger("arango_async_proxy")
 
@@ -61,8 +62,9 @@ async def serve(config: Config) -> None:
     ssl_context = server_context(config.server)
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, **runner_options(config))
-    await runner.setup()
     try:
+        # inside the try: parts started before a failing one (the store) are closed again
+        await runner.setup()
         site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context)
         await site.start()
         stop = asyncio.Event()
@@ -108,8 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("aiohttp.server").addFilter(one_line_for_malformed_requests)
     try:
         _run(serve(config))
-    except ConfigError as exc:  # a TLS file that cannot be read or used
+    except ConfigError as exc:  # a TLS or JWT secret file that cannot be read or used
         return _config_error(exc)
+    except StoreError as exc:  # the data folder: not private, in use, not our database
+        log.error("cannot open the job store: %s", exc)  # noqa: TRY400
+        return 1
     except OSError as exc:
         # one line, no traceback: the cause (port in use, ...) is all an operator needs
         log.error("cannot serve on %s: %s", config.server.listen, exc.strerror or exc)  # noqa: TRY400

@@ -57,6 +57,10 @@ class UpstreamConfig:
     # limit on the whole exchange: streamed downloads may take longer.
     request_timeout: float = 300.0
     pool_size: int = 100
+    # ArangoDB's JWT secret (the file given to --server.jwt-secret-keyfile). When
+    # set, the proxy stores no client credentials at all: it signs a short-lived
+    # token for a job's user whenever it talks to ArangoDB about that job.
+    jwt_secret_file: str = ""
     # PEM bundle of the CAs that may sign an https:// upstream's certificate;
     # empty: the system's trust store. Verification is never turned off.
     ca_file: str = ""

@@ -27,7 +27,8 @@ from multidict import CIMultiDict
 
 from proxy import jobs_api
 from proxy.errors import UpstreamFailure
-from proxy.harvester import Harvester, auth_headers, stored_response
+from proxy.harvester import Harvester, stored_response
+from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream
 from storage import Job, JobStore, StoreError
 
@@ -49,10 +50,10 @@ def is_retryable(reply: Reply) -> bool:
     return error_num in RETRYABLE_ERRORS
 
 
-def upstream_headers(job: Job) -> CIMultiDict[str]:
+def upstream_headers(job: Job, credentials: JobCredentials) -> CIMultiDict[str]:
     """The job's stored request headers, its credentials, and store mode."""
     headers = CIMultiDict(job.headers)
-    headers.extend(auth_headers(job.auth))
+    headers.extend(credentials.headers(job.user, job.auth))
     headers["x-arango-async"] = "store"
     return headers
 
@@ -63,6 +64,7 @@ class Dispatcher:
         app: web.Application,
         store: JobStore,
         upstream: Upstream,
+        credentials: JobCredentials,
         harvester: Harvester,
         *,
         max_inflight: int,
@@ -72,6 +74,7 @@ class Dispatcher:
         self._app = app
         self._store = store
         self._upstream = upstream
+        self._credentials = credentials
         self._harvester = harvester
         self._max_inflight = max_inflight
         self._wake = asyncio.Event()
@@ -131,7 +134,7 @@ class Dispatcher:
     async def _send(self, job: Job) -> None:
         try:
             reply = await self._upstream.call(
-                job.method, job.target, upstream_headers(job), job.body
+                job.method, job.target, upstream_headers(job, self._credentials), job.body
             )
         except UpstreamFailure as failure:
             log.warning("job %d not submitted, will retry: %s", job.id, failure.message)
@@ -154,7 +157,7 @@ class Dispatcher:
             await self._abandon(job, upstream_id)
 
     async def _abandon(self, job: Job, upstream_id: str) -> None:
-        headers = auth_headers(job.auth)
+        headers = self._credentials.headers(job.user, job.auth)
         calls: list[Callable[[], Awaitable[Reply]]] = [
             lambda: self._upstream.call("PUT", f"/_api/job/{upstream_id}/cancel", headers),
             lambda: self._upstream.call("DELETE", f"/_api/job/{upstream_id}", headers),

@@ -9,6 +9,11 @@ the age of the youngest job at ArangoDB (a twentieth of it, between 5 ms and
 0.5 s), so a result is noticed within milliseconds while long-running jobs
 cost a couple of requests a second.
 
+The credentials come from ``proxy.tokens`` (the caller's stored header, or a
+token signed for the job's user). A list refused with 401/403 means they no
+longer work: each of those jobs is fetched, and ArangoDB's refusal becomes its
+result.
+
 Each finished job is fetched with ``PUT /_api/job/{upstream-id}``, which also
 frees ArangoDB's memory. Once a second, jobs that are neither pending nor
 done at ArangoDB are asked for one by one; a 404 then means ArangoDB lost the
@@ -29,9 +34,8 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
-from multidict import CIMultiDict
-
 from proxy.errors import ERROR_INTERNAL, JSON_TYPE, UpstreamFailure, error_body
+from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream, end_to_end
 from storage import Job, JobState, JobStore, StoredResponse
 
@@ -47,13 +51,6 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 # Not replayed from a stored response: recomputed, or added by the facade.
 _NOT_KEPT = ("content-length", "date", "x-arango-async-id")
-
-
-def auth_headers(auth: str | None) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    if auth is not None:
-        headers["Authorization"] = auth
-    return headers
 
 
 def stored_response(reply: Reply) -> StoredResponse:
@@ -73,10 +70,18 @@ def lost_response(upstream_id: str, policy: str) -> StoredResponse:
     )
 
 
+class _Refused(Exception):
+    """ArangoDB refused the credentials a job list was asked with (401/403)."""
+
+
+Owner = tuple[str, str | None]  # (user, stored Authorization): whose credentials
+
+
 @dataclass(frozen=True, slots=True)
 class Tracked:
     job_id: int
     upstream_id: str
+    user: str
     auth: str | None
     method: str
 
@@ -86,6 +91,8 @@ class Harvester:
         self,
         store: JobStore,
         upstream: Upstream,
+        credentials: JobCredentials,
+        *,
         policy: str,
         wake_dispatcher: Callable[[], None],
         metrics: Counter[str],
@@ -93,6 +100,7 @@ class Harvester:
         self._metrics = metrics
         self._store = store
         self._upstream = upstream
+        self._credentials = credentials
         self._policy = policy
         # called whenever a job leaves ArangoDB: a slot is free, or a job is back in line
         self._wake_dispatcher = wake_dispatcher
@@ -109,7 +117,7 @@ class Harvester:
         return len(self._jobs)
 
     def track(self, job: Job, upstream_id: str) -> None:
-        tracked = Tracked(job.id, upstream_id, job.auth, job.method)
+        tracked = Tracked(job.id, upstream_id, job.user, job.auth, job.method)
         self._jobs[upstream_id] = tracked
         self._fresh.append(tracked)
         self._youngest = time.monotonic()
@@ -149,42 +157,57 @@ class Harvester:
         groups = self._by_credentials(skip=looked_at)
         await asyncio.gather(
             self._collect_all(fresh),
-            *(self._harvest(auth, jobs) for auth, jobs in groups.items()),
+            *(self._harvest(owner, jobs) for owner, jobs in groups.items()),
         )
         if time.monotonic() - self._last_lost_check >= LOST_CHECK_INTERVAL:
             self._last_lost_check = time.monotonic()
-            await asyncio.gather(*(self._find_lost(auth, jobs) for auth, jobs in groups.items()))
+            await asyncio.gather(*(self._find_lost(owner, jobs) for owner, jobs in groups.items()))
 
-    def _by_credentials(self, skip: Collection[str] = ()) -> dict[str | None, list[Tracked]]:
-        groups: dict[str | None, list[Tracked]] = defaultdict(list)
+    def _by_credentials(self, skip: Collection[str] = ()) -> dict[Owner, list[Tracked]]:
+        # (user, stored header): the same header means the same user; with signed
+        # tokens nothing is stored, and each user is one group.
+        groups: dict[Owner, list[Tracked]] = defaultdict(list)
         for tracked in self._jobs.values():
             if tracked.upstream_id not in skip:
-                groups[tracked.auth].append(tracked)
+                groups[tracked.user, tracked.auth].append(tracked)
         return groups
 
-    async def _list(self, auth: str | None, which: str, size: int) -> set[str] | None:
+    async def _list(self, owner: Owner, which: str, size: int) -> set[str] | None:
         try:
             reply = await self._upstream.call(
-                "GET", f"/_api/job/{which}?count={size + LIST_SLACK}", auth_headers(auth)
+                "GET",
+                f"/_api/job/{which}?count={size + LIST_SLACK}",
+                self._credentials.headers(*owner),
             )
         except UpstreamFailure as failure:
             log.debug("cannot list %s jobs: %s", which, failure.message)
             return None
+        if reply.status in (401, 403):
+            raise _Refused
         if reply.status == 200:
             with contextlib.suppress(ValueError, TypeError):  # not ArangoDB's list of ids
                 return {str(uid) for uid in reply.json()}
         log.warning("listing %s jobs at ArangoDB gave %d, no list of ids", which, reply.status)
         return None
 
-    async def _harvest(self, auth: str | None, jobs: list[Tracked]) -> None:
-        done = await self._list(auth, "done", len(jobs))
+    async def _harvest(self, owner: Owner, jobs: list[Tracked]) -> None:
+        try:
+            done = await self._list(owner, "done", len(jobs))
+        except _Refused:
+            # The credentials no longer work (password changed, token expired, user
+            # gone): fetching each job gets ArangoDB's refusal, which becomes its result.
+            await self._collect_all(jobs)
+            return
         if done:
             await self._collect_all(t for t in jobs if t.upstream_id in done)
 
-    async def _find_lost(self, auth: str | None, jobs: list[Tracked]) -> None:
+    async def _find_lost(self, owner: Owner, jobs: list[Tracked]) -> None:
         # pending first: a job that finishes in between then shows up as done
-        pending = await self._list(auth, "pending", len(jobs))
-        done = await self._list(auth, "done", len(jobs))
+        try:
+            pending = await self._list(owner, "pending", len(jobs))
+            done = await self._list(owner, "done", len(jobs))
+        except _Refused:
+            return  # _harvest ends these jobs
         if pending is None or done is None:
             return
         missing = [t for t in jobs if t.upstream_id not in pending | done]
@@ -199,7 +222,9 @@ class Harvester:
                 return  # settled while this fetch waited for its turn
             try:
                 reply = await self._upstream.call(
-                    "PUT", f"/_api/job/{tracked.upstream_id}", auth_headers(tracked.auth)
+                    "PUT",
+                    f"/_api/job/{tracked.upstream_id}",
+                    self._credentials.headers(tracked.user, tracked.auth),
                 )
             except UpstreamFailure as failure:
                 log.debug("cannot fetch job %d: %s", tracked.job_id, failure.message)

@@ -8,6 +8,7 @@ client that hangs up cannot abort it half-way.
 Refusals, all in ArangoDB's error shape::
 
     credentials refused ─▶ ArangoDB's own 401/11 or 404/1228
+    JWT with allowed_paths, upstream.jwt_secret_file set ─▶ 403/11
     ArangoDB unreachable, credentials not known ─▶ 503
     body over server.max_body_size ─▶ 413      body too slow ─▶ 408
     jobs.capacity unfinished jobs ─▶ 503/21003 "queue is full"
@@ -25,19 +26,21 @@ from aiohttp import web
 from proxy.auth import Caller
 from proxy.errors import ERROR_QUEUE_FULL, ERROR_SERVICE_UNAVAILABLE, arango_error
 from proxy.passthrough import forwarded_headers
-from proxy.state import CONFIG, DISPATCHER, METRICS, STORE, VERIFIER
+from proxy.state import CONFIG, CREDENTIALS, DISPATCHER, METRICS, STORE, VERIFIER
 from storage import CapacityExceeded, JobMode, NewJob, StoreError
 
 log = logging.getLogger(__name__)
 
 ASYNC_HEADER = "x-arango-async"
 ASYNC_ID_HEADER = "x-arango-async-id"
+ERROR_FORBIDDEN = 11  # ArangoDB's TRI_ERROR_FORBIDDEN
 ERROR_REQUEST_TIMEOUT = 408
 ERROR_TOO_LARGE = 413
 
 # Not stored with the job: the dispatcher sets its own async header, the
-# credentials live in their own column (wiped when done), and aiohttp
-# computes the length of the stored body.
+# credentials live in their own column (wiped when done, or never stored at
+# all with upstream.jwt_secret_file), and aiohttp computes the length of the
+# stored body.
 _NOT_STORED = (ASYNC_HEADER, "authorization", "content-length", "expect")
 
 
@@ -82,6 +85,14 @@ async def intake(request: web.Request, mode: JobMode) -> web.Response:
     verified = await request.app[VERIFIER].caller(request)
     if isinstance(verified, web.Response):
         return verified
+    if not request.app[CREDENTIALS].can_act_for(verified.authorization):
+        return arango_error(
+            403,
+            ERROR_FORBIDDEN,
+            "the proxy signs its own tokens (upstream.jwt_secret_file) and cannot keep a "
+            "token's allowed_paths limit; send this request without x-arango-async",
+            handler=False,
+        )
     body = await read_body(request)
     if isinstance(body, web.Response):
         return body
@@ -99,7 +110,8 @@ async def accept(request: web.Request, mode: JobMode, caller: Caller, body: byte
         method=request.method,
         target=request.raw_path,
         headers=tuple(headers.items()),
-        auth=caller.authorization,
+        # None when the proxy signs its own tokens (upstream.jwt_secret_file)
+        auth=request.app[CREDENTIALS].to_store(caller.authorization),
         body=body,
         created=time.time(),
     )

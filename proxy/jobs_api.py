@@ -39,7 +39,7 @@ from proxy.errors import (
 )
 from proxy.intake import ASYNC_ID_HEADER, async_mode, intake
 from proxy.passthrough import passthrough
-from proxy.state import STORE, UPSTREAM, VERIFIER
+from proxy.state import CREDENTIALS, STORE, UPSTREAM, VERIFIER
 from storage import JobState, StoredResponse, StoreError
 from storage.records import Job
 
@@ -237,9 +237,7 @@ async def _cancel(app: web.Application, job_id: int, viewer: str | None) -> web.
 
 async def _cancel_upstream(app: web.Application, job: Job) -> web.Response:
     """ArangoDB cancels the job it runs; its (410) result arrives through the harvester."""
-    headers: CIMultiDict[str] = CIMultiDict()
-    if job.auth is not None:
-        headers["Authorization"] = job.auth
+    headers = app[CREDENTIALS].headers(job.user, job.auth)
     try:
         await app[UPSTREAM].call("PUT", f"/_api/job/{job.upstream_id}/cancel", headers)
     except UpstreamFailure as failure:

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from proxy.auth import Verifier
 from proxy.config import Config
+from proxy.tokens import JobCredentials
 from proxy.upstream import Upstream
 from storage import JobStore
 
@@ -24,6 +25,8 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 STORE = web.AppKey("store", JobStore)
 VERIFIER = web.AppKey("verifier", Verifier)
 DISPATCHER = web.AppKey("dispatcher", Waker)
+# what the proxy sends to ArangoDB on a job's behalf (proxy.tokens)
+CREDENTIALS = web.AppKey("credentials", JobCredentials)
 # counters by name (proxy.ops.COUNTERS lists them); a plain Counter keeps
 # dispatcher and harvester free of any metrics library
 METRICS = web.AppKey("metrics", Counter[str])

@@ -1,5 +1,7 @@
 """The data folder: created private, locked for one store, holding a 0600 database file.
 
+An existing folder that group or others can write is refused (see `_refuse_shared`).
+
 Job ids are allocated in memory by the one writer, so two stores on the same folder
 would hand out the same ids; an exclusive ``flock`` on the folder makes the second
 one fail at open instead. The kernel drops the lock when the process dies, even by
@@ -46,6 +48,11 @@ class DataFolder:
         except OSError as exc:
             raise StoreError(f"cannot open the data folder {path}: {exc}") from exc
         try:
+            _refuse_shared(path, os.fstat(fd))
+        except StoreError:
+            os.close(fd)
+            raise
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
@@ -86,3 +93,19 @@ class DataFolder:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
+
+
+def _refuse_shared(path: Path, status: os.stat_result) -> None:
+    """A folder that others can write is not private, whatever its files' modes.
+
+    Anyone who can write the folder can delete and replace the database, its -wal
+    or -shm file (or plant a symlink before they exist) and so read or forge jobs
+    and the credentials they carry. The proxy does not chmod an operator's folder
+    behind their back: it refuses, and says how to fix it.
+    """
+    mode = stat.S_IMODE(status.st_mode)
+    if mode & 0o022:
+        raise StoreError(
+            f"the data folder {path} is writable by group or others (mode {mode:04o}); "
+            f"make it private, e.g. chmod 700 {path}"
+        )

@@ -10,6 +10,11 @@ Visibility: the job facade's methods see only jobs in mode ``store``; a viewer o
 A job deleted while unfinished is *forgotten* (mode ``true``): it runs on, and
 ``finish`` deletes it instead of storing its result (the schema's trigger).
 
+Credentials and results that are wiped or deleted are zeroed in place
+(``secure_delete``) and, soon after, cleared from the -wal file as well (the
+writer's scrubbing checkpoint, ``storage.writer``; every write that wipes or
+removes data passes ``scrubs=True``).
+
 ``unfinished`` counts jobs in state accepted or submitted. It is kept in memory,
 read once at open, and changed only by the writer right after a commit, so it is
 exact even when a caller is cancelled while its write commits. ``result_bytes``,
@@ -94,6 +99,8 @@ class JobStore:
             writer_db = await _connect(data.database)
             connections.append(writer_db)
             await schema.prepare(writer_db, data.database, synchronous)
+            # A killed predecessor may have left wiped credentials in old WAL frames.
+            await writer_db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             [(high_water, unfinished, result_bytes)] = await writer_db.execute_fetchall(
                 sql.OPEN_COUNTS
             )
@@ -135,6 +142,11 @@ class JobStore:
     def commits(self) -> int:
         """Transactions the writer has committed since open."""
         return self._writer.commits
+
+    @property
+    def checkpoints(self) -> int:
+        """Checkpoints that cleared the -wal file of wiped data since open (storage.writer)."""
+        return self._writer.checkpoints
 
     @property
     def unfinished(self) -> int:
@@ -256,6 +268,7 @@ class JobStore:
         changed = await self._write_rows(
             Statement(sql.FINISH, params),
             on_commit=lambda result: self._finish_committed(result, size),
+            scrubs=True,  # the wiped credentials must leave the -wal file too
         )
         return len(changed) == 1
 
@@ -297,7 +310,9 @@ class JobStore:
         if state is not JobState.DONE:
             return state
         taken = await self._write_rows(
-            Statement(sql.TAKE_RESULT, _by_id(job_id, viewer)), on_commit=self._removed
+            Statement(sql.TAKE_RESULT, _by_id(job_id, viewer)),
+            on_commit=self._removed,
+            scrubs=True,
         )
         return rows.response_from_row(taken[0][:3]) if taken else None
 
@@ -350,6 +365,7 @@ class JobStore:
             sizes = await self._write_rows(
                 Statement(sql.EXPIRE, {"stamp": float(before), "limit": chunk}),
                 on_commit=self._removed,
+                scrubs=True,
             )
             removed += _removed(sizes)
             if len(sizes) < chunk:
@@ -368,6 +384,7 @@ class JobStore:
             sizes = await self._write_rows(
                 Statement(sql.EVICT, {"excess": excess, "limit": chunk}),
                 on_commit=self._removed,
+                scrubs=True,
             )
             if not sizes:  # pragma: no cover - no done job left, yet a total above the cap
                 break  # cannot happen while the total is exact; never loop on it
@@ -376,7 +393,7 @@ class JobStore:
 
     async def _delete(self, *statements: Statement) -> int:
         """Deletes and forgets in one write; how many jobs were deleted or forgotten."""
-        return len(await self._write_rows(*statements, on_commit=self._removed))
+        return len(await self._write_rows(*statements, on_commit=self._removed, scrubs=True))
 
     def _removed(self, result: Result) -> None:
         """on_commit of every write that removes done jobs: rows of (size, ...) last."""
@@ -397,9 +414,12 @@ class JobStore:
         return cast(int, await future)
 
     async def _write_rows(
-        self, *statements: Statement, on_commit: OnCommit | None = None
+        self, *statements: Statement, on_commit: OnCommit | None = None, scrubs: bool = False
     ) -> list[Any]:
-        future = self._writer.enqueue(*statements, want=Want.ROWS, on_commit=on_commit)
+        """`scrubs`: the write wipes or removes data (see storage.writer)."""
+        future = self._writer.enqueue(
+            *statements, want=Want.ROWS, on_commit=on_commit, scrubs=scrubs
+        )
         return cast(list[Any], await future)
 
 

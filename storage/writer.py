@@ -18,13 +18,35 @@ Outcome of a batch::
     writer task cancelled mid-batch -> futures fail with StoreError; cancellation goes on
 
 A write whose caller gave up (future cancelled) before its batch started is skipped.
+
+Scrubbing the WAL. ``secure_delete`` zeroes wiped credentials and deleted results in
+the database pages, but every earlier version of those pages stays in the -wal file
+as a frame until SQLite happens to overwrite it, which on a quiet proxy can be never.
+A write enqueued with ``scrubs=True`` (one that wipes or deletes data) therefore asks
+for ``PRAGMA wal_checkpoint(TRUNCATE)``: every frame is copied into the database and
+the -wal file is cut to zero bytes. It runs between batches, never inside one:
+
+    scrub wanted, queue empty, last attempt >= SCRUB_INTERVAL ago    -> checkpoint now
+    scrub wanted, queue busy, wanted for < SCRUB_MAX_DELAY            -> writes first
+    scrub wanted, queue busy, wanted for >= SCRUB_MAX_DELAY,
+                  last attempt >= SCRUB_INTERVAL ago                 -> checkpoint now
+
+The trade-off: a TRUNCATE checkpoint costs an fsync of the database and a truncation,
+and the next commit has to grow the -wal file again, so it is rate-limited and done
+when the writer is idle; writes that arrive meanwhile wait for it (milliseconds). In
+exchange, wiped secrets leave the files within about SCRUB_INTERVAL of a quiet moment
+(at most SCRUB_MAX_DELAY under constant load) instead of whenever SQLite reuses the
+space. A checkpoint blocked by a reader ("busy") is simply tried again later.
+(Frames a killed process left behind are cleared by ``JobStore.open``.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -35,6 +57,11 @@ import aiosqlite
 from storage.errors import StoreError
 
 MAX_BATCH = 1024
+SCRUB_INTERVAL = 1.0  # seconds: least time between two scrubbing checkpoints
+SCRUB_MAX_DELAY = 30.0  # seconds: longest a scrub waits for an idle moment
+SCRUB_BUSY_TIMEOUT_MS = 100  # how long a scrub waits for readers before trying later
+
+log = logging.getLogger(__name__)
 
 Params = Sequence[Any] | Mapping[str, Any]
 Result = int | list[Any] | None
@@ -61,6 +88,7 @@ class _Write:
     future: asyncio.Future[Result]
     on_commit: OnCommit | None
     on_abort: OnAbort | None
+    scrubs: bool = False
 
     def batchable_with(self, other: _Write) -> bool:
         return (
@@ -77,8 +105,12 @@ class Writer:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
         self.commits = 0
+        self.checkpoints = 0  # scrubbing checkpoints that completed
+        self.scrub_attempts = 0  # completed or not (a reader in the way)
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._closing = False
+        self._scrub_wanted_since: float | None = None
+        self._last_scrub = time.monotonic()  # JobStore.open has just checkpointed
         self._task = asyncio.create_task(self._run(), name="job-store-writer")
 
     def enqueue(
@@ -87,12 +119,16 @@ class Writer:
         want: Want = Want.NOTHING,
         on_commit: OnCommit | None = None,
         on_abort: OnAbort | None = None,
+        scrubs: bool = False,
     ) -> asyncio.Future[Result]:
-        """Queue one write (its statements run in order, in the same transaction)."""
+        """Queue one write (its statements run in order, in the same transaction).
+
+        `scrubs`: the write wipes or deletes data that must not linger in the -wal file.
+        """
         if self._closing or self._task.done():
             raise StoreError("the job store is closed")
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(statements, want, future, on_commit, on_abort))
+        self._queue.put_nowait(_Write(statements, want, future, on_commit, on_abort, scrubs))
         return future
 
     async def stop(self) -> None:
@@ -105,7 +141,7 @@ class Writer:
     async def _run(self) -> None:
         try:
             while True:
-                first = await self._queue.get()
+                first = await self._next()
                 if first is None:
                     return
                 batch = [first]
@@ -128,6 +164,39 @@ class Writer:
                 if item is not None:
                     _fail([item], "the job store was stopped before this write ran", None)
 
+    async def _next(self) -> _Write | None:
+        """The next queued write, after a scrubbing checkpoint if one is due (see above)."""
+        while self._scrub_wanted_since is not None:
+            now = time.monotonic()
+            wait = self._last_scrub + SCRUB_INTERVAL - now
+            if not self._queue.empty():
+                # a busy writer checkpoints only when overdue, and never twice in a
+                # row (a reader in the way must not starve the queued writes)
+                if wait > 0 or now - self._scrub_wanted_since < SCRUB_MAX_DELAY:
+                    return self._queue.get_nowait()
+            elif wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        return await self._queue.get()
+                continue
+            await self._scrub()
+        return await self._queue.get()
+
+    async def _scrub(self) -> None:
+        self.scrub_attempts += 1
+        db = self.db
+        try:
+            done = await db._execute(_checkpoint, db._conn)  # type: ignore[no-untyped-call]
+        except sqlite3.Error as exc:
+            log.warning("cannot checkpoint the job store's WAL, will retry: %s", exc)
+            return
+        finally:
+            # from the end: a slow (busy) attempt is never followed at once by another
+            self._last_scrub = time.monotonic()
+        if done:
+            self._scrub_wanted_since = None
+            self.checkpoints += 1
+
     async def _commit(self, batch: list[_Write]) -> None:
         live = []
         for write in batch:
@@ -146,6 +215,8 @@ class Writer:
             _fail(live, "the job store was stopped in the middle of a write", exc)
             raise
         self.commits += 1
+        if self._scrub_wanted_since is None and any(write.scrubs for write in live):
+            self._scrub_wanted_since = time.monotonic()
         for write, result in zip(live, results, strict=True):
             if write.on_commit is not None:
                 write.on_commit(result)
@@ -192,6 +263,19 @@ def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[Result]
             conn.rollback()
         raise
     return results
+
+
+def _checkpoint(conn: sqlite3.Connection) -> bool:
+    """Copy the whole WAL into the database and truncate it; False if a reader was in
+    the way. In SQLite's thread. The busy timeout is cut short meanwhile: writes queued
+    behind the checkpoint must not wait seconds for a reader; it is tried again later."""
+    [(busy_timeout,)] = conn.execute("PRAGMA busy_timeout").fetchall()
+    conn.execute(f"PRAGMA busy_timeout = {SCRUB_BUSY_TIMEOUT_MS}")
+    try:
+        [(busy, _, _)] = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout)}")
+    return bool(busy == 0)
 
 
 def _execute_one(conn: sqlite3.Connection, write: _Write) -> Result:

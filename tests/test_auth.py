@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import time
+from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
 
-from proxy.auth import database_of, user_of
+from proxy import auth
+from proxy.auth import Verifier, database_of, user_of
+from proxy.config import UpstreamConfig
+from proxy.upstream import Upstream
+from tests.conftest import ProxyFactory
+from tests.standin import StandIn, make_jwt
+from tests.standin.client import ALICE, BOB, ROOT, Client, basic
+from tests.standin.pytest_plugin import StandInFactory
 
 
 def jwt(claims: dict[str, object]) -> str:
@@ -49,3 +60,186 @@ def test_user_of(header: str | None, user: str) -> None:
 )
 def test_database_of(path: str, expected: tuple[str, str]) -> None:
     assert database_of(path) == expected
+
+
+# -- Verifier: what is asked of ArangoDB, and what is remembered -----------------------
+
+CHECK = "/_db/_system/_api/version"
+WRONG = basic("alice", "wrong")["authorization"]
+
+
+class Clock:
+    """Monotonic time the test moves: a TTL cannot be fast-forwarded for real."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(auth, "time", fake)
+    return fake
+
+
+@pytest.fixture
+async def upstream(standin: StandIn) -> AsyncIterator[Upstream]:
+    connection = Upstream(UpstreamConfig(url=standin.url))
+    await connection.start()
+    yield connection
+    await connection.close()
+
+
+def checks(standin: StandIn, authorization: str | None = None, path: str = CHECK) -> int:
+    """Credential checks the stand-in received (for one header, if given)."""
+    return sum(
+        1
+        for _, raw_path, header in standin.received
+        if raw_path == path and (authorization is None or header == authorization)
+    )
+
+
+async def test_a_positive_answer_is_remembered_for_the_ttl(
+    standin: StandIn, upstream: Upstream, clock: Clock
+) -> None:
+    verifier = Verifier(upstream, ttl=30)
+    for _ in range(3):
+        assert await verifier.verify(ALICE["authorization"], "_system") is None
+    assert checks(standin) == 1
+    clock.now += 29.9
+    assert await verifier.verify(ALICE["authorization"], "_system") is None
+    assert checks(standin) == 1
+    clock.now += 0.2  # expired: ask again
+    assert await verifier.verify(ALICE["authorization"], "_system") is None
+    assert checks(standin) == 2
+    # the same credentials for another database are another question
+    refusal = await verifier.verify(ALICE["authorization"], "nope")
+    assert refusal is not None
+    assert refusal.status == 404
+    assert checks(standin, path="/_db/nope/_api/version") == 1
+
+
+async def test_a_refusal_is_never_remembered(
+    standin: StandIn, upstream: Upstream, clock: Clock
+) -> None:
+    verifier = Verifier(upstream, ttl=30)
+    for asked in range(1, 4):
+        refusal = await verifier.verify(WRONG, "_system")
+        assert refusal is not None
+        assert refusal.status == 401
+        assert json.loads(refusal.body)["errorNum"] == 11  # type: ignore[arg-type]
+        assert refusal.headers.getall("WWW-Authenticate")[0] == 'Basic, realm="ArangoDB"'
+        assert checks(standin, WRONG) == asked
+    for asked in range(1, 3):
+        assert await verifier.verify(ALICE["authorization"], "nope") is not None
+        assert checks(standin, path="/_db/nope/_api/version") == asked
+    # the right password still works, and only that one is remembered
+    assert await verifier.verify(ALICE["authorization"], "_system") is None
+    assert await verifier.verify(WRONG, "_system") is not None
+    assert checks(standin, WRONG) == 4
+
+
+async def test_the_cache_is_bounded_oldest_out_first(
+    standin: StandIn, upstream: Upstream, clock: Clock
+) -> None:
+    verifier = Verifier(upstream, ttl=30, max_entries=2)
+    headers = [ROOT["authorization"], ALICE["authorization"], BOB["authorization"]]
+    for header in headers:  # root is pushed out by bob
+        assert await verifier.verify(header, "_system") is None
+    assert len(verifier._verified) == 2
+    assert await verifier.verify(BOB["authorization"], "_system") is None
+    assert await verifier.verify(ALICE["authorization"], "_system") is None
+    assert [checks(standin, header) for header in headers] == [1, 1, 1]
+    assert await verifier.verify(ROOT["authorization"], "_system") is None
+    assert [checks(standin, header) for header in headers] == [2, 1, 1]
+    # the cache holds keyed digests, never the credentials
+    assert all(len(key) == 32 for key in verifier._verified)
+    assert not any(b"YWxpY2U" in key for key in verifier._verified)
+
+
+async def test_concurrent_checks_of_new_credentials_share_one_request(
+    standin: StandIn, upstream: Upstream
+) -> None:
+    verifier = Verifier(upstream, ttl=30)
+    answers = await asyncio.gather(
+        *(verifier.verify(ALICE["authorization"], "_system") for _ in range(10)),
+        *(verifier.verify(WRONG, "_system") for _ in range(10)),
+    )
+    assert answers[:10] == [None] * 10
+    assert all(answer is not None and answer.status == 401 for answer in answers[10:])
+    assert checks(standin, ALICE["authorization"]) == 1
+    assert checks(standin, WRONG) == 1
+
+
+# -- identity through the proxy ---------------------------------------------------------
+
+SECRET = "proxy-test-jwt-secret"
+
+
+def bearer(claims: dict[str, object]) -> dict[str, str]:
+    return {"authorization": "Bearer " + make_jwt(SECRET, {"iss": "arangodb", **claims})}
+
+
+async def test_refused_credentials_are_asked_again_each_time_through_the_proxy(
+    standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    client = Client(http, await start_proxy(standin.url))
+    for asked in range(1, 4):
+        for headers in ({"x-arango-async": "store"}, {}):
+            path = "/_api/version" if headers else "/_api/job/done"
+            answer = await client.call("GET", path, headers=headers, user=basic("alice", "wrong"))
+            assert answer.status == 401
+            assert answer.json["errorNum"] == 11
+        assert checks(standin, WRONG) == 2 * asked
+    job = await client.submit("GET", "/_api/version", user=ALICE)
+    assert (await client.result(job, user=ALICE)).status == 200
+
+
+async def test_jwt_users_and_the_superuser_token_through_the_proxy(
+    standin_factory: StandInFactory, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    standin = await standin_factory(jwt_secret=SECRET)
+    client = Client(http, await start_proxy(standin.url))
+    alice_token = bearer({"preferred_username": "alice"})
+    bob_token = bearer({"preferred_username": "bob", "exp": time.time() + 3600})
+    superuser = bearer({"server_id": "ops"})
+    alices = await client.submit("GET", "/_api/version", user=alice_token)
+    bobs = await client.submit("GET", "/_api/version", user=bob_token)
+    supers = await client.submit("GET", "/_api/version", user=superuser)
+    for job, owner in ((alices, alice_token), (bobs, bob_token), (supers, superuser)):
+        await client.wait_done(job, user=owner)
+    done = (await client.call("GET", "/_api/job/done", user=superuser)).json
+    assert sorted(done, key=int) == [alices, bobs, supers]  # the superuser sees every job
+    # a token's user is that user, the same as Basic auth with its password
+    assert (await client.call("GET", "/_api/job/done", user=alice_token)).json == [alices]
+    assert (await client.call("GET", "/_api/job/done", user=ALICE)).json == [alices]
+    assert (await client.call("GET", f"/_api/job/{supers}", user=bob_token)).status == 404
+    assert (await client.result(bobs, user=BOB)).json["server"] == "arango"
+    assert (await client.result(alices, user=superuser)).status == 200
+    # tokens ArangoDB refuses are refused, and never cached as good
+    forged = {"authorization": "Bearer " + make_jwt("other", {"iss": "arangodb", "server_id": "x"})}
+    expired = bearer({"preferred_username": "alice", "exp": time.time() - 1})
+    for refused in (forged, expired, forged):
+        answer = await client.call("GET", "/_api/job/done", user=refused)
+        assert answer.status == 401
+    assert checks(standin, forged["authorization"]) == 2
+
+
+async def test_without_authentication_everyone_is_the_anonymous_superuser(
+    standin_noauth: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    client = Client(http, await start_proxy(standin_noauth.url))
+    anonymous: dict[str, str] = {}
+    anonymous_job = await client.submit("GET", "/_api/version", user=anonymous)
+    roots = await client.submit("GET", "/_api/version", user=ROOT)
+    await client.wait_done(anonymous_job, user=anonymous)
+    await client.wait_done(roots, user=ROOT)
+    done = (await client.call("GET", "/_api/job/done", user=anonymous)).json
+    assert sorted(done, key=int) == [anonymous_job, roots]
+    # a Basic user name still scopes what that caller sees, as in ArangoDB
+    assert (await client.call("GET", "/_api/job/done", user=ROOT)).json == [roots]
+    assert (await client.call("GET", f"/_api/job/{anonymous_job}", user=ROOT)).status == 404
+    assert (await client.result(roots, user=anonymous)).status == 200

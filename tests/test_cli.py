@@ -88,7 +88,7 @@ async def test_a_malformed_request_is_one_log_line(
     host, port = proc.url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
-    assert (await reader.read()).startswith(b"HTTP/1.1 400 ")
+    assert (await reader.read()).split(b" ", 2)[1] == b"400"
     writer.close()
     assert proc.stop() == 0
     logged = "".join(proc.output)
@@ -96,3 +96,31 @@ async def test_a_malformed_request_is_one_log_line(
     [line] = [line for line in logged.splitlines() if "aiohttp.server" in line]
     assert "WARNING" in line
     assert "Error handling request from 127.0.0.1" in line
+
+
+def test_a_data_folder_others_can_write_exits_1(tmp_path: Path) -> None:
+    data = tmp_path / "shared"
+    data.mkdir()
+    data.chmod(0o777)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--data",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()  # one line, no traceback, nothing unclosed
+    assert line.endswith(
+        f"ERROR arango_async_proxy: cannot open the job store: the data folder {data} is "
+        f"writable by group or others (mode 0777); make it private, e.g. chmod 700 {data}"
+    )
+    assert not (data / "jobs.sqlite3").exists()

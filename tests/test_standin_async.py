@@ -224,7 +224,9 @@ async def test_jwt_superuser_sees_every_job(
 ) -> None:
     server = await standin_factory(jwt_secret="s3cret")
     client = Client(standin_http, server.url)
-    superuser = {"authorization": "bearer " + make_jwt("s3cret", {"iss": "arangodb"})}
+    superuser = {
+        "authorization": "bearer " + make_jwt("s3cret", {"iss": "arangodb", "server_id": "x"})
+    }
     as_bob = {
         "authorization": "Bearer "
         + make_jwt("s3cret", {"iss": "arangodb", "preferred_username": "bob"})

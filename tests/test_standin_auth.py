@@ -51,7 +51,8 @@ async def jwt_client(
         {"authorization": "Basic " + base64.b64encode(b"no-colon").decode()},
         {"authorization": "Negotiate abc"},
         {"authorization": "Basic"},
-        {"authorization": "bearer " + make_jwt(SECRET, {"iss": "arangodb"})},  # no secret set
+        # no secret set
+        {"authorization": "bearer " + make_jwt(SECRET, {"iss": "arangodb", "server_id": "x"})},
     ],
 )
 async def test_refused_at_once_with_401(
@@ -112,15 +113,20 @@ async def test_passwords_with_colons(standin_factory: StandInFactory) -> None:
         (bearer({"iss": "arangodb", "preferred_username": "alice"}), 200),
         (bearer({"iss": "arangodb", "server_id": "x"}), 200),
         # parameters are built at collection time: leave the whole run to finish
-        (bearer({"iss": "arangodb", "exp": time.time() + 3600}), 200),
-        (bearer({"iss": "arangodb", "exp": time.time() - 1}), 401),
-        (bearer({"iss": "arangodb", "exp": "soon"}), 401),
+        (bearer({"iss": "arangodb", "server_id": "x", "exp": time.time() + 3600}), 200),
+        (bearer({"iss": "arangodb", "preferred_username": "bob", "exp": time.time() + 3600}), 200),
+        (bearer({"iss": "arangodb", "server_id": "x", "exp": time.time() - 1}), 401),
+        (bearer({"iss": "arangodb", "preferred_username": "bob", "exp": time.time() - 1}), 401),
+        (bearer({"iss": "arangodb", "server_id": "x", "exp": "soon"}), 401),
+        (bearer({"iss": "arangodb", "server_id": "x", "exp": True}), 401),
+        (bearer({"iss": "arangodb"}), 401),  # neither a user nor a server_id
+        (bearer({"server_id": "x"}), 401),
         (bearer({"iss": "somebody"}), 401),
         (bearer({"preferred_username": "alice"}), 401),
         (bearer({"iss": "arangodb", "preferred_username": "mallory"}), 401),
         (bearer({"iss": "arangodb", "preferred_username": ""}), 401),
-        (bearer({"iss": "arangodb"}, secret="other"), 401),
-        (unsigned({"iss": "arangodb"}), 401),
+        (bearer({"iss": "arangodb", "server_id": "x"}, secret="other"), 401),
+        (unsigned({"iss": "arangodb", "server_id": "x"}), 401),
         ({"authorization": "Bearer not-a-jwt"}, 401),
         (ALICE, 200),
     ],

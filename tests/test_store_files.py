@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiosqlite
 import pytest
 
-from storage import JobStore, StoreError, schema
+from storage import JobState, JobStore, StoredResponse, StoreError, schema, writer
 from storage.folder import DataFolder
 from tests.test_store import RESULT, new_job
 
@@ -56,6 +58,20 @@ async def test_an_existing_folder_keeps_its_mode_and_a_loose_file_is_tightened(
     await store.close()
     assert mode(data) == 0o750
     assert mode(data / "jobs.sqlite3") == 0o600
+
+
+@pytest.mark.parametrize("loose", [0o770, 0o707, 0o1777, 0o720, 0o702])
+async def test_a_folder_others_can_write_is_refused(tmp_path: Path, loose: int) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(data, loose)
+    with pytest.raises(StoreError, match=r"writable by group or others \(mode 0?\d+\); make it"):
+        await JobStore.open(data)
+    assert mode(data) == loose  # not changed behind the operator's back
+    assert not (data / "jobs.sqlite3").exists()
+    os.chmod(data, 0o750)  # readable by the group is the operator's choice
+    store = await JobStore.open(data)  # the refused open left no lock behind
+    await store.close()
 
 
 async def test_an_empty_existing_file_becomes_a_store(tmp_path: Path) -> None:
@@ -213,3 +229,110 @@ async def test_release_of_the_folder_is_idempotent(tmp_path: Path) -> None:
     folder.release()
     folder.release()
     DataFolder.claim(tmp_path).release()
+
+
+DATABASE_FILES = ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm")
+
+
+def stored_bytes(data: Path) -> bytes:
+    """Everything the store's files hold, as anyone who can read them would see it."""
+    return b"".join((data / name).read_bytes() for name in DATABASE_FILES if (data / name).exists())
+
+
+async def wait_for_checkpoint(store: JobStore, after: int) -> None:
+    deadline = time.monotonic() + 10
+    while store.checkpoints <= after:
+        assert time.monotonic() < deadline, "no scrubbing checkpoint"
+        await asyncio.sleep(0.01)
+
+
+async def test_wiped_credentials_and_results_leave_the_wal_too(tmp_path: Path) -> None:
+    # Distinct markers, so a hit can only come from these jobs.
+    secrets = [f"Basic c2VjcmV0LW1hcmtlci0{n}=" for n in range(3)]
+    result = StoredResponse(200, (), b"result-marker-" + b"x" * 5000)  # spills to overflow
+    store = await JobStore.open(tmp_path)
+    try:
+        ids = [await store.accept(new_job(auth=secret)) for secret in secrets]
+        seen = stored_bytes(tmp_path)
+        assert all(secret.encode() in seen for secret in secrets)
+        await store.mark_submitted(ids[0], "u1")
+        await store.finish(ids[0], result)  # harvested
+        await store.finish(ids[1], RESULT, from_states=(JobState.ACCEPTED,))  # cancelled
+        assert await store.delete(ids[2], "alice")  # forgotten: runs on, keeps its auth
+        checkpoints = store.checkpoints
+        await wait_for_checkpoint(store, checkpoints)
+        seen = stored_bytes(tmp_path)
+        assert secrets[0].encode() not in seen
+        assert secrets[1].encode() not in seen
+        assert secrets[2].encode() in seen  # still needed to talk to ArangoDB
+        assert b"result-marker-" in seen
+        assert (tmp_path / "jobs.sqlite3-wal").stat().st_size == 0
+
+        assert await store.take_result(ids[0], "alice") == result
+        await store.finish(ids[2], RESULT)  # the forgotten job ends: row deleted
+        checkpoints = store.checkpoints
+        await wait_for_checkpoint(store, checkpoints)
+        seen = stored_bytes(tmp_path)
+        assert not any(secret.encode() in seen for secret in secrets)
+        assert b"result-marker-" not in seen
+    finally:
+        await store.close()
+
+
+async def test_frames_a_killed_store_left_behind_are_scrubbed_at_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "Basic bGVmdC1iZWhpbmQtbWFya2Vy"
+    store = await JobStore.open(tmp_path)
+    job_id = await store.accept(new_job(auth=secret))
+    await store.close()  # the job is in the main file now
+    monkeypatch.setattr(writer, "SCRUB_INTERVAL", 3600.0)  # no scrubs while running
+    store = await JobStore.open(tmp_path)
+    await store.finish(job_id, RESULT)
+    # A kill -9 now leaves the wiped page in the WAL and the old one, with the secret,
+    # in the main file: copy the files as they are, as a crash would leave them.
+    copy = tmp_path / "copy"
+    copy.mkdir(mode=0o700)
+    for name in DATABASE_FILES:
+        if (tmp_path / name).exists():
+            (copy / name).write_bytes((tmp_path / name).read_bytes())
+    await store.close()
+    assert secret.encode() in stored_bytes(copy)
+    reopened = await JobStore.open(copy)
+    try:
+        assert secret.encode() not in stored_bytes(copy)
+        assert await reopened.state(job_id, "alice") is JobState.DONE
+    finally:
+        await reopened.close()
+
+
+async def test_a_reader_in_the_way_delays_the_scrub_but_never_the_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Scrubs wanted at once and overdue at once: the writer must still interleave.
+    monkeypatch.setattr(writer, "SCRUB_INTERVAL", 0.01)
+    monkeypatch.setattr(writer, "SCRUB_MAX_DELAY", 0.0)
+    secret = "Basic cmVhZGVyLWluLXRoZS13YXk="
+    store = await JobStore.open(tmp_path)
+    try:
+        job_id = await store.accept(new_job(auth=secret))  # no scrub is wanted yet
+        # Another process reading the database holds a snapshot: a TRUNCATE
+        # checkpoint cannot finish while it lasts.
+        reader = sqlite3.connect(tmp_path / "jobs.sqlite3", isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM jobs").fetchall()
+        checkpoints, attempts = store.checkpoints, store._writer.scrub_attempts
+        await store.finish(job_id, RESULT)
+        deadline = time.monotonic() + 20
+        # writes keep committing while the scrub fails again and again
+        while store._writer.scrub_attempts < attempts + 3:
+            assert time.monotonic() < deadline, "no scrub was tried"
+            await store.finish(await store.accept(new_job()), RESULT)
+        assert store.checkpoints == checkpoints
+        assert secret.encode() in stored_bytes(tmp_path)  # still in the -wal file
+        reader.execute("COMMIT")
+        reader.close()
+        await wait_for_checkpoint(store, checkpoints)
+        assert secret.encode() not in stored_bytes(tmp_path)
+    finally:
+        await store.close()

@@ -10,6 +10,7 @@ In-process use (pytest-asyncio)::
     standin.queue_full = True # every async request: 503/21003
     standin.write_count("_system", "coll", "key")  # inserts really executed (incl. 409s)
     standin.executed[("POST", "/_api/document/coll")]
+    standin.received  # [(method, raw path, Authorization or None)], every request as it came
     await standin.stop()
 
 As a process: ``python -m tests.standin --host 127.0.0.1 --port 0 [--tls PEM]`` (see __main__).

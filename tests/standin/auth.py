@@ -3,6 +3,12 @@
 Mirrors `CommTask::checkAuthHeader` and the token cache: the scheme name is
 matched case-insensitively, anything unreadable is simply "not authenticated"
 (the caller answers 401/11). `None` means not authenticated.
+
+A JWT (`TokenCache::validateJwtHeader`/`validateJwtBody`) needs header
+``{"alg":"HS256","typ":"JWT"}``, an HS256 signature with the server's secret,
+``"iss":"arangodb"``, and either ``preferred_username`` (a non-empty string
+naming an existing user) or ``server_id`` (a superuser token, no user); an
+``exp``, if present, must be a number still in the future.
 """
 
 from __future__ import annotations
@@ -93,16 +99,22 @@ class Authenticator:
             ).digest()
             if not hmac.compare_digest(expected, raw_signature):
                 return None
+        # TokenCache::validateJwtBody: iss, then a user or a server_id, then exp
         if claims.get("iss") != "arangodb":
             return None
+        if "preferred_username" in claims:
+            user = claims["preferred_username"]
+            if not isinstance(user, str) or not user:
+                return None
+            if self.enabled and user not in self.users:
+                return None
+        elif "server_id" in claims:
+            user = ""  # a superuser token
+        else:
+            return None
         exp = claims.get("exp")
-        if exp is not None and (not isinstance(exp, int | float) or exp <= time.time()):
-            return None
-        if "preferred_username" not in claims:
-            return ""
-        user = claims["preferred_username"]
-        if not isinstance(user, str) or not user:
-            return None
-        if self.enabled and user not in self.users:
+        if exp is not None and (
+            not isinstance(exp, int | float) or isinstance(exp, bool) or exp <= time.time()
+        ):
             return None
         return user

@@ -98,6 +98,8 @@ class StandIn:
         self.queue_size = queue_size
         self.queue_full = False
         self.executed: Counter[tuple[str, str]] = Counter()
+        # every request as it arrived, before any check: (method, raw path, Authorization)
+        self.received: list[tuple[str, str, str | None]] = []
         self.ticks = Ticks()
         self.store = Store(self.ticks)
         self.data = DataApi(self.store)
@@ -178,9 +180,11 @@ class StandIn:
     # -- the request pipeline ------------------------------------------------
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
+        authorization = request.headers.get("authorization")
+        self.received.append((request.method, request.rel_url.raw_path, authorization))
         if request.method == "OPTIONS":
             return self._send(request, Reply(200, headers=(("allow", CORS_METHODS),)))
-        identity = self.authenticator.identify(request.headers.get("authorization"))
+        identity = self.authenticator.identify(authorization)
         if identity is None:
             return self._send(request, NOT_AUTHORIZED)
         database, path = split_database(request.rel_url.raw_path)
