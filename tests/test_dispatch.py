@@ -262,18 +262,24 @@ async def test_failing_lists_and_fetches_only_delay_the_harvest(
     assert upstream.seen.count(("PUT", "/_api/job/901")) == 2
 
 
+@pytest.fixture
+async def proxy_app(
+    standin: StandIn, serve_app: Callable[..., Awaitable[str]], tmp_path: Path
+) -> tuple[web.Application, str]:
+    """The proxy in front of the stand-in, with its application at hand (store, metrics)."""
+    config = proxy_config(standin.url, tmp_path / "data")
+    app = create_app(config)
+    return app, await serve_app(app, **runner_options(config))
+
+
 async def test_store_read_failure_in_dispatcher_is_retried(
-    standin: StandIn,
-    serve_app: Callable[..., Awaitable[str]],
+    proxy_app: tuple[web.Application, str],
     http: aiohttp.ClientSession,
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A read error cannot be produced on demand in SQLite: the store's method
     fails (mock) twice, then works; the dispatcher backs off and goes on."""
-    config = proxy_config(standin.url, tmp_path / "data")
-    app = create_app(config)
-    base = await serve_app(app, **runner_options(config))
+    app, base = proxy_app
     store = app[STORE]
     real = store.next_accepted
     failures = 2
@@ -294,17 +300,13 @@ async def test_store_read_failure_in_dispatcher_is_retried(
 
 
 async def test_unexpected_error_while_submitting_keeps_the_job(
-    standin: StandIn,
-    serve_app: Callable[..., Awaitable[str]],
+    proxy_app: tuple[web.Application, str],
     http: aiohttp.ClientSession,
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A failing write after ArangoDB took the job (mocked: SQLite cannot be made
     to fail one statement on demand) leaves it accepted; it is sent again."""
-    config = proxy_config(standin.url, tmp_path / "data")
-    app = create_app(config)
-    base = await serve_app(app, **runner_options(config))
+    app, base = proxy_app
     store = app[STORE]
     real = store.mark_submitted
     failures = 1

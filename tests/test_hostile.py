@@ -20,12 +20,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from tests.conftest import ProxyFactory
 from tests.standin import StandIn
-from tests.standin.client import ALICE, Answer, Client
+from tests.standin.client import ALICE, Client
 from tests.standin.pytest_plugin import StandInFactory
 from tests.test_isolation import SECRET, SUPERUSER
 from tests.test_jobs_conformance import SLEEP, Recorder
@@ -362,22 +361,8 @@ SCENARIOS = {f.__name__: f for f in (odd_ids, odd_paths, odd_parameters)}
 class RawClient(Client):
     """Sends every path exactly as written: yarl would resolve `..` and re-encode."""
 
-    async def call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        *,
-        headers: dict[str, str] | None = None,
-        user: dict[str, str] = ALICE,
-    ) -> Answer:
-        data = body if isinstance(body, bytes | None) else json.dumps(body).encode()
-        url = URL(self.base + path, encoded=True)
-        async with self.session.request(
-            method, url, data=data, headers={**user, **(headers or {})}
-        ) as resp:
-            payload = await resp.read()
-            return Answer(resp.status, payload, CIMultiDictProxy(CIMultiDict(resp.headers)))
+    def url(self, path: str) -> URL:
+        return URL(self.base + path, encoded=True)
 
 
 class IdRecorder(Recorder):

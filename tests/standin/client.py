@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 
 def basic(user: str, password: str = "") -> dict[str, str]:
@@ -49,6 +50,9 @@ class Client:
         self.session = session
         self.base = base
 
+    def url(self, path: str) -> str | URL:
+        return self.base + path
+
     async def call(
         self,
         method: str,
@@ -60,7 +64,7 @@ class Client:
     ) -> Answer:
         data = body if isinstance(body, bytes | None) else json.dumps(body).encode()
         async with self.session.request(
-            method, self.base + path, data=data, headers={**user, **(headers or {})}
+            method, self.url(path), data=data, headers={**user, **(headers or {})}
         ) as resp:
             payload = await resp.read()
             return Answer(resp.status, payload, CIMultiDictProxy(CIMultiDict(resp.headers)))
