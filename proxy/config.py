@@ -35,6 +35,8 @@ class ServerConfig:
     body_timeout: float = 60.0
     # Largest body accepted for an async job (413 beyond it).
     max_body_size: int = 64 * 1024 * 1024
+    # Largest total size of a request's header fields (431 beyond it).
+    max_header_size: int = 64 * 1024
     # PEM certificate (chain) and private key: both set, the proxy serves TLS
     # only; both empty, plain HTTP.
     tls_cert: str = ""
@@ -173,6 +175,7 @@ def _validate(config: Config) -> None:
         "server.idle_timeout": config.server.idle_timeout,
         "server.body_timeout": config.server.body_timeout,
         "server.max_body_size": config.server.max_body_size,
+        "server.max_header_size": config.server.max_header_size,
         "upstream.connect_timeout": config.upstream.connect_timeout,
         "upstream.request_timeout": config.upstream.request_timeout,
         "upstream.pool_size": config.upstream.pool_size,
