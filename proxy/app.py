@@ -1,10 +1,12 @@
 """Builds the aiohttp application: the route table and the lifetimes of its parts.
 
 Start-up: upstream session, then the job store, then harvester and dispatcher
-(which resume every stored job). Shutdown, after aiohttp has stopped accepting
-and let running handlers finish: stop the dispatcher (submissions under way
-get a grace period, so none is sent twice), stop the harvester, close the
-store (queued writes are committed first), close the upstream session last.
+(which resume every stored job). Shutdown, all within ``server.shutdown_grace``
+counted from when aiohttp stops accepting: no new submissions; handlers under
+way finish (cancelled at the grace); submissions under way finish, so none is
+sent twice; the harvester ends its tick, storing the results it fetched; the
+store closes (queued writes are committed first); the upstream session last.
+Jobs still at ArangoDB stay ``submitted`` and are harvested after the next start.
 """
 
 from __future__ import annotations
@@ -25,11 +27,18 @@ from proxy.dispatcher import Dispatcher
 from proxy.harvester import Harvester
 from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
-from proxy.state import CONFIG, DISPATCHER, METRICS, STORE, UPSTREAM, VERIFIER
+from proxy.state import (
+    CONFIG,
+    DISPATCHER,
+    METRICS,
+    SHUTDOWN,
+    STORE,
+    UPSTREAM,
+    VERIFIER,
+    ShutdownClock,
+)
 from proxy.upstream import Upstream
 from storage import JobStore
-
-SHUTDOWN_GRACE = 5.0
 
 
 async def front(request: web.Request) -> web.StreamResponse:
@@ -55,9 +64,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         Path(config.storage.data),
         synchronous=config.storage.synchronous,
         capacity=config.jobs.capacity,
+        max_size=config.storage.max_db_size,
     )
     yield
     await app[STORE].close()
+
+
+async def _begin_shutdown(app: web.Application) -> None:
+    app[SHUTDOWN].begin()
 
 
 async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -81,15 +95,24 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics=app[METRICS],
     )
     app[DISPATCHER] = dispatcher
-    tasks = [
-        asyncio.create_task(harvester.run(), name="harvester"),
-        asyncio.create_task(dispatcher.run(), name="dispatcher"),
-    ]
+    dispatching = asyncio.create_task(dispatcher.run(), name="dispatcher")
+    harvesting = asyncio.create_task(harvester.run(), name="harvester")
+
+    # No new submissions once the stop begins; those under way finish below.
+    def stop_dispatching() -> None:
+        dispatching.cancel()
+
+    app[SHUTDOWN].on_begin.append(stop_dispatching)
     yield
-    tasks[1].cancel()
-    await dispatcher.drain(SHUTDOWN_GRACE)
-    tasks[0].cancel()
-    for task in tasks:
+    clock = app[SHUTDOWN]
+    dispatching.cancel()
+    await dispatcher.drain(clock.remaining())
+    harvester.stop()
+    # A tick under way stores the results it fetched; jobs still at ArangoDB stay
+    # `submitted` and are harvested after the next start.
+    await asyncio.wait([harvesting], timeout=clock.remaining())
+    harvesting.cancel()
+    for task in (dispatching, harvesting):
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
@@ -99,10 +122,12 @@ def runner_options(config: Config) -> dict[str, Any]:
     # The keep-alive timer also runs while a request's headers arrive, so
     # idle_timeout bounds slow senders of headers too. A client that hangs up
     # must not cancel its handler half-way (the intake also shields its write).
+    # shutdown_timeout: how long a graceful stop waits for handlers under way.
     return {
         "keepalive_timeout": config.server.idle_timeout,
         "access_log": None,
         "handler_cancellation": False,
+        "shutdown_timeout": config.server.shutdown_grace,
     }
 
 
@@ -110,6 +135,8 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_size)
     app[CONFIG] = config
     app[METRICS] = Counter()
+    app[SHUTDOWN] = ShutdownClock(config.server.shutdown_grace)
+    app.on_shutdown.append(_begin_shutdown)
     app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx])
     app.router.add_routes(
         [

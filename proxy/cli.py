@@ -15,6 +15,7 @@ from aiohttp import web
 
 from proxy.app import create_app, runner_options
 from proxy.config import Config, ConfigError, load_config
+from storage import StoreError
 
 log = logging.getLogger("arango_async_proxy")
 
@@ -54,7 +55,11 @@ async def serve(config: Config) -> None:
     """Serve until SIGTERM or SIGINT, then shut down in order."""
     app = create_app(config)
     runner = web.AppRunner(app, handle_signals=False, **runner_options(config))
-    await runner.setup()
+    try:
+        await runner.setup()
+    except StoreError:
+        await runner.cleanup()  # what did start (the upstream session) is closed again
+        raise
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port)
         await site.start()
@@ -85,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         _run(serve(config))
+    except StoreError as exc:
+        # a foreign or damaged database is never reset: the operator decides
+        log.error("cannot start: %s", exc)  # noqa: TRY400
+        return 1
     except OSError as exc:
         # one line, no traceback: the cause (port in use, ...) is all an operator needs
         log.error("cannot serve on %s: %s", config.server.listen, exc.strerror or exc)  # noqa: TRY400

@@ -34,6 +34,10 @@ class ServerConfig:
     body_timeout: float = 60.0
     # Largest body accepted for an async job (413 beyond it).
     max_body_size: int = 64 * 1024 * 1024
+    # Seconds a graceful stop (SIGTERM/SIGINT) may take: requests under way and
+    # their writes finish within it; submissions still running after it stay
+    # in the store and are resumed on the next start.
+    shutdown_grace: float = 10.0
 
     @property
     def host(self) -> str:
@@ -60,6 +64,9 @@ class StorageConfig:
     # FULL: a 202 means fsync'd. NORMAL: survives a process crash, may lose
     # the last commits on power loss.
     synchronous: str = "FULL"
+    # Largest size of the job database in bytes (0: no limit). New jobs get
+    # 503/21003 before it is reached; the store's own transitions keep a reserve.
+    max_db_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,7 @@ def _validate(config: Config) -> None:
         "server.idle_timeout": config.server.idle_timeout,
         "server.body_timeout": config.server.body_timeout,
         "server.max_body_size": config.server.max_body_size,
+        "server.shutdown_grace": config.server.shutdown_grace,
         "upstream.connect_timeout": config.upstream.connect_timeout,
         "upstream.request_timeout": config.upstream.request_timeout,
         "upstream.pool_size": config.upstream.pool_size,
@@ -168,6 +176,11 @@ def _validate(config: Config) -> None:
     _one_of("log.level", config.log.level, LOG_LEVELS)
     _one_of("storage.synchronous", config.storage.synchronous, SYNCHRONOUS)
     _one_of("jobs.lost_job_policy", config.jobs.lost_job_policy, LOST_JOB_POLICIES)
+    if config.storage.max_db_size < 0:
+        raise ConfigError(
+            f"storage.max_db_size: expected 0 (no limit) or a size in bytes, "
+            f"got {config.storage.max_db_size}"
+        )
     if not config.storage.data:
         raise ConfigError("storage.data: expected a folder path, got an empty string")
 

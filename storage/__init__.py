@@ -4,7 +4,7 @@
 :class:`JobStore`. The records it speaks in live in :mod:`storage.records`.
 """
 
-from storage.errors import CapacityExceeded, StoreError
+from storage.errors import CapacityExceeded, StoreError, StoreFull
 from storage.records import Headers, Job, JobMode, JobState, NewJob, StoredResponse
 from storage.store import JobStore
 
@@ -17,5 +17,6 @@ __all__ = [
     "JobStore",
     "NewJob",
     "StoreError",
+    "StoreFull",
     "StoredResponse",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -77,3 +78,50 @@ def test_config_error_exits_1(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "arango-async-proxy: config error: server.listen: expected HOST:PORT, got 'nowhere'"
     )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"not a database at all, " * 200,
+            "cannot open the job store {db}: file is not a database",
+        ),
+        (None, "{db} is an SQLite database that is not an arango-async-proxy job store"),
+    ],
+)
+def test_a_damaged_or_foreign_database_stops_the_start_with_one_line(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    db = data / "jobs.sqlite3"
+    if content is None:
+        with sqlite3.connect(db) as other:
+            other.execute("CREATE TABLE mine (x)")
+        other.close()
+    else:
+        db.write_bytes(content)
+    db.chmod(0o600)
+    before = db.read_bytes()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--data",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "ERROR" in lines[0]
+    assert message.format(db=db) in lines[0]
+    assert db.read_bytes() == before  # never reset, never touched

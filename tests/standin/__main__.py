@@ -4,7 +4,8 @@
         [--users root:,alice:alicepw] [--workers N] [--queue-size N] [--jwt-secret S]
 
 Stops cleanly (exit 0) on SIGTERM or SIGINT. Tests reach its state through the
-`/_standin/restart`, `/_standin/queue-full` and `/_standin/counters` endpoints.
+`/_standin/restart`, `/_standin/queue-full`, `/_standin/outage?seconds=N` and
+`/_standin/counters` endpoints.
 """
 
 from __future__ import annotations
