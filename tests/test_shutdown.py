@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 
-from tests.processes import ProxyProcess, StandInProcess
+from tests.processes import ProxyProcess, StandInProcess, free_port
 from tests.standin.client import ROOT
 from tests.test_crash import Load, check_every_job, create_collection
 
@@ -33,7 +33,8 @@ def standin_process() -> Iterator[StandInProcess]:
 
 def config_file(tmp_path: Path, grace: float) -> str:
     path = tmp_path / "proxy.toml"
-    path.write_text(f"[server]\nshutdown_grace = {grace}\n")
+    listen = f"127.0.0.1:{free_port()}"
+    path.write_text(f'[server]\nshutdown_grace = {grace}\nlisten = "{listen}"\n')
     return str(path)
 
 

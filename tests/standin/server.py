@@ -316,7 +316,13 @@ class StandIn:
         executed: dict[str, Any] = {
             f"{method} {path}": n for (method, path), n in sorted(self.executed.items())
         }
-        return self._send(request, json_reply(200, {"writes": writes, "executed": executed}))
+        repeats = {
+            "/".join(key): times
+            for key, times in sorted(self.store.write_times.items())
+            if len(times) > 1
+        }
+        body = {"writes": writes, "executed": executed, "repeats": repeats}
+        return self._send(request, json_reply(200, body))
 
 
 __all__ = ["DEFAULT_USERS", "StandIn"]
