@@ -222,8 +222,7 @@ async def torture(settings: Settings, folder: Path, say: Any = print) -> Run:
                 fault = Fault(kind, time.monotonic())
                 run.faults.append(fault)
                 if kind == "kill":
-                    writes = await control(session, "GET", standin + "/_standin/counters")
-                    run.snapshots.append((time.monotonic(), writes["writes"]))
+                    await snapshot(run, session, standin)
                     fault.start = time.monotonic()
                     proxy.kill()
                     target.url = proxy.start()
@@ -264,6 +263,20 @@ async def torture(settings: Settings, folder: Path, say: Any = print) -> Run:
         standin_proc.kill()
     run.seconds = time.monotonic() - began
     return run
+
+
+async def snapshot(run: Run, session: aiohttp.ClientSession, standin: str) -> None:
+    """Write counts of the results fetched since the last snapshot (verdict.py uses
+    each fetched result's first snapshot after its fetch)."""
+    since = run.snapshots[-1][0] if run.snapshots else 0.0
+    now = time.monotonic()  # fetched before the counters were asked: ran for the last time
+    writes = (await control(session, "GET", standin + "/_standin/counters"))["writes"]
+    keys = {
+        f"_system/{COLLECTION}/{a.key}"
+        for a in run.ledger.accepted("store")
+        if a.fetched is not None and a.result is not None and since < a.fetched <= now
+    }
+    run.snapshots.append((now, {k: n for k, n in writes.items() if k in keys}))
 
 
 async def disk_full_phase(

@@ -163,7 +163,7 @@ def _check_never_again(verdict: Verdict, run: Run, writes: dict[str, int]) -> No
 def report(verdict: Verdict) -> str:
     lines = ["figures:"]
     lines += [f"  {name}: {value}" for name, value in verdict.figures.items()]
-    lines.append("duplicates by cause:")
+    lines.append("repeated runs by cause (the last fault between two runs of a write):")
     lines += [f"  {n} x {why}" for why, n in verdict.duplicates.most_common()] or ["  none"]
     lines.append(f"problems: {len(verdict.problems)}")
     lines += [f"  {p}" for p in verdict.problems[:50]]
