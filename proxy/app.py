@@ -2,10 +2,12 @@
 
 Start-up: upstream session, then the job store, then harvester and dispatcher
 (which resume every stored job), then retention (when configured). Shutdown,
-after aiohttp has stopped accepting and let running handlers finish: stop
-retention, stop the dispatcher (submissions under way get a grace period, so
-none is sent twice), stop the harvester, close the store (queued writes are
-committed first), close the upstream session last.
+all within ``server.shutdown_grace`` counted from when aiohttp stops accepting:
+no new submissions; handlers under way finish (cancelled at the grace);
+retention stops; submissions under way finish, so none is sent twice; the
+harvester ends its tick, storing the results it fetched; the store closes
+(queued writes are committed first); the upstream session last. Jobs still at
+ArangoDB stay ``submitted`` and are harvested after the next start.
 """
 
 from __future__ import annotations
@@ -28,12 +30,20 @@ from proxy.harvester import Harvester
 from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
 from proxy.retention import Retention
-from proxy.state import CONFIG, CREDENTIALS, DISPATCHER, METRICS, STORE, UPSTREAM, VERIFIER
+from proxy.state import (
+    CONFIG,
+    CREDENTIALS,
+    DISPATCHER,
+    METRICS,
+    SHUTDOWN,
+    STORE,
+    UPSTREAM,
+    VERIFIER,
+    ShutdownClock,
+)
 from proxy.tokens import ClientCredentials, JobCredentials, SignedTokens
 from proxy.upstream import Upstream
 from storage import JobStore
-
-SHUTDOWN_GRACE = 5.0
 
 
 @web.middleware
@@ -101,9 +111,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         Path(config.storage.data),
         synchronous=config.storage.synchronous,
         capacity=config.jobs.capacity,
+        max_size=config.storage.max_db_size,
     )
     yield
     await app[STORE].close()
+
+
+async def _begin_shutdown(app: web.Application) -> None:
+    app[SHUTDOWN].begin()
 
 
 async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -133,15 +148,24 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics=app[METRICS],
     )
     app[DISPATCHER] = dispatcher
-    tasks = [
-        asyncio.create_task(harvester.run(), name="harvester"),
-        asyncio.create_task(dispatcher.run(), name="dispatcher"),
-    ]
+    dispatching = asyncio.create_task(dispatcher.run(), name="dispatcher")
+    harvesting = asyncio.create_task(harvester.run(), name="harvester")
+
+    # No new submissions once the stop begins; those under way finish below.
+    def stop_dispatching() -> None:
+        dispatching.cancel()
+
+    app[SHUTDOWN].on_begin.append(stop_dispatching)
     yield
-    tasks[1].cancel()
-    await dispatcher.drain(SHUTDOWN_GRACE)
-    tasks[0].cancel()
-    for task in tasks:
+    clock = app[SHUTDOWN]
+    dispatching.cancel()
+    await dispatcher.drain(clock.remaining())
+    harvester.stop()
+    # A tick under way stores the results it fetched; jobs still at ArangoDB stay
+    # `submitted` and are harvested after the next start.
+    await asyncio.wait([harvesting], timeout=clock.remaining())
+    harvesting.cancel()
+    for task in (dispatching, harvesting):
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
@@ -173,12 +197,14 @@ def runner_options(config: Config) -> dict[str, Any]:
     # 4 times as large; as many fields as 8-byte lines fill the limit), so that
     # header_size_limit answers oversize headers in ArangoDB's shape; only what
     # is beyond even these gets aiohttp's bare 400.
+    # shutdown_timeout: how long a graceful stop waits for handlers under way.
     return {
         "max_field_size": 4 * config.server.max_header_size,
         "max_headers": config.server.max_header_size // 8,
         "keepalive_timeout": config.server.idle_timeout,
         "access_log": None,
         "handler_cancellation": False,
+        "shutdown_timeout": config.server.shutdown_grace,
     }
 
 
@@ -198,6 +224,8 @@ def create_app(config: Config) -> web.Application:
     )
     app[CREDENTIALS] = credentials
     app[METRICS] = Counter()
+    app[SHUTDOWN] = ShutdownClock(config.server.shutdown_grace)
+    app.on_shutdown.append(_begin_shutdown)
     app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx, _retention_ctx])
     app.router.add_routes(
         [

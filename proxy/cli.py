@@ -112,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _run(serve(config))
     except ConfigError as exc:  # a TLS or JWT secret file that cannot be read or used
         return _config_error(exc)
-    except StoreError as exc:  # the data folder: not private, in use, not our database
+    except StoreError as exc:
+        # the data folder is not private or in use, or the database is foreign or
+        # damaged: never reset, the operator decides
         log.error("cannot open the job store: %s", exc)  # noqa: TRY400
         return 1
     except OSError as exc:

@@ -41,6 +41,10 @@ class ServerConfig:
     # only; both empty, plain HTTP.
     tls_cert: str = ""
     tls_key: str = ""
+    # Seconds a graceful stop (SIGTERM/SIGINT) may take: requests under way and
+    # their writes finish within it; submissions still running after it stay
+    # in the store and are resumed on the next start.
+    shutdown_grace: float = 10.0
 
     @property
     def host(self) -> str:
@@ -74,6 +78,9 @@ class StorageConfig:
     # FULL: a 202 means fsync'd. NORMAL: survives a process crash, may lose
     # the last commits on power loss.
     synchronous: str = "FULL"
+    # Largest size of the job database in bytes (0: no limit). New jobs get
+    # 503/21003 before it is reached; the store's own transitions keep a reserve.
+    max_db_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,7 @@ def _validate(config: Config) -> None:
         "server.body_timeout": config.server.body_timeout,
         "server.max_body_size": config.server.max_body_size,
         "server.max_header_size": config.server.max_header_size,
+        "server.shutdown_grace": config.server.shutdown_grace,
         "upstream.connect_timeout": config.upstream.connect_timeout,
         "upstream.request_timeout": config.upstream.request_timeout,
         "upstream.pool_size": config.upstream.pool_size,
@@ -202,6 +210,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"server.{missing}: expected a PEM file path, since server.{have} is set"
             " (TLS needs both or neither)"
+        )
+    if config.storage.max_db_size < 0:
+        raise ConfigError(
+            f"storage.max_db_size: expected 0 (no limit) or a size in bytes, "
+            f"got {config.storage.max_db_size}"
         )
     if not config.storage.data:
         raise ConfigError("storage.data: expected a folder path, got an empty string")

@@ -27,7 +27,7 @@ from multidict import CIMultiDict
 
 from proxy import jobs_api
 from proxy.errors import UpstreamFailure
-from proxy.harvester import Harvester, stored_response
+from proxy.harvester import Harvester, record, stored_response
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream
 from storage import Job, JobStore, StoreError
@@ -146,10 +146,17 @@ class Dispatcher:
             return
         self._backoff = 0.0
         upstream_id = reply.headers.get("x-arango-async-id")
+        # From here ArangoDB has acted on the job: recording that must not give up,
+        # or the job would be sent again.
         if reply.status != 202 or upstream_id is None:
-            await self._store.finish(job.id, stored_response(reply))
+            result = stored_response(reply)
+            await record(f"the reply to job {job.id}", lambda: self._store.finish(job.id, result))
             return
-        if await self._store.mark_submitted(job.id, upstream_id):
+        marked = await record(
+            f"job {job.id} as submitted",
+            lambda: self._store.mark_submitted(job.id, upstream_id),
+        )
+        if marked:
             self._metrics["jobs_submitted_total"] += 1
             self._harvester.track(job, upstream_id)
         else:

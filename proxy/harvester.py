@@ -31,15 +31,17 @@ import contextlib
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from proxy.errors import ERROR_INTERNAL, JSON_TYPE, UpstreamFailure, error_body
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream, end_to_end
-from storage import Job, JobState, JobStore, StoredResponse
+from storage import Job, JobState, JobStore, StoredResponse, StoreError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POLL_MIN = 0.005
 POLL_MAX = 0.5
@@ -48,6 +50,8 @@ LOST_CHECK_INTERVAL = 1.0
 LIST_SLACK = 1000  # other clients of the same user may have results waiting too
 FETCH_CONCURRENCY = 32
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+RECORD_RETRY_MIN = 0.05
+RECORD_RETRY_MAX = 1.0
 
 # Not replayed from a stored response: recomputed, or added by the facade.
 _NOT_KEPT = ("content-length", "date", "x-arango-async-id")
@@ -75,6 +79,25 @@ class _Refused(Exception):
 
 
 Owner = tuple[str, str | None]  # (user, stored Authorization): whose credentials
+
+
+async def record(what: str, write: Callable[[], Awaitable[T]]) -> T:
+    """Retry a store write until it commits: what ArangoDB did cannot be undone.
+
+    Used after ArangoDB has acted (accepted a job, handed over a result). Giving
+    up would make the job run again, or lose its result; the store's faults
+    (full, busy, I/O) pass, and each try is one more chance. Only cancellation
+    (shutdown) ends the wait; then the job is resumed from its stored state.
+    """
+    delay = RECORD_RETRY_MIN
+    while True:
+        try:
+            return await write()
+        except StoreError as exc:
+            level = logging.WARNING if delay == RECORD_RETRY_MIN else logging.DEBUG
+            log.log(level, "cannot record %s yet, will retry: %s", what, exc)
+        await asyncio.sleep(delay)
+        delay = min(RECORD_RETRY_MAX, delay * 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +130,7 @@ class Harvester:
         self._jobs: dict[str, Tracked] = {}  # by upstream id
         self._fresh: list[Tracked] = []  # tracked since the last tick: due a first look
         self._new = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._youngest = time.monotonic()
         self._last_lost_check = time.monotonic()
         self._fetching = asyncio.Semaphore(FETCH_CONCURRENCY)
@@ -130,26 +154,39 @@ class Harvester:
             self.track(job, job.upstream_id)
 
     async def run(self) -> None:
-        while True:
+        """Harvest until stop(); a tick under way is finished first."""
+        while not self._stopping.is_set():
             if not self._jobs:
                 self._new.clear()
                 await self._new.wait()
+                continue
             try:
                 await self.tick()
             except Exception:
                 log.exception("harvest tick failed; trying again")
-                await asyncio.sleep(POLL_MAX)
-            await self._pause()
+                await self._pause(POLL_MAX, new_jobs_wake=False)
+                continue
+            age = time.monotonic() - self._youngest
+            await self._pause(min(POLL_MAX, max(POLL_MIN, age / 20)))
 
-    async def _pause(self) -> None:
-        """Until the next tick: a twentieth of the youngest job's age, or soon after a new
-        job arrives (long-running jobs must not make a short one wait POLL_MAX)."""
+    def stop(self) -> None:
+        """Let run() return after the tick under way (results fetched get stored)."""
+        self._stopping.set()
+        self._new.set()
+
+    async def _pause(self, seconds: float, *, new_jobs_wake: bool = True) -> None:
+        """Until the next tick, or stop(). A new job cuts the pause short (long-running
+        jobs must not make a short one wait POLL_MAX): it is looked at NEW_JOB_DELAY
+        later, since it needs a moment to run anyway."""
         self._new.clear()
-        age = time.monotonic() - self._youngest
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(POLL_MAX, max(POLL_MIN, age / 20))):
-                await self._new.wait()
-                await asyncio.sleep(NEW_JOB_DELAY)  # it needs a moment to run anyway
+            async with asyncio.timeout(seconds):
+                while not self._stopping.is_set():
+                    await self._new.wait()
+                    if new_jobs_wake and not self._stopping.is_set():
+                        await asyncio.sleep(NEW_JOB_DELAY)
+                        return
+                    self._new.clear()
 
     async def tick(self) -> None:
         fresh, self._fresh = self._fresh, []
@@ -232,8 +269,13 @@ class Harvester:
         if "x-arango-async-id" in reply.headers or reply.status in (401, 403):
             # A result, or ArangoDB no longer accepts the job's credentials:
             # either way this is the answer the client gets.
-            await self._store.finish(
-                tracked.job_id, stored_response(reply), from_states=(JobState.SUBMITTED,)
+            # ArangoDB has handed the result over and forgotten it: store it or it is gone.
+            result = stored_response(reply)
+            await record(
+                f"the result of job {tracked.job_id}",
+                lambda: self._store.finish(
+                    tracked.job_id, result, from_states=(JobState.SUBMITTED,)
+                ),
             )
             self._metrics["jobs_harvested_total"] += 1
             self._untrack(tracked)

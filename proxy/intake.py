@@ -12,7 +12,8 @@ Refusals, all in ArangoDB's error shape::
     ArangoDB unreachable, credentials not known ─▶ 503
     body over server.max_body_size ─▶ 413      body too slow ─▶ 408
     jobs.capacity unfinished jobs ─▶ 503/21003 "queue is full"
-    store cannot write (disk full, I/O) ─▶ 503
+    job store near storage.max_db_size ─▶ 503/21003 "queue is full (...)"
+    store cannot write (disk full, busy, I/O) ─▶ 503/503; nothing was stored
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from proxy.auth import Caller
 from proxy.errors import ERROR_QUEUE_FULL, ERROR_SERVICE_UNAVAILABLE, arango_error
 from proxy.passthrough import forwarded_headers
 from proxy.state import CONFIG, CREDENTIALS, DISPATCHER, METRICS, STORE, VERIFIER
-from storage import CapacityExceeded, JobMode, NewJob, StoreError
+from storage import CapacityExceeded, JobMode, NewJob, StoreError, StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ async def accept(request: web.Request, mode: JobMode, caller: Caller, body: byte
     )
     try:
         job_id = await asyncio.shield(request.app[STORE].accept(job))
+    except StoreFull as exc:
+        request.app[METRICS]["jobs_refused_total"] += 1
+        return arango_error(503, ERROR_QUEUE_FULL, f"queue is full ({exc})", handler=False)
     except CapacityExceeded:
         request.app[METRICS]["jobs_refused_total"] += 1
         return arango_error(503, ERROR_QUEUE_FULL, "queue is full", handler=False)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Callable
 from typing import Protocol
 
 from aiohttp import web
@@ -20,6 +22,26 @@ class Waker(Protocol):
     def wake(self) -> None: ...
 
 
+class ShutdownClock:
+    """The grace of a graceful stop, counted from when aiohttp stops accepting."""
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self._deadline: float | None = None
+        self.on_begin: list[Callable[[], None]] = []
+
+    def begin(self) -> None:
+        if self._deadline is None:
+            self._deadline = asyncio.get_running_loop().time() + self.grace
+            for callback in self.on_begin:
+                callback()
+
+    def remaining(self) -> float:
+        if self._deadline is None:
+            return self.grace
+        return max(0.0, self._deadline - asyncio.get_running_loop().time())
+
+
 CONFIG = web.AppKey("config", Config)
 UPSTREAM = web.AppKey("upstream", Upstream)
 STORE = web.AppKey("store", JobStore)
@@ -30,3 +52,4 @@ CREDENTIALS = web.AppKey("credentials", JobCredentials)
 # counters by name (proxy.ops.COUNTERS lists them); a plain Counter keeps
 # dispatcher and harvester free of any metrics library
 METRICS = web.AppKey("metrics", Counter[str])
+SHUTDOWN = web.AppKey("shutdown", ShutdownClock)

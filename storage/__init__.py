@@ -4,7 +4,7 @@
 :class:`JobStore`. The records it speaks in live in :mod:`storage.records`.
 """
 
-from storage.errors import CapacityExceeded, StoreError
+from storage.errors import CapacityExceeded, StoreError, StoreFull
 from storage.records import Headers, Job, JobMode, JobState, NewJob, Removed, StoredResponse
 from storage.store import JobStore
 
@@ -18,5 +18,6 @@ __all__ = [
     "NewJob",
     "Removed",
     "StoreError",
+    "StoreFull",
     "StoredResponse",
 ]

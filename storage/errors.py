@@ -4,6 +4,7 @@ Error tree::
 
     StoreError            the store cannot do what was asked (I/O, full disk, not our file, closed)
      └─ CapacityExceeded  accept() refused: as many unfinished jobs as the capacity allows
+         └─ StoreFull     accept() refused: the database is near its size limit
 """
 
 from __future__ import annotations
@@ -15,3 +16,7 @@ class StoreError(Exception):
 
 class CapacityExceeded(StoreError):
     """accept() was called while the store already holds `capacity` unfinished jobs."""
+
+
+class StoreFull(CapacityExceeded):
+    """accept() was called while the database fills its share of ``max_size``."""

@@ -43,9 +43,12 @@ REQUEUE = (
     " WHERE id = ? AND state = 'submitted'"
 )
 # Two state parameters: a single from-state is bound twice.
-# RETURNING mode: a forgotten job's row is deleted by the trigger, its result not kept.
+# A forgotten job's result is not written at all: the row is deleted right after
+# (the schema's trigger) and must not need a page more on a full disk first.
+# RETURNING mode tells the caller whether a result was kept.
 FINISH = (
-    "UPDATE jobs SET state = 'done', finished = ?, status = ?, rheaders = ?, rbody = ?,"
+    "UPDATE jobs SET state = 'done', finished = ?, status = ?,"
+    " rheaders = CASE mode WHEN 'store' THEN ? END, rbody = CASE mode WHEN 'store' THEN ? END,"
     " rsize = ?, auth = NULL, headers = NULL, body = NULL WHERE id = ? AND state IN (?, ?)"
     " RETURNING mode"
 )

@@ -102,11 +102,15 @@ class _Write:
 class Writer:
     """Owns the writer connection; nothing else may use it while the task runs."""
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    def __init__(self, db: aiosqlite.Connection, *, measure: bool = False) -> None:
         self.db = db
         self.commits = 0
         self.checkpoints = 0  # scrubbing checkpoints that completed
         self.scrub_attempts = 0  # completed or not (a reader in the way)
+        # With `measure`, pages in use (page_count - freelist_count) after each commit:
+        # the store refuses new jobs near its size limit from this figure.
+        self.measure = measure
+        self.used_pages = 0
         self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
         self._closing = False
         self._scrub_wanted_since: float | None = None
@@ -233,7 +237,27 @@ class Writer:
         thread", so its `_execute` is used (aiosqlite is pinned below 0.23).
         """
         db = self.db
-        return cast(list[Result], await db._execute(_transaction, db._conn, writes))  # type: ignore[no-untyped-call]
+        results, used = cast(
+            tuple[list[Result], int | None],
+            await db._execute(_measured_transaction, db._conn, writes, self.measure),  # type: ignore[no-untyped-call]
+        )
+        if used is not None:
+            self.used_pages = used
+        return results
+
+
+def used_pages(conn: sqlite3.Connection) -> int:
+    """Pages of the database file that hold data (free pages are reused first)."""
+    [(pages,)] = conn.execute("PRAGMA page_count").fetchall()
+    [(free,)] = conn.execute("PRAGMA freelist_count").fetchall()
+    return int(pages) - int(free)
+
+
+def _measured_transaction(
+    conn: sqlite3.Connection, writes: list[_Write], measure: bool
+) -> tuple[list[Result], int | None]:
+    results = _transaction(conn, writes)
+    return results, used_pages(conn) if measure else None
 
 
 def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[Result]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -98,11 +99,9 @@ async def test_a_malformed_request_is_one_log_line(
     assert "Error handling request from 127.0.0.1" in line
 
 
-def test_a_data_folder_others_can_write_exits_1(tmp_path: Path) -> None:
-    data = tmp_path / "shared"
-    data.mkdir()
-    data.chmod(0o777)
-    result = subprocess.run(
+def start_on(data: Path) -> subprocess.CompletedProcess[str]:
+    """Run the command on the data folder `data` until it exits (it should, at once)."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -117,6 +116,13 @@ def test_a_data_folder_others_can_write_exits_1(tmp_path: Path) -> None:
         timeout=30,
         check=False,
     )
+
+
+def test_a_data_folder_others_can_write_exits_1(tmp_path: Path) -> None:
+    data = tmp_path / "shared"
+    data.mkdir()
+    data.chmod(0o777)
+    result = start_on(data)
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()  # one line, no traceback, nothing unclosed
     assert line.endswith(
@@ -124,3 +130,36 @@ def test_a_data_folder_others_can_write_exits_1(tmp_path: Path) -> None:
         f"writable by group or others (mode 0777); make it private, e.g. chmod 700 {data}"
     )
     assert not (data / "jobs.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            b"not a database at all, " * 200,
+            "cannot open the job store {db}: file is not a database",
+        ),
+        (None, "{db} is an SQLite database that is not an arango-async-proxy job store"),
+    ],
+)
+def test_a_damaged_or_foreign_database_stops_the_start_with_one_line(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    db = data / "jobs.sqlite3"
+    if content is None:
+        with sqlite3.connect(db) as other:
+            other.execute("CREATE TABLE mine (x)")
+        other.close()
+    else:
+        db.write_bytes(content)
+    db.chmod(0o600)
+    before = db.read_bytes()
+    result = start_on(data)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "ERROR" in lines[0]
+    assert message.format(db=db) in lines[0]
+    assert db.read_bytes() == before  # never reset, never touched

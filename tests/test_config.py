@@ -70,6 +70,8 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ("[log]\nlevel = 'loud'\n", "log.level: expected one of debug, info"),
         ("[storage]\nsynchronous = 'OFF'\n", "storage.synchronous: expected one of FULL, NORMAL"),
         ("[storage]\ndata = ''\n", "storage.data: expected a folder path"),
+        ("[storage]\nmax_db_size = -1\n", "storage.max_db_size: expected 0 (no limit) or a size"),
+        ("[server]\nshutdown_grace = 0\n", "server.shutdown_grace: expected a positive number"),
         ("[jobs]\nlost_job_policy = 'maybe'\n", "jobs.lost_job_policy: expected one of rerun"),
         ("[jobs]\nresult_ttl = -1\n", "jobs.result_ttl: expected 0 (off) or a positive"),
         ("[jobs]\nresult_ttl = nan\n", "jobs.result_ttl: expected 0 (off) or a positive"),

@@ -21,6 +21,7 @@ from tests.processes import ProxyProcess, StandInProcess
 from tests.standin.client import ROOT, Client
 
 pytestmark = pytest.mark.timeout(120)
+CHECKS_AT_ONCE = 16
 
 
 @pytest.fixture
@@ -102,10 +103,15 @@ class Load:
 async def done_now(jobs: Client, job_ids: list[str]) -> set[str]:
     """The ids whose results the proxy holds right now."""
     done = set()
-    for job_id in job_ids:
-        with contextlib.suppress(aiohttp.ClientError):
-            if (await jobs.call("GET", f"/_api/job/{job_id}")).status == 200:
-                done.add(job_id)
+    limit = asyncio.Semaphore(CHECKS_AT_ONCE)
+
+    async def check(job_id: str) -> None:
+        async with limit:
+            with contextlib.suppress(aiohttp.ClientError):
+                if (await jobs.call("GET", f"/_api/job/{job_id}")).status == 200:
+                    done.add(job_id)
+
+    await asyncio.gather(*(check(job_id) for job_id in job_ids))
     return done
 
 
@@ -113,12 +119,18 @@ async def check_every_job(
     session: aiohttp.ClientSession, proxy: str, standin: str, load: Load, exactly_once: set[str]
 ) -> None:
     jobs = Client(session, proxy)
-    for key, job_id in load.accepted.items():
-        answer = await jobs.result(job_id)
+    limit = asyncio.Semaphore(CHECKS_AT_ONCE)  # thousands of jobs: one at a time took minutes
+
+    async def result(job_id: str) -> int:
+        async with limit:
+            return (await jobs.result(job_id)).status
+
+    statuses = await asyncio.gather(*(result(job_id) for job_id in load.accepted.values()))
+    for key, status in zip(load.accepted, statuses, strict=True):
         # 409: the insert ran again after a crash and found its own first run
-        assert answer.status in (201, 202, 409), (key, answer)
-    for job_id in load.sleepers:
-        assert (await jobs.result(job_id)).status == 201
+        assert status in (201, 202, 409), (key, status)
+    for status in await asyncio.gather(*(result(job_id) for job_id in load.sleepers)):
+        assert status == 201
     writes = (await counters(session, standin))["writes"]
     for key, job_id in load.accepted.items():
         count = writes.get(f"_system/{load.collection}/{key}", 0)

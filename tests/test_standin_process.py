@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import aiohttp
@@ -41,6 +42,8 @@ async def test_process_controls() -> None:
             await client.call("POST", "/_api/document/c", {"_key": "k"})
             counters = (await client.call("GET", "/_standin/counters", user={})).json
             assert counters["writes"] == {"_system/c/k": 2}
+            first, second = counters["repeats"]["_system/c/k"]  # when each write ran
+            assert first <= second
             assert counters["executed"]["POST /_api/document/c"] == 2
 
             full = await client.call("PUT", "/_standin/queue-full", b"true", user={})
@@ -80,3 +83,40 @@ def test_arguments() -> None:
     assert parse_args([]).users == {"root": "", "alice": "alicepw", "bob": "bobpw"}
     with pytest.raises(Exception, match="NAME:PASSWORD"):
         parse_users("justaname")
+
+
+async def test_outage_refuses_connections_and_keeps_everything() -> None:
+    proc = StandInProcess.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = Client(session, proc.url)
+            await client.call("POST", "/_api/collection", {"name": "c"})
+            done = await client.submit("POST", "/_api/document/c", {"_key": "k"})
+            await client.wait_done(done)
+            bad = await client.call("POST", "/_standin/outage?seconds=x", user={})
+            assert bad.status == 400
+            went = await client.call("POST", "/_standin/outage?seconds=1.5", user={})
+            assert went.json == {"outage": 1.5}
+            # Gone: new connections are refused (no timing: wait until it happens).
+            for _ in range(200):
+                try:
+                    await client.call("GET", "/_api/version")
+                except aiohttp.ClientConnectionError:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the stand-in never went away")
+            # Back on the same address, with the job result and the document kept.
+            for _ in range(500):
+                try:
+                    back = await client.call("PUT", f"/_api/job/{done}")
+                    break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the stand-in never came back")
+            assert back.status == 202  # the insert's own reply (waitForSync false)
+            assert back.async_id == done
+            assert (await client.call("GET", "/_api/document/c/k")).status == 200
+    finally:
+        assert proc.stop() == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import JobState, JobStore, StoreError
+from storage import JobState, JobStore, StoreError, StoreFull
 from tests.test_store import RESULT, new_job
 
 
@@ -173,3 +173,24 @@ async def test_a_cancelled_writer_task_fails_pending_writes_instead_of_hanging(
         await store.accept(new_job())
     other_writer.execute("ROLLBACK")
     await closing
+
+
+async def test_a_size_limit_below_the_file_keeps_it_from_growing(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_size"):
+        await JobStore.open(tmp_path, max_size=-1)
+    store = await JobStore.open(tmp_path)
+    for _ in range(20):
+        await store.accept(new_job(body=b"b" * 10_000))
+    await store.close()
+    size = (tmp_path / "jobs.sqlite3").stat().st_size
+    # SQLite never caps a file below its size: the limit here is "no growth",
+    # and new jobs are refused until finished jobs make room.
+    store = await JobStore.open(tmp_path, max_size=4096)
+    try:
+        with pytest.raises(StoreFull, match="near its size limit"):
+            await store.accept(new_job())
+        assert await store.finish(1, RESULT)
+        assert await store.take_result(1, None) == RESULT
+        assert (tmp_path / "jobs.sqlite3").stat().st_size == size
+    finally:
+        await store.close()

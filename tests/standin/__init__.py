@@ -8,6 +8,7 @@ In-process use (pytest-asyncio)::
     url = await standin.start(host="127.0.0.1", port=0)
     await standin.restart()   # jobs, results and cursors lost; data and tick counter kept
     standin.queue_full = True # every async request: 503/21003
+    await standin.unreachable(6.0)  # off the network for 6 s; nothing forgotten
     standin.write_count("_system", "coll", "key")  # inserts really executed (incl. 409s)
     standin.executed[("POST", "/_api/document/coll")]
     standin.received  # [(method, raw path, Authorization or None)], every request as it came

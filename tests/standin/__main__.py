@@ -8,7 +8,8 @@ With `--tls PEM` (private key and certificate chain in one file) it serves
 TLS only and prints an https:// URL.
 
 Stops cleanly (exit 0) on SIGTERM or SIGINT. Tests reach its state through the
-`/_standin/restart`, `/_standin/queue-full` and `/_standin/counters` endpoints.
+`/_standin/restart`, `/_standin/queue-full`, `/_standin/outage?seconds=N` and
+`/_standin/counters` endpoints.
 """
 
 from __future__ import annotations

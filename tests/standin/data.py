@@ -95,6 +95,9 @@ class Store:
         self.databases: dict[str, Database] = {"_system": Database(1, "_system")}
         # (db, collection, key) -> inserts really executed, including refused ones
         self.writes: Counter[tuple[str, str, str]] = Counter()
+        # time.monotonic() of every write of a key (one clock for every process
+        # on the machine): when a repeated write ran, and when it ran first
+        self.write_times: dict[tuple[str, str, str], list[float]] = {}
 
     def create_database(self, name: str) -> Database:
         database = Database(self.ticks.next(), name)
@@ -123,6 +126,7 @@ class Store:
         elif not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
             raise BadKey
         self.writes[(database, collection.name, key)] += 1
+        self.write_times.setdefault((database, collection.name, key), []).append(time.monotonic())
         old = collection.documents.get(key)
         if old is not None:
             if overwrite_mode == "ignore":

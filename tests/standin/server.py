@@ -11,11 +11,16 @@ Every request goes the way `CommTask` sends it (spec §1.3, §9):
 
 Queued and synchronous requests run through the same `_run`, so a job's stored
 result is byte for byte what the synchronous call would have answered.
-`/_standin/...` are test controls: no auth, never async.
+`/_standin/...` are test controls: no auth, never async. `POST
+/_standin/outage?seconds=N` takes the server off the network for N seconds
+(connections refused and cut) while keeping every job, result and document,
+unlike `/_standin/restart`, which forgets jobs and results but stays reachable.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import ssl
@@ -108,6 +113,9 @@ class StandIn:
         self.cursors = CursorApi(self.store)
         self._scheduler: Scheduler | None = None
         self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._address = ("127.0.0.1", 0)
+        self._outage: asyncio.Task[None] | None = None
         self._url: str | None = None
         # ArangoDB's handlers, each a prefix of the path after /_db/<name>
         self.routes: list[tuple[str, Handler]] = [
@@ -143,6 +151,7 @@ class StandIn:
                 web.post("/_standin/restart", self._control_restart),
                 web.put("/_standin/queue-full", self._control_queue_full),
                 web.get("/_standin/counters", self._control_counters),
+                web.post("/_standin/outage", self._control_outage),
                 # [\s\S]: a decoded path may hold a newline (%0A); ArangoDB serves it
                 web.route("*", r"/{tail:[\s\S]*}", self._serve),
             ]
@@ -153,9 +162,11 @@ class StandIn:
         site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context)
         await site.start()
         self._runner = runner
+        self._site = site
         bound_port = runner.addresses[0][1]
         scheme = "http" if self.ssl_context is None else "https"
         self._url = f"{scheme}://{host}:{bound_port}"
+        self._address = (host, bound_port)
         self._scheduler = Scheduler(self._run, self.jobs, self.workers, self.queue_size)
         return self._url
 
@@ -166,7 +177,32 @@ class StandIn:
         self.cursors = CursorApi(self.store)
         self._scheduler = Scheduler(self._run, self.jobs, self.workers, self.queue_size)
 
+    async def unreachable(self, seconds: float) -> None:
+        """Be gone from the network for `seconds`, as a host that is down or cut off.
+
+        The listening socket is closed (connections are refused) and every open
+        connection is cut, requests under way included; then the same address is
+        served again. Unlike restart(), nothing is forgotten: jobs queued before
+        run on, and data, jobs and results are all still there afterwards.
+        """
+        assert self._runner is not None
+        assert self._site is not None
+        await self._site.stop()
+        self._site = None
+        server = self._runner.server
+        assert server is not None
+        for connection in list(server.connections):
+            connection.force_close()
+        await asyncio.sleep(seconds)
+        site = web.TCPSite(self._runner, *self._address, ssl_context=self.ssl_context)
+        await site.start()
+        self._site = site
+
     async def stop(self) -> None:
+        if self._outage is not None:
+            self._outage.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._outage
         if self._scheduler is not None:
             await self._scheduler.close()
             self._scheduler = None
@@ -275,12 +311,33 @@ class StandIn:
         self.queue_full = text == "true"
         return self._send(request, json_reply(200, {"queueFull": self.queue_full}))
 
+    async def _control_outage(self, request: web.Request) -> web.Response:
+        try:
+            seconds = float(request.query.get("seconds", ""))
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds <= 600 or (self._outage is not None and not self._outage.done()):
+            return self._send(request, json_reply(400, {"error": "expected ?seconds=0..600"}))
+
+        async def outage() -> None:
+            await asyncio.sleep(0.05)  # this reply goes out first
+            await self.unreachable(seconds)
+
+        self._outage = asyncio.create_task(outage())
+        return self._send(request, json_reply(200, {"outage": seconds}))
+
     async def _control_counters(self, request: web.Request) -> web.Response:
         writes = {"/".join(key): n for key, n in sorted(self.store.writes.items())}
         executed: dict[str, Any] = {
             f"{method} {path}": n for (method, path), n in sorted(self.executed.items())
         }
-        return self._send(request, json_reply(200, {"writes": writes, "executed": executed}))
+        repeats = {
+            "/".join(key): times
+            for key, times in sorted(self.store.write_times.items())
+            if len(times) > 1
+        }
+        body = {"writes": writes, "executed": executed, "repeats": repeats}
+        return self._send(request, json_reply(200, body))
 
 
 __all__ = ["DEFAULT_USERS", "StandIn"]

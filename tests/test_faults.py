@@ -1,0 +1,210 @@
+"""Store faults as clients see them: a 503 in ArangoDB's shape, never a 202 for a
+write that did not commit, and recovery without a restart once the fault goes.
+
+The faults are real SQLite conditions on the proxy's own file: the size limit
+(`storage.max_db_size`, SQLite's max_page_count, which fails like a full disk),
+a lock held by another connection (busy), a size cap set on the running store's
+connection (full while a result is being recorded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.app import create_app, runner_options
+from proxy.state import STORE
+from storage import JobState
+from tests.conftest import proxy_config
+from tests.standin import StandIn
+from tests.standin.client import Client, eventually
+
+ServeApp = Callable[..., Awaitable[str]]
+
+
+async def start(
+    serve_app: ServeApp, upstream: str, data: Path, **sections: dict[str, Any]
+) -> tuple[web.Application, str]:
+    config = proxy_config(upstream, data, **sections)
+    app = create_app(config)
+    return app, await serve_app(app, **runner_options(config))
+
+
+async def test_size_limit_refuses_with_503_and_recovers_when_jobs_move_on(
+    standin: StandIn, serve_app: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    await Client(http, standin.url).call("POST", "/_api/collection", {"name": "c"})
+    limit = 256 * 1024
+    _, url = await start(serve_app, standin.url, tmp_path / "d", storage={"max_db_size": limit})
+    jobs = Client(http, url)
+    standin.queue_full = True  # ArangoDB takes nothing: the jobs pile up in the proxy
+    pad = "x" * 8000
+    accepted: list[str] = []
+    refused = None
+    for n in range(100):
+        answer = await jobs.call(
+            "POST",
+            "/_api/document/c",
+            {"_key": f"k{n}", "pad": pad},
+            headers={"x-arango-async": "store"},
+        )
+        if answer.status != 202:
+            refused = answer
+            break
+        assert answer.async_id is not None
+        accepted.append(answer.async_id)
+    assert refused is not None, "the size limit never refused a job"
+    assert refused.status == 503
+    assert refused.json["errorNum"] == 21003
+    assert refused.json["error"] is True
+    assert "size limit" in refused.json["errorMessage"]
+    assert 10 < len(accepted) < 32  # 8 KB each in 256 KB, less the reserve
+    assert (tmp_path / "d" / "jobs.sqlite3").stat().st_size <= limit
+    # ArangoDB takes work again: every accepted job runs and its result is kept
+    # (the reserve is for that); a done job's request is wiped, which makes room,
+    # and the proxy takes jobs again without a restart.
+    standin.queue_full = False
+    for job_id in accepted:
+        assert (await jobs.result(job_id)).status == 202
+    again = await jobs.submit("POST", "/_api/document/c", {"_key": "after", "pad": pad})
+    assert (await jobs.result(again)).status == 202
+
+
+async def test_a_burst_at_the_size_limit_gets_202_only_for_what_committed(
+    standin: StandIn, serve_app: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Concurrent accepts pass the check together and may overshoot SQLite's own
+    limit in one batch: that batch fails as a whole, each of its jobs a 503."""
+    limit = 256 * 1024
+    _, url = await start(serve_app, standin.url, tmp_path / "d", storage={"max_db_size": limit})
+    jobs = Client(http, url)
+    standin.queue_full = True
+    too_big = {"query": "RETURN @x", "bindVars": {"x": "y" * 40_000}}
+    answer = await jobs.call("POST", "/_api/cursor", too_big, headers={"x-arango-async": "store"})
+    assert (answer.status, answer.json["errorNum"]) == (503, 21003)
+    assert "too large for a job store limited to 262144 bytes" in answer.json["errorMessage"]
+    body = {"query": "RETURN @x", "bindVars": {"x": "y" * 12_000}}
+    first = await jobs.submit("POST", "/_api/cursor", body)  # one that surely fits
+    answers = await asyncio.gather(
+        *(
+            jobs.call("POST", "/_api/cursor", body, headers={"x-arango-async": "store"})
+            for _ in range(40)
+        )
+    )
+    accepted = [first] + [a.async_id or "" for a in answers if a.status == 202]
+    refused = [a for a in answers if a.status != 202]
+    assert refused  # 40 x 12 KB cannot fit in what is left of 256 KB
+    for answer in refused:
+        assert answer.status == 503
+        assert answer.json["error"] is True
+        assert answer.json["errorNum"] in (503, 21003)
+        assert answer.async_id is None
+    # Exactly the jobs answered 202 exist: a refused one left nothing behind.
+    pending = (await jobs.call("GET", "/_api/job/pending?count=100")).json
+    assert sorted(pending, key=int) == sorted(accepted, key=int)
+    standin.queue_full = False
+    for job_id in accepted:
+        assert (await jobs.result(job_id)).status == 201
+
+
+async def test_a_locked_database_gives_503_on_intake_and_facade_then_recovers(
+    standin: StandIn, serve_app: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    app, url = await start(serve_app, standin.url, tmp_path / "d")
+    jobs = Client(http, url)
+    done = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(done)
+    await app[STORE]._writer.db.execute("PRAGMA busy_timeout = 50")  # not 5 s in a test
+    other = sqlite3.connect(tmp_path / "d" / "jobs.sqlite3", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+        refused = await jobs.call("GET", "/_api/version", headers={"x-arango-async": "store"})
+        assert (refused.status, refused.json["errorNum"]) == (503, 503)
+        assert "database is locked" in refused.json["errorMessage"]
+        fetch = await jobs.call("PUT", f"/_api/job/{done}")
+        assert (fetch.status, fetch.json["errorNum"], fetch.async_id) == (503, 503, None)
+        delete = await jobs.call("DELETE", "/_api/job/all")
+        assert (delete.status, delete.json["error"]) == (503, True)
+        # Reads still work in WAL mode while the writer is locked out.
+        assert (await jobs.call("GET", f"/_api/job/{done}")).status == 200
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert (await jobs.result(done)).json["server"] == "arango"
+    assert (await jobs.result(await jobs.submit("GET", "/_api/version"))).status == 200
+
+
+async def test_a_fetched_result_waits_for_room_instead_of_running_again(
+    standin_factory: Callable[..., Awaitable[StandIn]],
+    serve_app: ServeApp,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """ArangoDB hands a result over once: if the store is full then, it must keep it."""
+    standin = await standin_factory(workers=1)
+    direct = Client(http, standin.url)
+    await direct.call("POST", "/_api/collection", {"name": "big"})
+    await direct.call("POST", "/_api/document/big", {"_key": "b", "pad": "z" * 200_000})
+    app, url = await start(serve_app, standin.url, tmp_path / "d")
+    store = app[STORE]
+    jobs = Client(http, url)
+    blocker = await jobs.submit("POST", "/_api/cursor", {"query": "RETURN SLEEP(30)"})
+    query = {"query": "FOR v IN big RETURN v"}
+    reader = await jobs.submit("POST", "/_api/cursor", query)
+
+    async def state(job_id: str) -> JobState | None:
+        return await store.state(int(job_id), None)
+
+    for _ in range(1000):  # both at the stand-in, the reader queued behind the sleeper
+        if await state(reader) is JobState.SUBMITTED:
+            break
+        await asyncio.sleep(0.01)
+    # The file may not grow any more: storing a 200 KB result must fail for now.
+    db = store._writer.db
+    [(pages,)] = await db.execute_fetchall("PRAGMA page_count")
+    await db.execute(f"PRAGMA max_page_count = {pages}")
+    assert (await jobs.call("PUT", f"/_api/job/{blocker}/cancel")).status == 200
+    # The harvester fetched the result (the stand-in no longer holds the job)...
+    await eventually(lambda: not standin.jobs.entries, seconds=20)
+    await asyncio.sleep(0.3)  # ...and keeps failing to store it for a while
+    assert await state(reader) is JobState.SUBMITTED
+    await db.execute("PRAGMA max_page_count = 1073741823")
+    answer = await jobs.result(reader)
+    assert answer.status == 201
+    assert answer.json["result"][0]["pad"] == "z" * 200_000
+    assert standin.executed[("POST", "/_api/cursor")] == 2  # blocker and reader, once each
+
+
+async def test_a_damaged_database_under_a_running_proxy_gives_503_never_202(
+    standin: StandIn, serve_app: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    _, url = await start(serve_app, standin.url, tmp_path / "d")
+    jobs = Client(http, url)
+    done = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(done)
+    # Real damage from outside: the table is dropped under the running proxy.
+    with sqlite3.connect(tmp_path / "d" / "jobs.sqlite3", isolation_level=None) as other:
+        other.execute("DROP TABLE jobs")
+    other.close()
+    for method, path, headers in (
+        ("GET", f"/_api/job/{done}", {}),
+        ("GET", "/_api/job/done", {}),
+        ("PUT", f"/_api/job/{done}", {}),
+        ("PUT", f"/_api/job/{done}/cancel", {}),
+        ("POST", "/_api/version", {"x-arango-async": "store"}),
+        ("POST", "/_api/version", {"x-arango-async": "true"}),
+    ):
+        answer = await jobs.call(method, path, headers=headers)
+        assert answer.status == 503, (method, path, answer)
+        assert answer.json["error"] is True
+        assert answer.json["errorNum"] == 503
+        assert "no such table" in answer.json["errorMessage"]
+    # What does not need the store goes on: health and pass-through.
+    assert (await jobs.call("GET", "/_proxy/health")).status == 200
+    assert (await jobs.call("GET", "/_api/version")).status == 200
