@@ -299,17 +299,19 @@ async def test_store_read_failure_in_dispatcher_is_retried(
     assert app[METRICS]["submit_retries_total"] >= 2
 
 
-async def test_unexpected_error_while_submitting_keeps_the_job(
+async def test_recording_a_submission_is_retried_not_sent_again(
+    standin: StandIn,
     proxy_app: tuple[web.Application, str],
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A failing write after ArangoDB took the job (mocked: SQLite cannot be made
-    to fail one statement on demand) leaves it accepted; it is sent again."""
+    """ArangoDB took the job, then the store fails to record it (mocked: SQLite cannot
+    be made to fail one statement on demand): the write is retried, the job is not
+    sent a second time."""
     app, base = proxy_app
     store = app[STORE]
     real = store.mark_submitted
-    failures = 1
+    failures = 2
 
     async def failing(job_id: int, upstream_id: str) -> bool:
         nonlocal failures
@@ -320,10 +322,10 @@ async def test_unexpected_error_while_submitting_keeps_the_job(
 
     monkeypatch.setattr(store, "mark_submitted", failing)
     jobs = Client(http, base)
-    answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
-    assert answer.status == 200
+    answer = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN 1"})
+    assert (await jobs.result(answer)).status == 201
     assert failures == 0
-    assert (await store.state(1, None)) is None  # fetched: gone
+    assert standin.executed[("POST", "/_api/cursor")] == 1
 
 
 async def test_new_job_is_harvested_without_waiting_out_a_long_poll(
