@@ -47,35 +47,24 @@ from storage import JobStore
 
 
 @web.middleware
-async def origin_form_only(
+async def refuse_unservable(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Only a path is a target the proxy can serve or forward.
+    """Requests the proxy must not route: answered here, in ArangoDB's error shape.
 
-    aiohttp also accepts absolute-form (``GET http://host/x``), asterisk-form
-    (``OPTIONS *``) and authority-form (``CONNECT host:443``) targets. Their
-    raw target is no path: glued to the upstream URL it made an invalid URL (a
-    500), and as an async job one the dispatcher could never send. ArangoDB
-    serves none of them (it finds no handler for such a path), so they are
-    refused here, before routing decides anything, in ArangoDB's error shape.
+    - A target that is no path. aiohttp also accepts absolute-form (``GET
+      http://host/x``), asterisk-form (``OPTIONS *``) and authority-form
+      (``CONNECT host:443``) targets: glued to the upstream URL they made an
+      invalid URL (a 500), and as an async job one the dispatcher could never
+      send. ArangoDB serves none of them (it finds no handler for such a path).
+    - Header fields over ``server.max_header_size`` in all: 431. aiohttp's
+      parser, set far above this limit (`runner_options`), would answer a bare
+      400 and log.
     """
     if not request.raw_path.startswith("/"):
         return arango_error(400, ERROR_BAD_PARAMETER, "the request target must be a path")
-    return await handler(request)
-
-
-@web.middleware
-async def header_size_limit(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Header fields over ``server.max_header_size`` in all: 431 in ArangoDB's shape.
-
-    aiohttp's parser, set far above this limit (`runner_options`), would
-    answer a bare 400 and log; this answers first, for every path.
-    """
     limit = request.app[CONFIG].server.max_header_size
-    size = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
-    if size > limit:
+    if sum(len(name) + len(value) + 4 for name, value in request.raw_headers) > limit:
         return arango_error(
             431,
             ERROR_HEADERS_TOO_LARGE,
@@ -195,7 +184,7 @@ def runner_options(config: Config) -> dict[str, Any]:
     # must not cancel its handler half-way (the intake also shields its write).
     # The parser's own limits sit above server.max_header_size (one field may be
     # 4 times as large; as many fields as 8-byte lines fill the limit), so that
-    # header_size_limit answers oversize headers in ArangoDB's shape; only what
+    # refuse_unservable answers oversize headers in ArangoDB's shape; only what
     # is beyond even these gets aiohttp's bare 400.
     # shutdown_timeout: how long a graceful stop waits for handlers under way.
     return {
@@ -213,7 +202,7 @@ def create_app(config: Config) -> web.Application:
     cannot be used."""
     app = web.Application(
         client_max_size=config.server.max_body_size,
-        middlewares=[header_size_limit, origin_form_only],
+        middlewares=[refuse_unservable],
     )
     app[CONFIG] = config
     # built here, not at start-up, so a bad CA or secret file stops the command at once
