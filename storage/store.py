@@ -40,8 +40,9 @@ from typing import Any, cast
 import aiosqlite
 
 from storage import rows, schema, sql
-from storage.errors import CapacityExceeded, StoreError, StoreFull
+from storage.errors import CapacityExceeded, StoreError
 from storage.folder import DataFolder
+from storage.limits import SizeLimit
 from storage.records import Job, JobMode, JobState, NewJob, Removed, StoredResponse
 from storage.rows import valid_id
 from storage.writer import OnCommit, Result, Statement, Want, Writer
@@ -50,11 +51,6 @@ SYNCHRONOUS = ("FULL", "NORMAL")
 BUSY_TIMEOUT_MS = 5000
 # Most done jobs one retention statement removes: a few milliseconds of the writer.
 RETENTION_CHUNK = 1000
-# Of a size limit, the part new jobs may not use: moving jobs on (submitted, done
-# with a result) must still be possible when intake has filled its share, or a
-# store full of unfinished jobs could never make room again.
-RESERVE_FRACTION = 4
-RESERVE_MIN_PAGES = 4
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
@@ -78,15 +74,14 @@ class JobStore:
         unfinished: int,
         result_bytes: int,
         capacity: int,
-        page_limits: tuple[int, int, int, int] | None = None,
+        size_limit: tuple[SizeLimit, int] | None = None,
     ) -> None:
         self._folder = folder
         self._reader = reader_db
-        # (pages new jobs may fill, pages SQLite allows, page size) with a size limit
-        self._page_limits = page_limits[:3] if page_limits else None
-        self._writer = Writer(writer_db, measure=page_limits is not None)
-        if page_limits is not None:
-            self._writer.used_pages = page_limits[3]
+        self._size_limit = size_limit[0] if size_limit else None
+        self._writer = Writer(writer_db, measure=size_limit is not None)
+        if size_limit is not None:
+            self._writer.used_pages = size_limit[1]
         self._next_id = next_id
         self._unfinished = unfinished
         self._result_bytes = result_bytes
@@ -127,7 +122,7 @@ class JobStore:
             [(high_water, unfinished, result_bytes)] = await writer_db.execute_fetchall(
                 sql.OPEN_COUNTS
             )
-            page_limits = await _limit_size(writer_db, max_size) if max_size else None
+            size_limit = await SizeLimit.apply(writer_db, max_size) if max_size else None
             reader_db = await _connect(data.database)
             connections.append(reader_db)
             await reader_db.execute("PRAGMA query_only = ON")
@@ -146,7 +141,7 @@ class JobStore:
             unfinished=unfinished,
             result_bytes=result_bytes,
             capacity=capacity,
-            page_limits=page_limits,
+            size_limit=size_limit,
         )
 
     async def close(self) -> None:
@@ -195,8 +190,8 @@ class JobStore:
             raise CapacityExceeded(
                 f"the job store holds {self._capacity} unfinished jobs, its capacity"
             )
-        if self._page_limits:
-            self._check_room(len(job.body))
+        if self._size_limit:
+            self._size_limit.check_room(len(job.body), self._writer.used_pages)
         job_id = self._next_id
         if job_id > rows.MAX_ID:
             raise StoreError("the job store has used up all 2**63-1 job ids")
@@ -222,21 +217,6 @@ class JobStore:
         self._queued_accepts += 1
         await future
         return job_id
-
-    def _check_room(self, size: int) -> None:
-        intake_pages, hard_pages, page_size = self._page_limits or (0, 0, 1)
-        # SQLite rewrites a whole row on every update and writes the new copy before
-        # it frees the old one: each stored job must fit in the reserve on its own.
-        if size > (hard_pages - intake_pages) * page_size // 2:
-            raise StoreFull(
-                f"a job of {size} bytes is too large for a job store limited to "
-                f"{hard_pages * page_size} bytes (storage.max_db_size)"
-            )
-        if self._writer.used_pages + size // page_size >= intake_pages:
-            raise StoreFull(
-                "the job store is near its size limit (storage.max_db_size); "
-                "fetch or delete job results to make room"
-            )
 
     def _accept_committed(self, _result: Result) -> None:
         self._queued_accepts -= 1
@@ -463,25 +443,6 @@ class JobStore:
             *statements, want=Want.ROWS, on_commit=on_commit, scrubs=scrubs
         )
         return cast(list[Any], await future)
-
-
-async def _limit_size(db: aiosqlite.Connection, max_size: int) -> tuple[int, int, int, int]:
-    """Cap the file at `max_size` bytes (SQLite's max_page_count).
-
-    Returns the pages new jobs may fill, the pages SQLite allows, the page size,
-    and the pages used now.
-
-    SQLite never sets the cap below the pages the file has already: a file that
-    is larger than the limit cannot grow, and takes new jobs once enough of it
-    is free again.
-    """
-    [(page_size,)] = await db.execute_fetchall("PRAGMA page_size")
-    wanted = max(1, max_size // page_size)
-    [(hard,)] = await db.execute_fetchall(f"PRAGMA max_page_count = {wanted}")
-    reserve = max(RESERVE_MIN_PAGES, wanted // RESERVE_FRACTION)
-    [(pages,)] = await db.execute_fetchall("PRAGMA page_count")
-    [(free,)] = await db.execute_fetchall("PRAGMA freelist_count")
-    return max(1, wanted - reserve), int(hard), int(page_size), int(pages) - int(free)
 
 
 def _viewer(viewer: str | None) -> str | bytes | None:
