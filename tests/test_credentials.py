@@ -95,14 +95,17 @@ def write_secret(folder: Path, text: str = SECRET + "\n") -> Path:
     return path
 
 
+async def start_signing(serve_app: Serve, upstream: str, data: Path) -> str:
+    """The proxy in `upstream.jwt_secret_file` mode, the secret file beside `data`."""
+    secret_file = write_secret(data.parent)
+    return await start(serve_app, upstream, data, jwt_secret_file=str(secret_file))
+
+
 async def test_with_a_jwt_secret_no_client_credential_is_ever_written(
     jwt_standin: StandIn, serve_app: Serve, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    secret_file = write_secret(tmp_path)
-    client = Client(
-        http, await start(serve_app, jwt_standin.url, data, jwt_secret_file=str(secret_file))
-    )
+    client = Client(http, await start_signing(serve_app, jwt_standin.url, data))
     bobs_token = bearer({"preferred_username": "bob"})
     superuser = bearer({"server_id": "ops"})
     callers = {"alice": ALICE, "bob": bobs_token, "": superuser}
@@ -265,11 +268,7 @@ async def test_tokens_limited_by_allowed_paths_are_not_queued_with_signed_tokens
     jwt_standin: StandIn, serve_app: Serve, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     limited = bearer({"server_id": "x", "allowed_paths": ["/_db/_system/_api/version"]})
-    secret_file = write_secret(tmp_path)
-    signing = Client(
-        http,
-        await start(serve_app, jwt_standin.url, tmp_path / "a", jwt_secret_file=str(secret_file)),
-    )
+    signing = Client(http, await start_signing(serve_app, jwt_standin.url, tmp_path / "a"))
     answer = await signing.call(
         "GET", "/_api/version", headers={"x-arango-async": "store"}, user=limited
     )
@@ -316,10 +315,7 @@ async def test_with_a_jwt_secret_jobs_waiting_for_a_down_arangodb_hold_no_creden
     jwt_standin: StandIn, serve_app: Serve, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    secret_file = write_secret(tmp_path)
-    client = Client(
-        http, await start(serve_app, jwt_standin.url, data, jwt_secret_file=str(secret_file))
-    )
+    client = Client(http, await start_signing(serve_app, jwt_standin.url, data))
     bobs_token = bearer({"preferred_username": "bob"})
     for caller in (ALICE, bobs_token):  # verified now, so accepted while ArangoDB is down
         assert (await client.call("GET", "/_api/job/pending", user=caller)).json == []

@@ -101,6 +101,21 @@ async def assert_still_serving(http: aiohttp.ClientSession, proxy: str) -> None:
     assert (await client.result(job, user=ALICE)).status == 200
 
 
+async def assert_refused(
+    http: aiohttp.ClientSession, standin: StandIn, proxy: str, raw: bytes, code: int, message: str
+) -> None:
+    """`raw` gets one error in ArangoDB's shape; nothing is stored or sent on (only the
+    credential checks, GETs, reach the stand-in); the proxy serves on."""
+    status, head, body = only_answer(await exchange(proxy, raw))
+    assert status == code
+    assert b"Content-Type: application/json; charset=utf-8" in head
+    expected = {"code": code, "error": True, "errorMessage": message, "errorNum": code}
+    assert json.loads(body) == expected
+    assert await stored_ids(http, proxy) == []
+    assert not [call for call in standin.executed if call[0] != "GET"]
+    await assert_still_serving(http, proxy)
+
+
 MALFORMED = {
     "Content-Length and Transfer-Encoding": request(
         b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n" + SMUGGLED
@@ -173,18 +188,8 @@ async def test_oversize_headers_get_431_in_arangodb_shape(
     proxy = await start_proxy(standin_jwt.url)
     raw = b"PUT /_api/version HTTP/1.1\r\nHost: proxy\r\n" + AUTH + mode
     raw += OVERSIZE_HEADERS[head] + b"Connection: close\r\n\r\n"
-    status, response_head, body = only_answer(await exchange(proxy, raw))
-    assert status == 431
-    assert b"application/json" in response_head
-    assert json.loads(body) == {
-        "code": 431,
-        "error": True,
-        "errorMessage": "request header fields are larger than the limit of 65536 bytes",
-        "errorNum": 431,
-    }
-    assert await stored_ids(http, proxy) == []
-    assert not [call for call in standin_jwt.executed if call[0] != "GET"]  # no PUT went on
-    await assert_still_serving(http, proxy)
+    message = "request header fields are larger than the limit of 65536 bytes"
+    await assert_refused(http, standin_jwt, proxy, raw, 431, message)
 
 
 @pytest.mark.parametrize(
@@ -202,18 +207,8 @@ async def test_a_target_that_is_no_path_is_refused(
     proxy = await start_proxy(standin_jwt.url)
     method = {"*": b"OPTIONS", "x:443": b"CONNECT"}.get(target, b"PUT")
     raw = method + b" " + target.encode() + b" HTTP/1.1\r\nHost: x\r\n" + AUTH + mode
-    status, head, body = only_answer(await exchange(proxy, raw + b"Connection: close\r\n\r\n"))
-    assert status == 400
-    assert b"Content-Type: application/json; charset=utf-8" in head
-    assert json.loads(body) == {
-        "code": 400,
-        "error": True,
-        "errorMessage": "the request target must be a path",
-        "errorNum": 400,
-    }
-    assert await stored_ids(http, proxy) == []
-    assert not [call for call in standin_jwt.executed if call[0] != "GET"]
-    await assert_still_serving(http, proxy)
+    raw += b"Connection: close\r\n\r\n"
+    await assert_refused(http, standin_jwt, proxy, raw, 400, "the request target must be a path")
 
 
 async def test_body_over_limit_does_not_smuggle_its_content(
