@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy import harvester
 from proxy.app import create_app, runner_options
 from proxy.state import METRICS, STORE
-from storage import Job, StoreError
+from storage import StoreError
 from tests.conftest import ProxyFactory, proxy_config
 from tests.processes import free_port
 from tests.standin import StandIn
@@ -262,6 +262,21 @@ async def test_failing_lists_and_fetches_only_delay_the_harvest(
     assert upstream.seen.count(("PUT", "/_api/job/901")) == 2
 
 
+class FailFirst:
+    """A store method whose first `left` calls raise StoreError, then it works."""
+
+    def __init__(self, method: Callable[..., Awaitable[Any]], left: int, error: str) -> None:
+        self.method = method
+        self.left = left
+        self.error = error
+
+    async def __call__(self, *args: Any) -> Any:
+        if self.left:
+            self.left -= 1
+            raise StoreError(f"{self.error} (injected)")
+        return await self.method(*args)
+
+
 @pytest.fixture
 async def proxy_app(
     standin: StandIn, serve_app: Callable[..., Awaitable[str]], tmp_path: Path
@@ -280,22 +295,12 @@ async def test_store_read_failure_in_dispatcher_is_retried(
     """A read error cannot be produced on demand in SQLite: the store's method
     fails (mock) twice, then works; the dispatcher backs off and goes on."""
     app, base = proxy_app
-    store = app[STORE]
-    real = store.next_accepted
-    failures = 2
-
-    async def failing(limit: int, exclude: Collection[int] = ()) -> list[Job]:
-        nonlocal failures
-        if failures:
-            failures -= 1
-            raise StoreError("disk I/O error (injected)")
-        return await real(limit, exclude)
-
-    monkeypatch.setattr(store, "next_accepted", failing)
+    failing = FailFirst(app[STORE].next_accepted, 2, "disk I/O error")
+    monkeypatch.setattr(app[STORE], "next_accepted", failing)
     jobs = Client(http, base)
     answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
     assert answer.status == 200
-    assert failures == 0
+    assert failing.left == 0
     assert app[METRICS]["submit_retries_total"] >= 2
 
 
@@ -309,22 +314,12 @@ async def test_recording_a_submission_is_retried_not_sent_again(
     be made to fail one statement on demand): the write is retried, the job is not
     sent a second time."""
     app, base = proxy_app
-    store = app[STORE]
-    real = store.mark_submitted
-    failures = 2
-
-    async def failing(job_id: int, upstream_id: str) -> bool:
-        nonlocal failures
-        if failures:
-            failures -= 1
-            raise StoreError("database or disk is full (injected)")
-        return await real(job_id, upstream_id)
-
-    monkeypatch.setattr(store, "mark_submitted", failing)
+    failing = FailFirst(app[STORE].mark_submitted, 2, "database or disk is full")
+    monkeypatch.setattr(app[STORE], "mark_submitted", failing)
     jobs = Client(http, base)
     answer = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN 1"})
     assert (await jobs.result(answer)).status == 201
-    assert failures == 0
+    assert failing.left == 0
     assert standin.executed[("POST", "/_api/cursor")] == 1
 
 
