@@ -59,16 +59,13 @@ SELECT_ACCEPTED = (
 )
 SELECT_SUBMITTED = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'submitted' ORDER BY id"
 SELECT_STATE = f"SELECT state FROM jobs WHERE id = :id AND {VISIBLE}"
+SELECT_RESULT = f"SELECT state, {RESULT_COLUMNS} FROM jobs WHERE id = :id AND {VISIBLE}"
 SELECT_PENDING_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id AND {PENDING} AND {VISIBLE}"
 LIST_DONE = f"SELECT id FROM jobs WHERE state = 'done' AND {VISIBLE} ORDER BY id LIMIT :limit"
 LIST_PENDING = f"SELECT id FROM jobs WHERE {PENDING} AND {VISIBLE} ORDER BY id LIMIT :limit"
 
 # Every statement that removes done jobs returns the sizes it removed (the store
 # keeps the total of stored result bytes); a forget returns 0 for its row.
-TAKE_RESULT = (
-    f"DELETE FROM jobs WHERE id = :id AND state = 'done' AND {VISIBLE}"
-    f" RETURNING {RESULT_COLUMNS}, rsize"
-)
 # Deleting removes done jobs and forgets unfinished ones (they run on, result dropped):
 # each delete_* method runs its pair in one write.
 _DELETE_DONE = f"DELETE FROM jobs WHERE state = 'done' AND {VISIBLE}"

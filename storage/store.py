@@ -31,11 +31,13 @@ finds nothing costs one index probe and no write.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -51,6 +53,11 @@ SYNCHRONOUS = ("FULL", "NORMAL")
 BUSY_TIMEOUT_MS = 5000
 # Most done jobs one retention statement removes: a few milliseconds of the writer.
 RETENTION_CHUNK = 1000
+TAKE_RETRY_MIN = 0.05  # seconds before a failed delete of a fetched result is tried again
+TAKE_RETRY_MAX = 2.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
@@ -87,6 +94,7 @@ class JobStore:
         self._result_bytes = result_bytes
         self._result_listener: Callable[[], None] | None = None
         self._queued_accepts = 0  # enqueued, neither committed nor failed yet
+        self._taken: set[int] = set()  # results handed out, deletes not committed yet
         self._capacity = capacity
         self._closed = False
 
@@ -177,6 +185,11 @@ class JobStore:
     def result_bytes(self) -> int:
         """Total size of the stored results (response headers and bodies) of done jobs."""
         return self._result_bytes
+
+    async def flush(self) -> None:
+        """Wait until every write started so far has committed (or failed): the deletes
+        of taken results commit in the background (take_result)."""
+        await asyncio.wait([self._writer.enqueue()])
 
     def set_result_listener(self, listener: Callable[[], None] | None) -> None:
         """Call `listener` right after each commit that stored a result (None: stop)."""
@@ -308,7 +321,7 @@ class JobStore:
 
     async def state(self, job_id: int, viewer: str | None) -> JobState | None:
         """The state of a visible job, None if there is none."""
-        if not valid_id(job_id):
+        if not valid_id(job_id) or job_id in self._taken:
             return None
         found = await self._read(sql.SELECT_STATE, _by_id(job_id, viewer))
         return JobState(found[0][0]) if found else None
@@ -325,28 +338,61 @@ class JobStore:
     ) -> StoredResponse | JobState | None:
         """Done: the result, and the row is gone. Unfinished: its state. Not visible: None.
 
-        The delete goes through the writer with RETURNING, so of two concurrent takes
-        exactly one gets the result and the other gets None.
+        The result is handed out at once; its delete commits in the background (the
+        client has its answer and need not wait for an fsync). Until then the job is
+        in ``_taken``, and readers treat it as gone. Exactly one of two concurrent
+        takes gets the result: each checks ``_taken``, reads and claims in one call
+        on the reader's thread (`_claim_result`), one after the other, and the id
+        leaves ``_taken`` only once its delete has committed, so a later read finds
+        no row. A failed delete is retried until it commits; should the process die
+        first, the job is back as done: a delivered result can reappear, none is lost.
         """
-        state = await self.state(job_id, viewer)
-        if state is not JobState.DONE:
-            return state
-        taken = await self._write_rows(
-            Statement(sql.TAKE_RESULT, _by_id(job_id, viewer)),
-            on_commit=self._removed,
-            scrubs=True,
+        if not valid_id(job_id):
+            return None
+        found = await self._reader_call(_claim_result, self._taken, _by_id(job_id, viewer))
+        if found is None or isinstance(found, JobState):
+            return found
+
+        self._delete_taken(_by_id(job_id, viewer), TAKE_RETRY_MIN)
+        return found
+
+    def _delete_taken(self, params: dict[str, Any], retry: float) -> None:
+        """Delete a taken result; a failed delete is tried again (doubling `retry`) until
+        it commits or the store closes, and the job stays invisible meanwhile."""
+        job_id = params["id"]
+
+        def deleted(removed: Result) -> None:
+            self._taken.discard(job_id)
+            self._removed(removed)
+
+        def failed(deleting: asyncio.Future[Result]) -> None:
+            if deleting.cancelled() or deleting.exception() is None:
+                return
+            if retry == TAKE_RETRY_MIN:
+                log.warning(
+                    "cannot delete fetched job %d yet, will retry: %s", job_id, deleting.exception()
+                )
+            asyncio.get_running_loop().call_later(
+                retry, self._delete_taken, params, min(TAKE_RETRY_MAX, retry * 2)
+            )
+
+        if self._closed:
+            return  # the row stays, as after a crash: the result was handed out already
+        deleting = self._writer.enqueue(
+            Statement(sql.DELETE_DONE_ONE, params), want=Want.ROWS, on_commit=deleted, scrubs=True
         )
-        return rows.response_from_row(taken[0][:3]) if taken else None
+        deleting.add_done_callback(failed)
 
     async def list_ids(self, *, done: bool, viewer: str | None, limit: int) -> list[int]:
         """Ids of visible jobs, done or pending, ascending, at most `limit`."""
         if limit <= 0:
             return []
-        found = await self._read(
-            sql.LIST_DONE if done else sql.LIST_PENDING,
-            {"viewer": _viewer(viewer), "limit": min(limit, rows.MAX_ID)},
-        )
-        return [row[0] for row in found]
+        if not done:
+            found = await self._read(sql.LIST_PENDING, _listing(viewer, limit))
+            return [row[0] for row in found]
+        # results being taken are gone already (take_result)
+        found = await self._read(sql.LIST_DONE, _listing(viewer, limit + len(self._taken)))
+        return [row[0] for row in found if row[0] not in self._taken][:limit]
 
     async def delete(self, job_id: int, viewer: str | None) -> bool:
         """Done: the row is deleted. Unfinished: forgotten (runs on, result dropped)."""
@@ -424,10 +470,16 @@ class JobStore:
     # -- plumbing ----------------------------------------------------------------------
 
     async def _read(self, query: str, params: dict[str, Any]) -> list[Any]:
+        return cast(list[Any], await self._reader_call(_fetch_all, query, params))
+
+    async def _reader_call(self, function: Callable[..., T], *args: Any) -> T:
+        """`function(connection, *args)` on the reader's thread (aiosqlite has no public
+        call for it; see storage.writer)."""
         if self._closed:
             raise StoreError("the job store is closed")
+        db = self._reader
         try:
-            return list(await self._reader.execute_fetchall(query, params))
+            return cast(T, await db._execute(function, db._conn, *args))  # type: ignore[no-untyped-call]
         except sqlite3.Error as exc:
             raise StoreError(f"the job store could not read: {exc}") from exc
 
@@ -447,6 +499,30 @@ class JobStore:
 
 def _viewer(viewer: str | None) -> str | bytes | None:
     return rows.optional_text_param(viewer)
+
+
+def _listing(viewer: str | None, limit: int) -> dict[str, Any]:
+    return {"viewer": _viewer(viewer), "limit": min(limit, rows.MAX_ID)}
+
+
+def _fetch_all(conn: sqlite3.Connection, query: str, params: dict[str, Any]) -> list[Any]:
+    return conn.execute(query, params).fetchall()
+
+
+def _claim_result(
+    conn: sqlite3.Connection, taken: set[int], params: dict[str, Any]
+) -> StoredResponse | JobState | None:
+    """take_result's read, on the reader's thread: check, read, claim."""
+    if params["id"] in taken:
+        return None
+    found = conn.execute(sql.SELECT_RESULT, params).fetchone()
+    if found is None:
+        return None
+    state, *result = found
+    if state != JobState.DONE:
+        return JobState(state)
+    taken.add(params["id"])
+    return rows.response_from_row(result)
 
 
 def _by_id(job_id: int, viewer: str | None) -> dict[str, Any]:

@@ -1,21 +1,26 @@
 """The single writer: concurrent writes group-committed, one transaction per batch.
 
-Callers ``enqueue`` a write and await the future they get back. The writer task
-takes everything queued (at most ``MAX_BATCH`` writes), runs it inside one
+Callers ``enqueue`` a write and await the future they get back. The writer takes
+everything queued (at most ``MAX_BATCH`` writes), runs it inside one
 ``BEGIN IMMEDIATE`` ... ``COMMIT``, and only then resolves the futures: a burst of
 concurrent accepts shares one fsync, and a resolved future means committed.
 
-The whole batch runs as one call in aiosqlite's thread (one round-trip through
-the event loop, however many statements); inside it, consecutive writes with
-the same SQL that need no result go to SQLite as one ``executemany``, writes
-that need a rowcount or RETURNING rows run one by one.
+The writer loop runs on the writer connection's own thread (aiosqlite's, taken for
+the writer's whole life), not on the event loop: a batch that commits is followed
+at once by the next one, made of whatever was queued meanwhile, and the event loop
+gets one callback per batch with every outcome. Had the loop to schedule each
+batch, a loop busy with HTTP would add a turn or two (milliseconds) to every
+commit, and so to every accept. Inside a batch, consecutive writes with the same
+SQL that need no result go to SQLite as one ``executemany``; writes that need a
+rowcount or RETURNING rows run one by one.
 
 Outcome of a batch::
 
     COMMIT ok      -> commits += 1; each write's on_commit(result); futures get results
     any exception  -> ROLLBACK; each write's on_abort(); futures fail with StoreError
                       (chained); the next batch runs as usual, the fault may have gone
-    writer task cancelled mid-batch -> futures fail with StoreError; cancellation goes on
+    stop(), or the writer's task cancelled -> the batch under way finishes (commit or
+                      rollback, as above); writes still queued fail with StoreError
 
 A write whose caller gave up (future cancelled) before its batch started is skipped.
 
@@ -46,11 +51,13 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, cast
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -60,8 +67,10 @@ MAX_BATCH = 1024
 SCRUB_INTERVAL = 1.0  # seconds: least time between two scrubbing checkpoints
 SCRUB_MAX_DELAY = 30.0  # seconds: longest a scrub waits for an idle moment
 SCRUB_BUSY_TIMEOUT_MS = 100  # how long a scrub waits for readers before trying later
+IDLE_CHECK = 1.0  # seconds: an idle writer looks this often whether its loop is gone
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 Params = Sequence[Any] | Mapping[str, Any]
 Result = int | list[Any] | None
@@ -79,6 +88,12 @@ class Want(Enum):
 class Statement:
     sql: str
     params: Params = ()
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Call:
+    function: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -100,7 +115,7 @@ class _Write:
 
 
 class Writer:
-    """Owns the writer connection; nothing else may use it while the task runs."""
+    """Owns the writer connection and its thread until stop(); use `call` meanwhile."""
 
     def __init__(self, db: aiosqlite.Connection, *, measure: bool = False) -> None:
         self.db = db
@@ -111,11 +126,16 @@ class Writer:
         # the store refuses new jobs near its size limit from this figure.
         self.measure = measure
         self.used_pages = 0
-        self._queue: asyncio.Queue[_Write | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        # Shared with the writer thread: deque appends and pops are atomic.
+        self._queue: deque[_Write | _Call | None] = deque()
+        self._wake = threading.Event()
         self._closing = False
-        self._scrub_wanted_since: float | None = None
+        self._scrub_wanted_since: float | None = None  # read and written by the thread only
         self._last_scrub = time.monotonic()  # JobStore.open has just checkpointed
-        self._task = asyncio.create_task(self._run(), name="job-store-writer")
+        serving = db._execute(self._serve, db._conn)  # type: ignore[no-untyped-call]
+        self._task: asyncio.Future[None] = asyncio.ensure_future(serving)
+        self._task.add_done_callback(self._task_done)
 
     def enqueue(
         self,
@@ -129,68 +149,106 @@ class Writer:
 
         `scrubs`: the write wipes or deletes data that must not linger in the -wal file.
         """
-        if self._closing or self._task.done():
-            raise StoreError("the job store is closed")
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(statements, want, future, on_commit, on_abort, scrubs))
+        future: asyncio.Future[Result] = self._loop.create_future()
+        self._put(_Write(statements, want, future, on_commit, on_abort, scrubs))
         return future
 
+    def call(self, function: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Run `function(connection)` on the writer's thread between two batches."""
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._put(_Call(function, future))
+        return future
+
+    async def execute_fetchall(self, sql: str) -> list[Any]:
+        """One statement between two batches, outside their transactions; its rows."""
+        return await self.call(lambda conn: conn.execute(sql).fetchall())
+
+    def _put(self, item: _Write | _Call) -> None:
+        if self._closing:
+            raise StoreError("the job store is closed")
+        self._queue.append(item)
+        if not self._wake.is_set():  # the thread clears it before it looks at the queue
+            self._wake.set()
+
     async def stop(self) -> None:
-        """Commit everything queued so far, then end the task."""
-        self._closing = True
-        self._queue.put_nowait(None)  # behind every write queued so far
+        """Commit everything queued so far, then end the thread's loop."""
+        self._stop()
         # wait() rather than await: a task that was cancelled must not raise here.
         await asyncio.wait([self._task])
 
-    async def _run(self) -> None:
+    def _stop(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._queue.append(None)  # behind every write queued so far
+            self._wake.set()
+
+    def _task_done(self, task: asyncio.Future[None]) -> None:
+        # Cancelled (asyncio.run() cancels what is left at exit): the thread runs on
+        # until it sees the stop marker, and must be told.
+        self._stop()
+
+    # -- on the writer's thread ----------------------------------------------------------
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
         try:
             while True:
-                first = await self._next()
-                if first is None:
+                batch = self._next_batch(conn)
+                if batch is None:
                     return
-                batch = [first]
-                stop = False
-                while len(batch) < MAX_BATCH and not self._queue.empty():
-                    item = self._queue.get_nowait()
-                    if item is None:
-                        stop = True
-                        break
-                    batch.append(item)
-                await self._commit(batch)
-                if stop:
-                    return
+                if isinstance(batch, _Call):
+                    self._run_call(conn, batch)
+                else:
+                    self._commit(conn, batch)
         finally:
-            # Only a cancelled task leaves writes behind (stop() queues its marker last);
-            # their callers must not wait forever.
+            # Everything queued behind the stop marker (or left by a fault here) fails;
+            # its callers must not wait forever.
             self._closing = True
-            while not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is not None:
-                    _fail([item], "the job store was stopped before this write ran", None)
+            left = [item for item in self._queue if isinstance(item, _Write)]
+            self._queue.clear()
+            if left:
+                self._post(_fail, left, "the job store was stopped before this write ran", None)
 
-    async def _next(self) -> _Write | None:
-        """The next queued write, after a scrubbing checkpoint if one is due (see above)."""
-        while self._scrub_wanted_since is not None:
-            now = time.monotonic()
-            wait = self._last_scrub + SCRUB_INTERVAL - now
-            if not self._queue.empty():
-                # a busy writer checkpoints only when overdue, and never twice in a
-                # row (a reader in the way must not starve the queued writes)
-                if wait > 0 or now - self._scrub_wanted_since < SCRUB_MAX_DELAY:
-                    return self._queue.get_nowait()
-            elif wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        return await self._queue.get()
+    def _next_batch(self, conn: sqlite3.Connection) -> list[_Write] | _Call | None:
+        """Writes to commit together, a call, or None at the stop marker; waits for work
+        and checkpoints when a scrub is due (see above)."""
+        while True:
+            self._wake.clear()
+            if self._scrub_wanted_since is not None and self._scrub_due():
+                self._scrub(conn)
                 continue
-            await self._scrub()
-        return await self._queue.get()
+            if not self._queue:
+                if self._loop.is_closed():
+                    return None  # the store was never closed: do not keep the process alive
+                timeout = IDLE_CHECK
+                if self._scrub_wanted_since is not None:
+                    timeout = max(0.0, self._last_scrub + SCRUB_INTERVAL - time.monotonic())
+                self._wake.wait(min(timeout, IDLE_CHECK))
+                continue
+            first = self._queue.popleft()
+            if first is None or isinstance(first, _Call):
+                return first
+            batch = [first]
+            while self._queue and len(batch) < MAX_BATCH:
+                item = self._queue[0]
+                if not isinstance(item, _Write):
+                    break  # a call or the stop marker: after this batch
+                self._queue.popleft()
+                batch.append(item)
+            return batch
 
-    async def _scrub(self) -> None:
+    def _scrub_due(self) -> bool:
+        assert self._scrub_wanted_since is not None
+        now = time.monotonic()
+        if now - self._last_scrub < SCRUB_INTERVAL:
+            return False
+        # a busy writer checkpoints only when overdue, and never twice in a row
+        # (a reader in the way must not starve the queued writes)
+        return not self._queue or now - self._scrub_wanted_since >= SCRUB_MAX_DELAY
+
+    def _scrub(self, conn: sqlite3.Connection) -> None:
         self.scrub_attempts += 1
-        db = self.db
         try:
-            done = await db._execute(_checkpoint, db._conn)  # type: ignore[no-untyped-call]
+            done = _checkpoint(conn)
         except sqlite3.Error as exc:
             log.warning("cannot checkpoint the job store's WAL, will retry: %s", exc)
             return
@@ -201,49 +259,37 @@ class Writer:
             self._scrub_wanted_since = None
             self.checkpoints += 1
 
-    async def _commit(self, batch: list[_Write]) -> None:
-        live = []
-        for write in batch:
-            if write.future.cancelled():
-                _abort(write)
-            else:
-                live.append(write)
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+        live = [write for write in batch if not write.future.cancelled()]
+        skipped = [write for write in batch if write.future.cancelled()]
         if not live:
+            self._post(_settle, skipped, [], [])
             return
         try:
-            results = await self._in_sqlite_thread(live)
+            results = _transaction(conn, live)
+            if self.measure:
+                self.used_pages = used_pages(conn)
         except Exception as exc:
-            _fail(live, f"the job store could not commit {len(live)} write(s): {exc}", exc)
+            self._post(
+                _fail, batch, f"the job store could not commit {len(live)} write(s): {exc}", exc
+            )
             return
-        except BaseException as exc:
-            _fail(live, "the job store was stopped in the middle of a write", exc)
-            raise
         self.commits += 1
         if self._scrub_wanted_since is None and any(write.scrubs for write in live):
             self._scrub_wanted_since = time.monotonic()
-        for write, result in zip(live, results, strict=True):
-            if write.on_commit is not None:
-                write.on_commit(result)
-            if not write.future.done():
-                write.future.set_result(result)
+        self._post(_settle, skipped, live, results)
 
-    async def _in_sqlite_thread(self, writes: list[_Write]) -> list[Result]:
-        """Run the whole batch with one hop to aiosqlite's thread.
+    def _run_call(self, conn: sqlite3.Connection, call: _Call) -> None:
+        try:
+            result = call.function(conn)
+        except Exception as exc:
+            self._post(_set_exception, call.future, exc)
+            return
+        self._post(_set_result, call.future, result)
 
-        One await per statement would wait for the event loop each time, and a
-        loop busy with HTTP makes that a millisecond or more per statement; a
-        batch of a hundred writes then held every caller for a hundred loop
-        turns. aiosqlite has no public call for "run this function in your
-        thread", so its `_execute` is used (aiosqlite is pinned below 0.23).
-        """
-        db = self.db
-        results, used = cast(
-            tuple[list[Result], int | None],
-            await db._execute(_measured_transaction, db._conn, writes, self.measure),  # type: ignore[no-untyped-call]
-        )
-        if used is not None:
-            self.used_pages = used
-        return results
+    def _post(self, function: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            self._loop.call_soon_threadsafe(function, *args)
 
 
 def used_pages(conn: sqlite3.Connection) -> int:
@@ -251,13 +297,6 @@ def used_pages(conn: sqlite3.Connection) -> int:
     [(pages,)] = conn.execute("PRAGMA page_count").fetchall()
     [(free,)] = conn.execute("PRAGMA freelist_count").fetchall()
     return int(pages) - int(free)
-
-
-def _measured_transaction(
-    conn: sqlite3.Connection, writes: list[_Write], measure: bool
-) -> tuple[list[Result], int | None]:
-    results = _transaction(conn, writes)
-    return results, used_pages(conn) if measure else None
 
 
 def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[Result]:
@@ -314,6 +353,27 @@ def _execute_one(conn: sqlite3.Connection, write: _Write) -> Result:
     if write.want is Want.ROWS:
         return rows
     return count if write.want is Want.ROWCOUNT else None
+
+
+def _settle(skipped: list[_Write], live: list[_Write], results: list[Result]) -> None:
+    """On the loop: a batch committed."""
+    for write in skipped:
+        _abort(write)
+    for write, result in zip(live, results, strict=True):
+        if write.on_commit is not None:
+            write.on_commit(result)
+        if not write.future.done():
+            write.future.set_result(result)
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
 
 
 def _abort(write: _Write) -> None:

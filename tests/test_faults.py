@@ -10,6 +10,7 @@ connection (full while a result is being recorded).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -113,30 +114,40 @@ async def test_a_burst_at_the_size_limit_gets_202_only_for_what_committed(
         assert (await jobs.result(job_id)).status == 201
 
 
-async def test_a_locked_database_gives_503_on_intake_and_facade_then_recovers(
+def ids_in_file(folder: Path) -> list[int]:
+    with contextlib.closing(sqlite3.connect(folder / "jobs.sqlite3")) as db:
+        return [row[0] for row in db.execute("SELECT id FROM jobs ORDER BY id")]
+
+
+async def test_a_locked_database_gives_503_to_writes_hands_out_results_then_recovers(
     standin: StandIn, serve_app: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     app, url = await start(serve_app, standin.url, tmp_path / "d")
     jobs = Client(http, url)
     done = await jobs.submit("GET", "/_api/version")
     await jobs.wait_done(done)
-    await app[STORE]._writer.db.execute("PRAGMA busy_timeout = 50")  # not 5 s in a test
+    await app[STORE]._writer.execute_fetchall("PRAGMA busy_timeout = 50")  # not 5 s in a test
     other = sqlite3.connect(tmp_path / "d" / "jobs.sqlite3", isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
         refused = await jobs.call("GET", "/_api/version", headers={"x-arango-async": "store"})
         assert (refused.status, refused.json["errorNum"]) == (503, 503)
         assert "database is locked" in refused.json["errorMessage"]
-        fetch = await jobs.call("PUT", f"/_api/job/{done}")
-        assert (fetch.status, fetch.json["errorNum"], fetch.async_id) == (503, 503, None)
         delete = await jobs.call("DELETE", "/_api/job/all")
         assert (delete.status, delete.json["error"]) == (503, True)
-        # Reads still work in WAL mode while the writer is locked out.
+        # Reads still work in WAL mode while the writer is locked out, and a result
+        # is handed out: its delete is retried until it commits.
         assert (await jobs.call("GET", f"/_api/job/{done}")).status == 200
+        fetch = await jobs.call("PUT", f"/_api/job/{done}")
+        assert (fetch.status, fetch.async_id, fetch.json["server"]) == (200, done, "arango")
+        assert (await jobs.call("GET", f"/_api/job/{done}")).status == 404  # gone for readers
+        assert (await jobs.call("PUT", f"/_api/job/{done}")).status == 404
+        assert ids_in_file(tmp_path / "d") == [int(done)]  # still in the file
         other.execute("ROLLBACK")
     finally:
         other.close()
-    assert (await jobs.result(done)).json["server"] == "arango"
+    await eventually(lambda: ids_in_file(tmp_path / "d") == [])
+    assert (await jobs.call("PUT", f"/_api/job/{done}")).status == 404
     assert (await jobs.result(await jobs.submit("GET", "/_api/version"))).status == 200
 
 
@@ -166,15 +177,15 @@ async def test_a_fetched_result_waits_for_room_instead_of_running_again(
             break
         await asyncio.sleep(0.01)
     # The file may not grow any more: storing a 200 KB result must fail for now.
-    db = store._writer.db
+    db = store._writer
     [(pages,)] = await db.execute_fetchall("PRAGMA page_count")
-    await db.execute(f"PRAGMA max_page_count = {pages}")
+    await db.execute_fetchall(f"PRAGMA max_page_count = {pages}")
     assert (await jobs.call("PUT", f"/_api/job/{blocker}/cancel")).status == 200
     # The harvester fetched the result (the stand-in no longer holds the job)...
     await eventually(lambda: not standin.jobs.entries, seconds=20)
     await asyncio.sleep(0.3)  # ...and keeps failing to store it for a while
     assert await state(reader) is JobState.SUBMITTED
-    await db.execute("PRAGMA max_page_count = 1073741823")
+    await db.execute_fetchall("PRAGMA max_page_count = 1073741823")
     answer = await jobs.result(reader)
     assert answer.status == 201
     assert answer.json["result"][0]["pad"] == "z" * 200_000

@@ -432,7 +432,7 @@ async def test_close_commits_queued_writes_and_then_refuses(data: Path) -> None:
 async def test_pragmas(data: Path, synchronous: str, level: int) -> None:
     store = await JobStore.open(data, synchronous=synchronous)
     try:
-        db = store._writer.db
+        db = store._writer
         for pragma, value in [
             ("journal_mode", "wal"),
             ("synchronous", level),

@@ -166,7 +166,7 @@ async def test_migrations_run_in_order_at_open(
     monkeypatch.setattr(schema, "LATEST", latest + 1)
     store = await JobStore.open(tmp_path)
     assert await store.state(job_id, None) is not None
-    db = store._writer.db
+    db = store._writer
     assert list(await db.execute_fetchall("PRAGMA user_version")) == [(latest + 1,)]
     columns = [row[1] for row in await db.execute_fetchall("PRAGMA table_info(jobs)")]
     assert columns[-1] == "note"
@@ -188,7 +188,7 @@ async def test_a_failed_migration_leaves_the_old_version(
             await JobStore.open(tmp_path)
 
     store = await JobStore.open(tmp_path)
-    db = store._writer.db
+    db = store._writer
     assert list(await db.execute_fetchall("PRAGMA user_version")) == [(latest,)]
     columns = [row[1] for row in await db.execute_fetchall("PRAGMA table_info(jobs)")]
     assert "note" not in columns

