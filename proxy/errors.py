@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 
 import aiohttp
 from aiohttp import web
@@ -84,20 +85,21 @@ def upstream_failure(exc: BaseException, upstream: str) -> UpstreamFailure:
             504, ERROR_GATEWAY_TIMEOUT, f"upstream ArangoDB at {upstream} did not answer in time"
         )
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        cause = exc.certificate_error
-        detail = getattr(cause, "verify_message", None) or str(cause) or type(cause).__name__
+        exc = exc.certificate_error
+    if isinstance(exc, ssl.CertificateError):
+        detail = getattr(exc, "verify_message", None) or str(exc) or type(exc).__name__
         return UpstreamFailure(
             503,
             ERROR_SERVICE_UNAVAILABLE,
             f"upstream ArangoDB at {upstream}: its TLS certificate could not be verified"
             f" ({detail})",
         )
-    if isinstance(exc, aiohttp.ClientSSLError):
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
         return UpstreamFailure(
             503,
             ERROR_SERVICE_UNAVAILABLE,
             f"upstream ArangoDB at {upstream}: the TLS handshake failed"
-            f" ({exc.strerror or exc}); does it serve TLS on that port?",
+            f" ({getattr(exc, 'strerror', None) or exc}); does it serve TLS on that port?",
         )
     reason = str(exc) or type(exc).__name__
     return UpstreamFailure(

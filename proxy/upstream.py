@@ -21,6 +21,7 @@ from yarl import URL
 
 from proxy.config import UpstreamConfig
 from proxy.errors import upstream_failure
+from proxy.http1 import Http1Pool
 from proxy.tls import client_context
 
 # RFC 9110 §7.6.1 plus the non-standard ones proxies traditionally drop.
@@ -74,8 +75,20 @@ class Upstream:
         self.base = config.url.rstrip("/")
         self._ssl = client_context(config)
         self._session: aiohttp.ClientSession | None = None
+        self._pool: Http1Pool | None = None
 
     async def start(self) -> None:
+        url = URL(self.base)
+        assert url.host is not None, "checked by the config"
+        assert url.port is not None, "checked by the config"
+        self._pool = Http1Pool(
+            url.host,
+            url.port,
+            ssl_context=self._ssl,
+            connect_timeout=self.config.connect_timeout,
+            read_timeout=self.config.request_timeout,
+            max_idle=self.config.pool_size,
+        )
         timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=self.config.connect_timeout,
@@ -92,6 +105,9 @@ class Upstream:
         )
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -130,7 +146,21 @@ class Upstream:
     async def call(
         self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None = None
     ) -> Reply:
-        """Send a request and read the whole response."""
+        """Send a request and read the whole response (`proxy.http1`; HEAD via aiohttp)."""
+        if method == "HEAD":
+            return await self._call_aiohttp(method, target, headers, body)
+        assert self._pool is not None, "Upstream.start() was not awaited"
+        try:
+            status, reply_headers, payload = await self._pool.request(
+                method, target, headers.items(), body
+            )
+        except (OSError, TimeoutError) as exc:
+            raise upstream_failure(exc, self.base) from exc
+        return Reply(status, CIMultiDictProxy(reply_headers), payload)
+
+    async def _call_aiohttp(
+        self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None
+    ) -> Reply:
         async with self.stream(method, target, headers, body) as response:
             try:
                 payload = await response.read()

@@ -1,0 +1,248 @@
+"""The lean HTTP/1.1 client (`proxy.http1`) against a raw socket server that says
+exactly what each test needs: framing, keep-alive, closes, silence, garbage."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.config import UpstreamConfig
+from proxy.errors import UpstreamFailure
+from proxy.http1 import ConnectionClosedError, Http1Pool, ResponseParseError
+from proxy.upstream import Upstream
+
+# A handler gets the request's head and body and the writer; it answers (or not).
+Handler = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class RawServer:
+    port: int
+    handler: Handler
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = await reader.readexactly(length)
+                self.requests.append(head + body)
+                await self.handler(head, body, writer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+StartServer = Callable[[Handler], Awaitable[RawServer]]
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[StartServer]:
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Handler) -> RawServer:
+        raw = RawServer(0, handler)
+        server = await asyncio.start_server(raw.serve, "127.0.0.1", 0)
+        raw.port = server.sockets[0].getsockname()[1]
+        servers.append(server)
+        return raw
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def answer(response: bytes) -> Handler:
+    async def handler(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(response)
+
+    return handler
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Seen: yes\r\n\r\nok"
+
+
+def pool(port: int, *, read_timeout: float = 5.0, max_idle: int = 10) -> Http1Pool:
+    return Http1Pool(
+        "127.0.0.1",
+        port,
+        ssl_context=None,
+        connect_timeout=1.0,
+        read_timeout=read_timeout,
+        max_idle=max_idle,
+    )
+
+
+async def test_a_request_is_sent_as_given_and_the_connection_kept(raw_server: StartServer) -> None:
+    server = await raw_server(answer(OK))
+    client = pool(server.port)
+    headers = [("x-arango-async", "store"), ("X-Name", "Grüße")]
+    for _ in range(3):
+        status, got, body = await client.request("PUT", "/_db/a/_api/x?y=1", headers, b"{}")
+        assert (status, got["x-seen"], body) == (200, "yes", b"ok")
+    assert server.connections == 1
+    assert (
+        server.requests[0]
+        == (
+            f"PUT /_db/a/_api/x?y=1 HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+            "x-arango-async: store\r\nX-Name: Grüße\r\nContent-Length: 2\r\n\r\n{}"
+        ).encode()
+    )
+    status, _, _ = await client.request("GET", "/_api/job/done", [])
+    assert b"Content-Length" not in server.requests[-1]  # a GET without a body has none
+    client.close()
+
+
+async def test_chunked_bodies_and_informational_responses(raw_server: StartServer) -> None:
+    server = await raw_server(
+        answer(
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"
+        )
+    )
+    client = pool(server.port)
+    for _ in range(2):  # the connection stays usable after a chunked body
+        status, headers, body = await client.request("POST", "/", [], b"x")
+        assert (status, body, headers["transfer-encoding"]) == (201, b"abcdefg", "chunked")
+    assert server.connections == 1
+    client.close()
+
+
+async def test_connection_close_and_a_body_up_to_the_end(raw_server: StartServer) -> None:
+    async def close_after(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+        await writer.drain()
+        writer.close()
+
+    server = await raw_server(close_after)
+    client = pool(server.port)
+    for _ in range(2):
+        assert await client.request("GET", "/", []) == (
+            200,
+            CIMultiDict(Connection="close"),
+            b"all of it",
+        )
+    assert server.connections == 2  # not reused
+    client.close()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused(
+    raw_server: StartServer,
+) -> None:
+    server = await raw_server(answer(OK))
+    client = pool(server.port)
+    await client.request("GET", "/", [])
+    server.writers[0].close()  # the server's keep-alive timeout
+    await asyncio.sleep(0.05)
+    assert (await client.request("GET", "/", []))[0] == 200
+    assert server.connections == 2
+    client.close()
+
+
+@pytest.mark.parametrize(
+    ("response", "error"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", ConnectionClosedError),
+        (b"", ConnectionClosedError),
+        (b"SMTP ready\r\n\r\n", ResponseParseError),
+    ],
+)
+async def test_broken_responses_fail_the_request(
+    raw_server: StartServer, response: bytes, error: type[Exception]
+) -> None:
+    async def then_close(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(response)
+        await writer.drain()
+        writer.close()
+
+    server = await raw_server(then_close)
+    client = pool(server.port)
+    with pytest.raises(error):
+        await client.request("GET", "/", [])
+    assert client._idle == []
+
+
+async def test_silence_times_out_and_the_connection_is_dropped(raw_server: StartServer) -> None:
+    async def trickle(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+        for part in (b"a", b"b"):  # data keeps the exchange alive...
+            await asyncio.sleep(0.15)
+            writer.write(part)
+            await writer.drain()
+        await asyncio.sleep(5)  # ...silence does not
+
+    server = await raw_server(trickle)
+    client = pool(server.port, read_timeout=0.25)
+    with pytest.raises(TimeoutError):
+        await client.request("GET", "/", [])
+    assert client._idle == []
+
+
+async def test_a_cancelled_request_does_not_leave_its_connection_in_the_pool(
+    raw_server: StartServer,
+) -> None:
+    async def never(_head: bytes, _body: bytes, _writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    server = await raw_server(never)
+    client = pool(server.port)
+    request = asyncio.ensure_future(client.request("GET", "/", []))
+    await asyncio.sleep(0.05)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert client._idle == []
+
+
+async def test_a_header_with_a_line_break_is_refused() -> None:
+    with pytest.raises(ValueError, match="line break"):
+        await pool(1).request("GET", "/", [("X-Evil", "a\r\nInjected: yes")])
+
+
+async def test_upstream_maps_failures_to_arango_errors(raw_server: StartServer) -> None:
+    async def never(_head: bytes, _body: bytes, _writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    server = await raw_server(never)
+    upstream = Upstream(UpstreamConfig(url=f"http://127.0.0.1:{server.port}", request_timeout=0.2))
+    await upstream.start()
+    try:
+        with pytest.raises(UpstreamFailure) as timeout:
+            await upstream.call("GET", "/_api/version", CIMultiDict())
+        assert timeout.value.status == 504
+    finally:
+        await upstream.close()
+    refused = Upstream(UpstreamConfig(url="http://127.0.0.1:1"))
+    await refused.start()
+    try:
+        with pytest.raises(UpstreamFailure) as unreachable:
+            await refused.call("GET", "/_api/version", CIMultiDict())
+        assert unreachable.value.status == 503
+        assert "unreachable" in unreachable.value.message
+    finally:
+        await refused.close()
+
+
+async def test_idle_connections_beyond_the_limit_are_closed(raw_server: StartServer) -> None:
+    server = await raw_server(answer(OK))
+    client = pool(server.port, max_idle=1)
+    await asyncio.gather(*(client.request("GET", "/", []) for _ in range(3)))
+    assert server.connections == 3
+    assert len(client._idle) == 1
+    client.close()
+    assert client._idle == []
