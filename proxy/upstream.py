@@ -9,6 +9,7 @@ TLS context built in `__init__` (`proxy.tls`).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -46,14 +47,17 @@ _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 def end_to_end(headers: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
     """Copy `headers` without hop-by-hop ones, those named in Connection, and `drop`."""
     pairs = list(headers)
-    named = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    skip = HOP_BY_HOP | named | {name.lower() for name in drop}
-    return CIMultiDict((name, value) for name, value in pairs if name.lower() not in skip)
+    skip = _skipping(tuple(drop))
+    named = [value for name, value in pairs if name.lower() == "connection"]
+    if named:
+        skip = skip | {token.strip().lower() for value in named for token in value.split(",")}
+    return CIMultiDict([(name, value) for name, value in pairs if name.lower() not in skip])
+
+
+@functools.cache
+def _skipping(drop: tuple[str, ...]) -> frozenset[str]:
+    """HOP_BY_HOP and `drop`, lower-cased: built once per call site's constant."""
+    return HOP_BY_HOP | {name.lower() for name in drop}
 
 
 @dataclass(frozen=True, slots=True)
