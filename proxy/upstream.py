@@ -1,10 +1,12 @@
-"""The connection to ArangoDB: one shared client session and the header rules.
+"""The connection to ArangoDB: two connection pools and the header rules.
 
 Everything that talks to ArangoDB (pass-through, credential checks,
 dispatcher, harvester) goes through `Upstream`, so transport errors are
-mapped to ArangoDB-shaped errors in one place (`proxy.errors`). For an
-https:// upstream the session verifies ArangoDB's certificate with the one
-TLS context built in `__init__` (`proxy.tls`).
+mapped to ArangoDB-shaped errors in one place (`proxy.errors`). `stream`
+(pass-through) uses an aiohttp session; `call`, a whole exchange, uses the
+lean client of `proxy.http1` (HEAD excepted). For an https:// upstream both
+verify ArangoDB's certificate with the one TLS context built in `__init__`
+(`proxy.tls`).
 """
 
 from __future__ import annotations
