@@ -1,7 +1,7 @@
 """Harvester: notices jobs ArangoDB finished, fetches their results, stores them.
 
 Cheap noticing. Most jobs are short, so a job just submitted is asked for
-once, directly, a few milliseconds later (its first look): done, that one
+once, directly, a millisecond later (its first look): done, that one
 request fetches its result; still running (204), it joins the others. For the
 others, one ``GET /_api/job/done`` per distinct credential per tick (ArangoDB
 lists only the caller's own jobs), never one request per job. The tick follows
@@ -45,7 +45,7 @@ T = TypeVar("T")
 
 POLL_MIN = 0.005
 POLL_MAX = 0.5
-NEW_JOB_DELAY = POLL_MIN
+NEW_JOB_DELAY = 0.001  # a new job's first look: it has been at ArangoDB for a commit already
 LOST_CHECK_INTERVAL = 1.0
 LIST_SLACK = 1000  # other clients of the same user may have results waiting too
 FETCH_CONCURRENCY = 32
@@ -155,19 +155,23 @@ class Harvester:
 
     async def run(self) -> None:
         """Harvest until stop(); a tick under way is finished first."""
+        next_list = 0.0  # when the done lists are due (monotonic)
         while not self._stopping.is_set():
             if not self._jobs:
                 self._new.clear()
                 await self._new.wait()
                 continue
+            lists = time.monotonic() >= next_list
             try:
-                await self.tick()
+                await self.tick(lists=lists)
             except Exception:
                 log.exception("harvest tick failed; trying again")
                 await self._pause(POLL_MAX, new_jobs_wake=False)
                 continue
-            age = time.monotonic() - self._youngest
-            await self._pause(min(POLL_MAX, max(POLL_MIN, age / 20)))
+            if lists:
+                age = time.monotonic() - self._youngest
+                next_list = time.monotonic() + min(POLL_MAX, max(POLL_MIN, age / 20))
+            await self._pause(next_list - time.monotonic())
 
     def stop(self) -> None:
         """Let run() return after the tick under way (results fetched get stored)."""
@@ -179,6 +183,9 @@ class Harvester:
         jobs must not make a short one wait POLL_MAX): it is looked at NEW_JOB_DELAY
         later, since it needs a moment to run anyway."""
         self._new.clear()
+        if new_jobs_wake and self._fresh:  # tracked during the tick just over
+            await asyncio.sleep(NEW_JOB_DELAY)
+            return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 while not self._stopping.is_set():
@@ -188,15 +195,18 @@ class Harvester:
                         return
                     self._new.clear()
 
-    async def tick(self) -> None:
+    async def tick(self, *, lists: bool = True) -> None:
+        """First looks at new jobs; with `lists`, the done lists for the others too.
+        (A tick that a new job brings on early looks at that job only: the lists
+        keep their own pace, whatever the rate of new jobs.)"""
         fresh, self._fresh = self._fresh, []
         looked_at = {t.upstream_id for t in fresh}
-        groups = self._by_credentials(skip=looked_at)
+        groups = self._by_credentials(skip=looked_at) if lists else {}
         await asyncio.gather(
             self._collect_all(fresh),
             *(self._harvest(owner, jobs) for owner, jobs in groups.items()),
         )
-        if time.monotonic() - self._last_lost_check >= LOST_CHECK_INTERVAL:
+        if lists and time.monotonic() - self._last_lost_check >= LOST_CHECK_INTERVAL:
             self._last_lost_check = time.monotonic()
             await asyncio.gather(*(self._find_lost(owner, jobs) for owner, jobs in groups.items()))
 

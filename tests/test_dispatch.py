@@ -25,7 +25,7 @@ from storage import StoreError
 from tests.conftest import ProxyFactory, proxy_config
 from tests.processes import free_port
 from tests.standin import StandIn
-from tests.standin.client import ROOT, Client
+from tests.standin.client import ROOT, Client, eventually
 
 
 async def test_lost_jobs_follow_the_policy(
@@ -346,6 +346,35 @@ async def test_new_job_is_harvested_without_waiting_out_a_long_poll(
     quick = await jobs.submit("GET", "/_api/version")
     async with asyncio.timeout(5.0):  # half the poll interval
         await jobs.wait_done(quick)
+
+
+async def test_new_jobs_do_not_make_the_lists_come_faster(
+    fake: tuple[FakeArango, str],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each new job gets its first look at once, but the done list (for a job that
+    runs on) keeps its own pace (here 10 s), however many new jobs come."""
+    monkeypatch.setattr(harvester, "POLL_MIN", 10.0)
+    monkeypatch.setattr(harvester, "POLL_MAX", 10.0)
+    upstream, url = fake
+    upstream.list_reply = lambda which: web.json_response([] if which == "done" else ["901"])
+
+    async def result_unless_901(upstream_id: str) -> web.Response:
+        if upstream_id == "901":
+            return web.Response(status=204)
+        return await upstream._result(upstream_id)
+
+    upstream.fetch_reply = result_unless_901
+    jobs = Client(http, await start_proxy(url))
+    await jobs.submit("GET", "/_api/version")  # 901: pending at ArangoDB for ever
+    await eventually(lambda: ("PUT", "/_api/job/901") in upstream.seen)  # its first look
+    async with asyncio.timeout(5.0):
+        for _ in range(5):
+            await jobs.wait_done(await jobs.submit("GET", "/_api/version"))
+    # (a tick for each new job would have listed 901 each time, five lists)
+    assert upstream.seen.count(("GET", "/_api/job/done")) <= 1
 
 
 async def test_short_job_costs_one_fetch_and_a_running_one_is_listed(
