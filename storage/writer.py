@@ -260,8 +260,12 @@ class Writer:
             self.checkpoints += 1
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
-        live = [write for write in batch if not write.future.cancelled()]
-        skipped = [write for write in batch if write.future.cancelled()]
+        # One look at each future: a caller may cancel at any moment from the loop's
+        # thread, and a write must land in exactly one of the two lists.
+        live: list[_Write] = []
+        skipped: list[_Write] = []
+        for write in batch:
+            (skipped if write.future.cancelled() else live).append(write)
         if not live:
             self._post(_settle, skipped, [], [])
             return
