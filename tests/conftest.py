@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy.app import create_app, runner_options
 from proxy.config import Config, load_config
 from proxy.tls import server_context
+from storage import JobStore
 from tests.processes import ProxyProcess
 
 pytest_plugins = ["tests.standin.pytest_plugin"]
@@ -71,6 +72,19 @@ async def start_proxy(serve_app: Callable[..., Awaitable[str]], tmp_path: Path) 
         )
 
     return start
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """The job store's data folder for a test."""
+    return tmp_path / "data"
+
+
+@pytest.fixture
+async def store(data: Path) -> AsyncIterator[JobStore]:
+    store = await JobStore.open(data)
+    yield store
+    await store.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import asyncio
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -48,18 +47,6 @@ def raw_rows(data: Path, sql: str, *params: Any) -> list[Any]:
     """Look at the file directly, as an operator (or an attacker) could."""
     with sqlite3.connect(data / "jobs.sqlite3") as db:
         return db.execute(sql, params).fetchall()
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    return tmp_path / "data"
-
-
-@pytest.fixture
-async def store(data: Path) -> AsyncIterator[JobStore]:
-    store = await JobStore.open(data)
-    yield store
-    await store.close()
 
 
 async def test_accept_stores_the_job_with_increasing_ids_from_1(store: JobStore) -> None:

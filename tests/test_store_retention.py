@@ -9,7 +9,6 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +34,6 @@ def stored_sum(data: Path) -> int:
 
 def ids_in_file(data: Path) -> list[int]:
     return [row[0] for row in raw_rows(data, "SELECT id FROM jobs ORDER BY id")]
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    return tmp_path / "data"
-
-
-@pytest.fixture
-async def store(data: Path) -> AsyncIterator[JobStore]:
-    store = await JobStore.open(data)
-    yield store
-    await store.close()
 
 
 async def finished_job(store: JobStore, size: int, **changes: Any) -> int:
