@@ -390,9 +390,12 @@ class JobStore:
         if not done:
             found = await self._read(sql.LIST_PENDING, _listing(viewer, limit))
             return [row[0] for row in found]
-        # results being taken are gone already (take_result)
-        found = await self._read(sql.LIST_DONE, _listing(viewer, limit + len(self._taken)))
-        return [row[0] for row in found if row[0] not in self._taken][:limit]
+        # Results being taken are gone already (take_result). The set as it is before
+        # the read: an id that leaves it during the read has had its delete committed,
+        # and the read may still have seen the row.
+        taken = set(self._taken)
+        found = await self._read(sql.LIST_DONE, _listing(viewer, limit + len(taken)))
+        return [row[0] for row in found if row[0] not in taken][:limit]
 
     async def delete(self, job_id: int, viewer: str | None) -> bool:
         """Done: the row is deleted. Unfinished: forgotten (runs on, result dropped)."""
