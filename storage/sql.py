@@ -45,12 +45,12 @@ REQUEUE = (
 # Two state parameters: a single from-state is bound twice.
 # A forgotten job's result is not written at all: the row is deleted right after
 # (the schema's trigger) and must not need a page more on a full disk first.
-# RETURNING mode tells the caller whether a result was kept.
+# RETURNING mode tells the caller whether a result was kept (and user, whose it is).
 FINISH = (
     "UPDATE jobs SET state = 'done', finished = ?, status = ?,"
     " rheaders = CASE mode WHEN 'store' THEN ? END, rbody = CASE mode WHEN 'store' THEN ? END,"
     " rsize = ?, auth = NULL, headers = NULL, body = NULL WHERE id = ? AND state IN (?, ?)"
-    " RETURNING mode"
+    " RETURNING mode, user"
 )
 
 SELECT_ACCEPTED = (
@@ -64,18 +64,20 @@ SELECT_PENDING_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id AND {PENDIN
 LIST_DONE = f"SELECT id FROM jobs WHERE state = 'done' AND {VISIBLE} ORDER BY id LIMIT :limit"
 LIST_PENDING = f"SELECT id FROM jobs WHERE {PENDING} AND {VISIBLE} ORDER BY id LIMIT :limit"
 
-# Every statement that removes done jobs returns the sizes it removed (the store
-# keeps the total of stored result bytes); a forget returns 0 for its row.
+# Every statement that removes done jobs returns (id, state, size) for each (the
+# store keeps the total of stored result bytes); a forget returns a size of 0.
 # Deleting removes done jobs and forgets unfinished ones (they run on, result dropped):
 # each delete_* method runs its pair in one write.
 _DELETE_DONE = f"DELETE FROM jobs WHERE state = 'done' AND {VISIBLE}"
 _FORGET = f"UPDATE jobs SET mode = 'true' WHERE {PENDING} AND {VISIBLE}"
-DELETE_DONE = f"{_DELETE_DONE} RETURNING rsize"
-FORGET = f"{_FORGET} RETURNING 0"
-DELETE_DONE_ONE = f"{_DELETE_DONE} AND id = :id RETURNING rsize"
-FORGET_ONE = f"{_FORGET} AND id = :id RETURNING 0"
-DELETE_DONE_EXPIRED = f"{_DELETE_DONE} AND finished < :stamp RETURNING rsize"
-FORGET_EXPIRED = f"{_FORGET} AND created < :stamp RETURNING 0"
+_REMOVED = "RETURNING id, state, rsize"
+_FORGOTTEN = "RETURNING id, state, 0"
+DELETE_DONE = f"{_DELETE_DONE} {_REMOVED}"
+FORGET = f"{_FORGET} {_FORGOTTEN}"
+DELETE_DONE_ONE = f"{_DELETE_DONE} AND id = :id {_REMOVED}"
+FORGET_ONE = f"{_FORGET} AND id = :id {_FORGOTTEN}"
+DELETE_DONE_EXPIRED = f"{_DELETE_DONE} AND finished < :stamp {_REMOVED}"
+FORGET_EXPIRED = f"{_FORGET} AND created < :stamp {_FORGOTTEN}"
 
 # Retention: only done jobs, oldest-finished first, at most :limit per statement so
 # that one sweep never holds the writer (and every accept behind it) for long.
@@ -83,12 +85,12 @@ OLDEST_FINISHED = f"SELECT min(finished) FROM {DONE_BY_AGE}"
 EXPIRE = (
     "DELETE FROM jobs WHERE id IN ("
     f"SELECT id FROM {DONE_BY_AGE} AND finished < :stamp ORDER BY finished, id LIMIT :limit"
-    ") RETURNING rsize"
+    f") {_REMOVED}"
 )
 # The oldest done jobs whose sizes, added up oldest first, first reach :excess.
 EVICT = (
     "DELETE FROM jobs WHERE id IN (SELECT id FROM ("
     "SELECT id, rsize, sum(rsize) OVER (ORDER BY finished, id ROWS UNBOUNDED PRECEDING) AS upto"
     f" FROM (SELECT id, rsize, finished FROM {DONE_BY_AGE} ORDER BY finished, id LIMIT :limit)"
-    ") WHERE upto - rsize < :excess) RETURNING rsize"
+    f") WHERE upto - rsize < :excess) {_REMOVED}"
 )

@@ -45,6 +45,7 @@ from storage import rows, schema, sql
 from storage.errors import CapacityExceeded, StoreError
 from storage.folder import DataFolder
 from storage.limits import SizeLimit
+from storage.memory import Fresh, Ready
 from storage.records import Job, JobMode, JobState, NewJob, Removed, StoredResponse
 from storage.rows import valid_id
 from storage.writer import OnCommit, Result, Statement, Want, Writer
@@ -95,6 +96,9 @@ class JobStore:
         self._result_listener: Callable[[], None] | None = None
         self._queued_accepts = 0  # enqueued, neither committed nor failed yet
         self._taken: set[int] = set()  # results handed out, deletes not committed yet
+        self._ready = Ready()  # accepted jobs, for the dispatcher (storage.memory)
+        self._ready.complete = unfinished == 0  # else the dispatcher's first look reads
+        self._fresh = Fresh()  # results not fetched yet, for the facade
         self._capacity = capacity
         self._closed = False
 
@@ -220,9 +224,24 @@ class JobStore:
             job.body,
             job.created,
         )
+        accepted = Job(
+            id=job_id,
+            mode=job.mode,
+            state=JobState.ACCEPTED,
+            user=job.user,
+            database=job.database,
+            method=job.method,
+            target=job.target,
+            headers=job.headers,
+            auth=job.auth,
+            body=job.body,
+            created=job.created,
+            upstream_id=None,
+            attempts=0,
+        )
         future = self._writer.enqueue(
             Statement(sql.INSERT_JOB, params),
-            on_commit=self._accept_committed,
+            on_commit=lambda _result: self._accept_committed(accepted),
             on_abort=self._accept_aborted,
         )
         # Ids follow arrival order; one burnt by a failed batch was never revealed.
@@ -231,9 +250,10 @@ class JobStore:
         await future
         return job_id
 
-    def _accept_committed(self, _result: Result) -> None:
+    def _accept_committed(self, job: Job) -> None:
         self._queued_accepts -= 1
         self._unfinished += 1
+        self._ready.add((job,))
 
     def _accept_aborted(self) -> None:
         self._queued_accepts -= 1
@@ -244,15 +264,23 @@ class JobStore:
         """Up to `limit` jobs in state accepted, oldest first, skipping the ids in `exclude`."""
         if limit <= 0:
             return []
-        # Bound as one JSON array: the claimed set can be large and varies every call.
-        found = await self._read(
-            sql.SELECT_ACCEPTED,
-            {
-                "exclude": f"[{','.join(str(int(i)) for i in exclude)}]",
-                "limit": min(limit, rows.MAX_ID),
-            },
-        )
-        return [rows.job_from_row(row) for row in found]
+        if self._ready.complete:
+            return self._ready.take(limit, exclude)
+        self._ready.begin_read()
+        try:
+            # Bound as one JSON array: the claimed set can be large and varies every call.
+            found = await self._read(
+                sql.SELECT_ACCEPTED,
+                {
+                    "exclude": f"[{','.join(str(int(i)) for i in exclude)}]",
+                    "limit": min(limit, rows.MAX_ID),
+                },
+            )
+        except BaseException:
+            self._ready.abort_read()
+            raise
+        jobs = [rows.job_from_row(row) for row in found]
+        return self._ready.end_read(jobs, all_of_them=len(jobs) < limit)
 
     async def submitted(self) -> list[Job]:
         """Every job in state submitted, oldest first (the harvester's start-up list)."""
@@ -264,13 +292,20 @@ class JobStore:
         if not valid_id(job_id):
             return False
         statement = Statement(sql.MARK_SUBMITTED, (rows.text_param(upstream_id), job_id))
-        return await self._write_count(statement) == 1
+        # not accepted (any more), whatever the outcome
+        left = await self._write_count(statement, on_commit=lambda _: self._ready.remove(job_id))
+        return left == 1
 
     async def requeue(self, job_id: int) -> bool:
         """submitted -> accepted (ArangoDB lost it), counting one more attempt."""
         if not valid_id(job_id):
             return False
-        return await self._write_count(Statement(sql.REQUEUE, (job_id,))) == 1
+        statement = Statement(sql.REQUEUE, (job_id,))
+        return await self._write_count(statement, on_commit=self._requeued) == 1
+
+    def _requeued(self, changed: Result) -> None:
+        if changed:
+            self._ready.complete = False  # read it back: the dispatcher has no copy
 
     async def finish(
         self,
@@ -302,18 +337,23 @@ class JobStore:
         )
         changed = await self._write_rows(
             Statement(sql.FINISH, params),
-            on_commit=lambda result: self._finish_committed(result, size),
+            on_commit=lambda result: self._finish_committed(result, job_id, response, size),
             scrubs=True,  # the wiped credentials must leave the -wal file too
         )
         return len(changed) == 1
 
-    def _finish_committed(self, changed: Result, size: int) -> None:
+    def _finish_committed(
+        self, changed: Result, job_id: int, response: StoredResponse, size: int
+    ) -> None:
         if not changed:
             return
         self._unfinished -= 1
-        [(mode,)] = cast(list[Any], changed)
+        self._ready.remove(job_id)
+        [(mode, user)] = cast(list[Any], changed)
         if mode == JobMode.STORE:  # a forgotten job's row is gone with its result
             self._result_bytes += size
+            if job_id not in self._taken:  # (a read may have claimed it before this ran)
+                self._fresh.add(job_id, rows.text_value(user), response, size)
             if self._result_listener is not None:
                 self._result_listener()
 
@@ -323,6 +363,9 @@ class JobStore:
         """The state of a visible job, None if there is none."""
         if not valid_id(job_id) or job_id in self._taken:
             return None
+        fresh = self._fresh.get(job_id)
+        if fresh is not None:
+            return JobState.DONE if viewer is None or viewer == fresh.user else None
         found = await self._read(sql.SELECT_STATE, _by_id(job_id, viewer))
         return JobState(found[0][0]) if found else None
 
@@ -347,12 +390,19 @@ class JobStore:
         no row. A failed delete is retried until it commits; should the process die
         first, the job is back as done: a delivered result can reappear, none is lost.
         """
-        if not valid_id(job_id):
+        if not valid_id(job_id) or job_id in self._taken:
             return None
-        found = await self._reader_call(_claim_result, self._taken, _by_id(job_id, viewer))
-        if found is None or isinstance(found, JobState):
-            return found
-
+        fresh = self._fresh.get(job_id)
+        if fresh is not None:
+            if viewer is not None and viewer != fresh.user:
+                return None
+            self._taken.add(job_id)
+            found: StoredResponse | JobState | None = fresh.response
+        else:
+            found = await self._reader_call(_claim_result, self._taken, _by_id(job_id, viewer))
+            if found is None or isinstance(found, JobState):
+                return found
+        self._fresh.remove(job_id)
         self._delete_taken(_by_id(job_id, viewer), TAKE_RETRY_MIN)
         return found
 
@@ -433,13 +483,13 @@ class JobStore:
             [(oldest,)] = await self._read(sql.OLDEST_FINISHED, {})
             if oldest is None or oldest >= before:
                 return removed
-            sizes = await self._write_rows(
+            gone = await self._write_rows(
                 Statement(sql.EXPIRE, {"stamp": float(before), "limit": chunk}),
                 on_commit=self._removed,
                 scrubs=True,
             )
-            removed += _removed(sizes)
-            if len(sizes) < chunk:
+            removed += _removed(gone)
+            if len(gone) < chunk:
                 return removed
 
     async def evict_results(self, max_bytes: int, *, chunk: int = RETENTION_CHUNK) -> Removed:
@@ -452,14 +502,14 @@ class JobStore:
         removed = Removed(0, 0)
         while self._result_bytes > max_bytes:
             excess = self._result_bytes - max_bytes
-            sizes = await self._write_rows(
+            gone = await self._write_rows(
                 Statement(sql.EVICT, {"excess": excess, "limit": chunk}),
                 on_commit=self._removed,
                 scrubs=True,
             )
-            if not sizes:  # pragma: no cover - no done job left, yet a total above the cap
+            if not gone:  # pragma: no cover - no done job left, yet a total above the cap
                 break  # cannot happen while the total is exact; never loop on it
-            removed += _removed(sizes)
+            removed += _removed(gone)
         return removed
 
     async def _delete(self, *statements: Statement) -> int:
@@ -467,8 +517,13 @@ class JobStore:
         return len(await self._write_rows(*statements, on_commit=self._removed, scrubs=True))
 
     def _removed(self, result: Result) -> None:
-        """on_commit of every write that removes done jobs: rows of (size, ...) last."""
-        self._result_bytes -= sum(row[-1] for row in cast(list[Any], result))
+        """on_commit of every write that removes or forgets jobs: (id, state, size) rows."""
+        for job_id, state, size in cast(list[Any], result):
+            if state == JobState.DONE:
+                self._result_bytes -= size
+                self._fresh.remove(job_id)
+            else:
+                self._ready.forget(job_id)
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -532,5 +587,5 @@ def _by_id(job_id: int, viewer: str | None) -> dict[str, Any]:
     return {"id": job_id, "viewer": _viewer(viewer)}
 
 
-def _removed(sizes: list[Any]) -> Removed:
-    return Removed(len(sizes), sum(size for (size,) in sizes))
+def _removed(removed: list[Any]) -> Removed:
+    return Removed(len(removed), sum(size for _, _, size in removed))

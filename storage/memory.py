@@ -1,0 +1,155 @@
+"""What the store keeps in memory beside the file, so that a job's hot path reads nothing.
+
+Every job passes the dispatcher once and is fetched once, right after it was
+written: reading it back from the file each time costs a hop to the reader's
+thread and a row to decode, for bytes the proxy held a moment before. So the
+store keeps, next to what it commits:
+
+- ``Ready``: the accepted jobs, in id order, for the dispatcher. It may be
+  incomplete (``complete`` False): at start-up, after a job went back to
+  accepted (requeue), or when it was full. Then the dispatcher's next look
+  reads the file, and the list is complete again once a read found every
+  accepted job.
+- ``Fresh``: results stored and not fetched yet, up to a byte budget, for the
+  job facade. An id missing here may still be in the file; one here always is.
+
+Both change only in the writer's commit callbacks (and in the store's reads),
+on the event loop's thread: they follow what is committed, never what is
+merely queued. The file stays the truth; losing either costs reads, not jobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Collection, Iterable
+
+from storage.records import Job, JobMode, StoredResponse
+
+READY_MAX_JOBS = 10_000
+READY_MAX_BYTES = 32 * 1024 * 1024  # request bodies and headers of the jobs kept
+FRESH_MAX_BYTES = 16 * 1024 * 1024  # results kept for fetching (headers and bodies)
+FRESH_MAX_ONE = 1024 * 1024  # a larger result is read from the file when fetched
+
+
+def _job_bytes(job: Job) -> int:
+    return len(job.body) + sum(len(name) + len(value) for name, value in job.headers)
+
+
+class Ready:
+    """Accepted jobs, oldest first; ``complete`` when every accepted job is here."""
+
+    def __init__(self, *, max_jobs: int = READY_MAX_JOBS, max_bytes: int = READY_MAX_BYTES) -> None:
+        self._jobs: dict[int, Job] = {}
+        self._bytes = 0
+        self._max_jobs = max_jobs
+        self._max_bytes = max_bytes
+        self.complete = False  # the file may hold accepted jobs not here
+        self._reads = 0  # reads of accepted jobs under way
+        self._gone: set[int] = set()  # jobs that left state accepted during those reads
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, jobs: Iterable[Job]) -> None:
+        """Jobs now accepted in the file; those without room leave the list incomplete."""
+        in_order = True
+        for job in jobs:
+            if job.id in self._jobs:
+                continue
+            size = _job_bytes(job)
+            if len(self._jobs) >= self._max_jobs or self._bytes + size > self._max_bytes:
+                self.complete = False
+                continue
+            if self._jobs and job.id < next(reversed(self._jobs)):
+                in_order = False
+            self._jobs[job.id] = job
+            self._bytes += size
+        if not in_order:
+            self._jobs = dict(sorted(self._jobs.items()))
+
+    def begin_read(self) -> None:
+        """A read of accepted jobs starts: the list is complete, unless a job that comes
+        meanwhile finds no room, or the read finds as many jobs as it asked for."""
+        self._reads += 1
+        self.complete = True
+
+    def end_read(self, found: list[Job], *, all_of_them: bool) -> list[Job]:
+        """The jobs a read found, less those that left state accepted since it began
+        (the read saw the file as it was); kept here too."""
+        fresh = [job for job in found if job.id not in self._gone]
+        self._reads -= 1
+        if not self._reads:
+            self._gone.clear()
+        if not all_of_them:
+            self.complete = False
+        self.add(fresh)
+        return fresh
+
+    def abort_read(self) -> None:
+        self.end_read([], all_of_them=False)
+
+    def remove(self, job_id: int) -> None:
+        """The job left state accepted (submitted, done), or never will be."""
+        if self._reads:
+            self._gone.add(job_id)
+        job = self._jobs.pop(job_id, None)
+        if job is not None:
+            self._bytes -= _job_bytes(job)
+
+    def forget(self, job_id: int) -> None:
+        """Its owner deleted it: it still runs, its result is dropped."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            self._jobs[job_id] = dataclasses.replace(job, mode=JobMode.FORGET)
+
+    def take(self, limit: int, exclude: Collection[int]) -> list[Job]:
+        """Up to `limit` jobs, oldest first, skipping the ids in `exclude`."""
+        found: list[Job] = []
+        if limit <= 0:
+            return found
+        for job_id, job in self._jobs.items():
+            if job_id not in exclude:
+                found.append(job)
+                if len(found) >= limit:
+                    break
+        return found
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FreshResult:
+    user: str
+    response: StoredResponse
+    size: int
+
+
+class Fresh:
+    """Results stored and not fetched, newest kept when over budget."""
+
+    def __init__(self, *, max_bytes: int = FRESH_MAX_BYTES, max_one: int = FRESH_MAX_ONE) -> None:
+        self._results: OrderedDict[int, FreshResult] = OrderedDict()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._max_one = max_one
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def add(self, job_id: int, user: str, response: StoredResponse, size: int) -> None:
+        self.remove(job_id)
+        if size > self._max_one:
+            return
+        self._results[job_id] = FreshResult(user, response, size)
+        self._bytes += size
+        while self._bytes > self._max_bytes:
+            _, oldest = self._results.popitem(last=False)
+            self._bytes -= oldest.size
+
+    def get(self, job_id: int) -> FreshResult | None:
+        return self._results.get(job_id)
+
+    def remove(self, job_id: int) -> None:
+        """The result left the file (fetched, deleted, expired), or is being fetched."""
+        found = self._results.pop(job_id, None)
+        if found is not None:
+            self._bytes -= found.size

@@ -1,0 +1,264 @@
+"""The store's in-memory copies (storage.memory) against the file they mirror.
+
+The dispatcher's list of accepted jobs and the fetchable results kept in memory
+must always say what a read of the file says. Random rounds of concurrent
+operations (so writes share batches, and reads run while batches commit), then
+after each round: ``next_accepted`` equals the accepted rows of the file,
+``state`` of every job equals its row, and no result is handed out twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import Job, JobMode, JobState, JobStore, StoredResponse
+from storage.memory import Fresh, Ready
+from tests.test_store import RESULT, new_job, raw_rows
+
+USERS = ("alice", "bob")
+
+
+def accepted_rows(data: Path) -> list[tuple[int, str]]:
+    return raw_rows(data, "SELECT id, mode FROM jobs WHERE state = 'accepted' ORDER BY id")
+
+
+async def check_against_file(store: JobStore, data: Path, ids: list[int]) -> None:
+    listed = [(job.id, job.mode.value) for job in await store.next_accepted(10**6)]
+    assert listed == accepted_rows(data)
+    rows = dict(raw_rows(data, "SELECT id, CASE mode WHEN 'store' THEN state END FROM jobs"))
+    for job_id in ids:
+        expected = rows.get(job_id)
+        assert await store.state(job_id, None) == (None if expected is None else JobState(expected))
+
+
+class Model:
+    """Drives the store at random, records what every fetch handed out."""
+
+    def __init__(self, store: JobStore, rng: random.Random) -> None:
+        self.store = store
+        self.rng = rng
+        self.ids: list[int] = []
+        self.submitted: list[int] = []  # marked submitted once (may have moved on since)
+        self.finished: list[int] = []  # done once
+        self.delivered: list[int] = []
+
+    def pick(self, likely: list[int] | None = None) -> int:
+        """Mostly an id from `likely`, else any id the store gave."""
+        if likely and self.rng.random() < 0.8:
+            return self.rng.choice(likely[-20:])
+        return self.rng.choice(self.ids) if self.ids else 1
+
+    async def accept(self) -> None:
+        mode = self.rng.choice([JobMode.STORE, JobMode.STORE, JobMode.FORGET])
+        user = self.rng.choice(USERS)
+        self.ids.append(await self.store.accept(new_job(mode=mode, user=user)))
+
+    async def dispatch(self) -> None:
+        for job in await self.store.next_accepted(self.rng.randint(1, 4)):
+            if self.rng.random() < 0.8:
+                if await self.store.mark_submitted(job.id, f"u{job.id}"):
+                    self.submitted.append(job.id)
+            elif await self.store.finish(job.id, RESULT, from_states=(JobState.ACCEPTED,)):
+                self.finished.append(job.id)  # an immediate reply from ArangoDB
+
+    async def harvest(self) -> None:
+        job_id = self.pick(self.submitted)
+        if await self.store.finish(job_id, _result(self.rng), from_states=(JobState.SUBMITTED,)):
+            self.finished.append(job_id)
+
+    async def cancel(self) -> None:
+        await self.store.finish(self.pick(), RESULT, from_states=(JobState.ACCEPTED,))
+
+    async def requeue(self) -> None:
+        await self.store.requeue(self.pick(self.submitted))
+
+    async def fetch(self) -> None:
+        job_id = self.pick(self.finished)
+        found = await self.store.take_result(job_id, self.rng.choice([None, *USERS]))
+        if isinstance(found, StoredResponse):
+            self.delivered.append(job_id)
+
+    async def delete(self) -> None:
+        await self.store.delete(self.pick(self.finished), self.rng.choice([None, *USERS]))
+
+    async def delete_all(self) -> None:
+        await self.store.delete_all(self.rng.choice(USERS))
+
+    async def retention(self) -> None:
+        if self.rng.random() < 0.5:
+            await self.store.evict_results(max(0, self.store.result_bytes - 200))
+        else:
+            await self.store.expire_results(time.time() - 0.05, chunk=3)
+
+    def operations(self) -> list[Callable[[], Awaitable[None]]]:
+        weighted: list[tuple[Callable[[], Awaitable[None]], float]] = [
+            (self.accept, 60),
+            (self.dispatch, 30),
+            (self.harvest, 40),
+            (self.cancel, 10),
+            (self.requeue, 10),
+            (self.fetch, 40),
+            (self.delete, 10),
+            (self.delete_all, 1),
+            (self.retention, 1),
+        ]
+        calls, weights = zip(*weighted, strict=True)
+        return list(self.rng.choices(calls, weights, k=self.rng.randint(1, 12)))
+
+
+def _result(rng: random.Random) -> StoredResponse:
+    return StoredResponse(200, (("Content-Type", "text/plain"),), rng.randbytes(rng.randint(0, 90)))
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_memory_follows_the_file_under_concurrent_operations(
+    store: JobStore, data: Path, seed: int
+) -> None:
+    model = Model(store, random.Random(seed))
+    for _ in range(60):
+        await asyncio.gather(*(operation() for operation in model.operations()))
+        await store.flush()  # fetched results' deletes commit in the background
+        await check_against_file(store, data, model.ids)
+    assert len(model.delivered) == len(set(model.delivered))
+    assert len(model.delivered) > 10  # the rounds did fetch results
+
+
+async def test_a_fetch_served_from_memory_reads_nothing(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = await store.accept(new_job())
+    [job] = await store.next_accepted(1)
+    assert await store.mark_submitted(job.id, "u1")
+    assert await store.finish(job_id, RESULT)
+
+    async def no_reads(*_: Any) -> Any:
+        raise AssertionError("read the file")
+
+    monkeypatch.setattr(store, "_reader_call", no_reads)
+    assert await store.next_accepted(10) == []
+    assert await store.state(job_id, "bob") is None  # not Bob's
+    assert await store.take_result(job_id, "bob") is None
+    assert await store.state(job_id, "alice") is JobState.DONE
+    assert await store.take_result(job_id, "alice") == RESULT
+    assert await store.state(job_id, "alice") is None
+    assert await store.take_result(job_id, "alice") is None
+
+
+async def test_jobs_left_from_before_a_restart_are_read_from_the_file(data: Path) -> None:
+    store = await JobStore.open(data)
+    ids = [await store.accept(new_job()) for _ in range(5)]
+    await store.close()
+    store = await JobStore.open(data)
+    try:
+        assert [job.id for job in await store.next_accepted(2)] == ids[:2]
+        later = await store.accept(new_job())
+        assert [job.id for job in await store.next_accepted(10)] == [*ids, later]
+        assert await store.requeue(ids[0]) is False  # not submitted: nothing to requeue
+        assert await store.mark_submitted(ids[0], "u")
+        assert await store.requeue(ids[0])
+        # read back from the file, in id order, with the attempt counted
+        [again, *_] = await store.next_accepted(10)
+        assert (again.id, again.attempts) == (ids[0], 1)
+    finally:
+        await store.close()
+
+
+async def test_a_job_that_leaves_accepted_during_a_read_is_not_handed_out(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await JobStore.open(data)
+    [first, second] = [await store.accept(new_job()) for _ in range(2)]
+    await store.close()
+    store = await JobStore.open(data)  # jobs left over: the next look reads the file
+    try:
+        read = store._read
+        has_read = asyncio.Event()
+        go_on = asyncio.Event()
+
+        async def slow_read(*args: Any) -> list[Any]:
+            found = await read(*args)
+            has_read.set()
+            await go_on.wait()  # the rows are read; the cancel commits before they arrive
+            return found
+
+        monkeypatch.setattr(store, "_read", slow_read)
+        reading = asyncio.ensure_future(store.next_accepted(10))
+        await has_read.wait()
+        assert await store.finish(first, RESULT, from_states=(JobState.ACCEPTED,))  # cancelled
+        go_on.set()
+        assert [job.id for job in await reading] == [second]
+        assert [job.id for job in await store.next_accepted(10)] == [second]
+    finally:
+        await store.close()
+
+
+def test_ready_keeps_id_order_and_its_limits() -> None:
+    jobs = {i: _job(i, body=b"x" * 10) for i in range(1, 8)}
+    ready = Ready(max_jobs=4, max_bytes=10**6)
+    ready.complete = True
+    ready.add([jobs[5], jobs[6], jobs[2]])
+    assert [job.id for job in ready.take(10, ())] == [2, 5, 6]
+    assert ready.complete
+    ready.add([jobs[3], jobs[4]])  # one too many
+    assert not ready.complete
+    assert len(ready) == 4
+    assert [job.id for job in ready.take(2, {2})] == [3, 5]
+    assert ready.take(0, ()) == []
+    ready.forget(5)
+    ready.forget(99)
+    assert [job.mode for job in ready.take(10, ())] == [
+        JobMode.STORE,
+        JobMode.STORE,
+        JobMode.FORGET,
+        JobMode.STORE,
+    ]
+    small = Ready(max_jobs=100, max_bytes=25)
+    small.complete = True
+    small.add([jobs[1], jobs[2], jobs[3]])  # 10 bytes each (body; no headers)
+    assert [job.id for job in small.take(10, ())] == [1, 2]
+    assert not small.complete
+    small.remove(1)
+    small.add([jobs[3]])
+    assert [job.id for job in small.take(10, ())] == [2, 3]
+
+
+def test_fresh_keeps_the_newest_within_its_budget() -> None:
+    fresh = Fresh(max_bytes=100, max_one=60)
+    response = StoredResponse(200, (), b"")
+    fresh.add(1, "alice", response, 40)
+    fresh.add(2, "alice", response, 40)
+    fresh.add(3, "alice", response, 61)  # too large to keep
+    assert fresh.get(3) is None
+    fresh.add(4, "bob", response, 40)  # over budget: the oldest goes
+    assert [fresh.get(i) is not None for i in (1, 2, 4)] == [False, True, True]
+    fresh.add(2, "alice", response, 40)  # again: counted once
+    fresh.remove(4)
+    fresh.remove(4)
+    fresh.add(5, "bob", response, 60)
+    assert len(fresh) == 2
+
+
+def _job(job_id: int, **changes: Any) -> Job:
+    job = new_job(headers=(), **changes)
+    return Job(
+        id=job_id,
+        mode=job.mode,
+        state=JobState.ACCEPTED,
+        user=job.user,
+        database=job.database,
+        method=job.method,
+        target=job.target,
+        headers=job.headers,
+        auth=job.auth,
+        body=job.body,
+        created=job.created,
+        upstream_id=None,
+        attempts=0,
+    )
