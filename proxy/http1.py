@@ -190,18 +190,21 @@ class Http1Pool:
         request = "".join(lines).encode("utf-8", "surrogateescape")
         if body:
             request += body
-        connection = await self._acquire()
+        loop = asyncio.get_running_loop()
+        connection = self._idle_connection(loop) or await self._connect(loop)
         response = await connection.exchange(request, self._read_timeout)
-        self._release(connection)
+        self._release(connection, loop)
         return response
 
-    async def _acquire(self) -> _Connection:
-        loop = asyncio.get_running_loop()
+    def _idle_connection(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
         while self._idle:
             connection = self._idle.pop()
             if not connection.closed and loop.time() - connection.idle_since < IDLE_LIMIT:
                 return connection
             connection.close()
+        return None
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
         async with asyncio.timeout(self._connect_timeout):
             _, protocol = await loop.create_connection(
                 lambda: _Connection(loop),
@@ -212,11 +215,11 @@ class Http1Pool:
             )
         return protocol
 
-    def _release(self, connection: _Connection) -> None:
+    def _release(self, connection: _Connection, loop: asyncio.AbstractEventLoop) -> None:
         if connection.closed or len(self._idle) >= self._max_idle:
             connection.close()
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = loop.time()
         self._idle.append(connection)
 
     def close(self) -> None:

@@ -117,7 +117,9 @@ async def accept(request: web.Request, mode: JobMode, caller: Caller, body: byte
         created=time.time(),
     )
     try:
-        job_id = await asyncio.shield(request.app[STORE].accept(job))
+        # Not shielded: a client that leaves before the write's batch starts takes its
+        # job with it (the writer skips it); once the batch runs, the job is kept.
+        job_id = await request.app[STORE].accept(job)
     except StoreFull as exc:
         request.app[METRICS]["jobs_refused_total"] += 1
         return arango_error(503, ERROR_QUEUE_FULL, f"queue is full ({exc})", handler=False)

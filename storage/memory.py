@@ -32,8 +32,11 @@ FRESH_MAX_BYTES = 16 * 1024 * 1024  # results kept for fetching (headers and bod
 FRESH_MAX_ONE = 1024 * 1024  # a larger result is read from the file when fetched
 
 
+JOB_OVERHEAD = 1024  # bytes counted per job beside its body: headers, strings, the record
+
+
 def _job_bytes(job: Job) -> int:
-    return len(job.body) + sum(len(name) + len(value) for name, value in job.headers)
+    return len(job.body) + JOB_OVERHEAD
 
 
 class Ready:

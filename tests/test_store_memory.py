@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from storage import Job, JobMode, JobState, JobStore, StoredResponse
-from storage.memory import Fresh, Ready
+from storage.memory import JOB_OVERHEAD, Fresh, Ready
 from tests.test_store import RESULT, new_job, raw_rows
 
 USERS = ("alice", "bob")
@@ -219,9 +219,9 @@ def test_ready_keeps_id_order_and_its_limits() -> None:
         JobMode.FORGET,
         JobMode.STORE,
     ]
-    small = Ready(max_jobs=100, max_bytes=25)
+    small = Ready(max_jobs=100, max_bytes=2 * (10 + JOB_OVERHEAD) + 5)
     small.complete = True
-    small.add([jobs[1], jobs[2], jobs[3]])  # 10 bytes each (body; no headers)
+    small.add([jobs[1], jobs[2], jobs[3]])  # room for two
     assert [job.id for job in small.take(10, ())] == [1, 2]
     assert not small.complete
     small.remove(1)
