@@ -181,7 +181,7 @@ def runner_options(config: Config) -> dict[str, Any]:
     """How the server runs the application (aiohttp's AppRunner keywords)."""
     # The keep-alive timer also runs while a request's headers arrive, so
     # idle_timeout bounds slow senders of headers too. A client that hangs up
-    # must not cancel its handler half-way (the intake also shields its write).
+    # must not cancel its handler half-way (an accept's write, a fetch's claim).
     # The parser's own limits sit above server.max_header_size (one field may be
     # 4 times as large; as many fields as 8-byte lines fill the limit), so that
     # refuse_unservable answers oversize headers in ArangoDB's shape; only what

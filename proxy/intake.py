@@ -101,9 +101,7 @@ async def intake(request: web.Request, mode: JobMode) -> web.Response:
 
 
 async def accept(request: web.Request, mode: JobMode, caller: Caller, body: bytes) -> web.Response:
-    headers = forwarded_headers(request)
-    for name in _NOT_STORED:
-        headers.popall(name, None)
+    headers = forwarded_headers(request, drop=_NOT_STORED)
     job = NewJob(
         mode=mode,
         user=caller.user,
@@ -117,8 +115,8 @@ async def accept(request: web.Request, mode: JobMode, caller: Caller, body: byte
         created=time.time(),
     )
     try:
-        # Not shielded: a client that leaves before the write's batch starts takes its
-        # job with it (the writer skips it); once the batch runs, the job is kept.
+        # Handlers run on when their client leaves (runner_options), so the job is
+        # stored all the same; it only misses its 202.
         job_id = await request.app[STORE].accept(job)
     except StoreFull as exc:
         request.app[METRICS]["jobs_refused_total"] += 1

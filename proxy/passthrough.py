@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 
 
-def forwarded_headers(request: web.Request) -> CIMultiDict[str]:
-    """The request's end-to-end headers for ArangoDB, with X-Forwarded-* appended."""
-    headers = end_to_end(request.headers.items(), drop=("host",))
+def forwarded_headers(request: web.Request, drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
+    """The request's end-to-end headers for ArangoDB, with X-Forwarded-* appended;
+    without `drop` (lower case)."""
+    headers = end_to_end(request.headers.items(), drop=("host", *drop))
     peer = request.remote or ""
     previous = headers.popall("X-Forwarded-For", [])
     headers["X-Forwarded-For"] = ", ".join([*previous, peer])

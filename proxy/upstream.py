@@ -48,12 +48,12 @@ _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 def end_to_end(headers: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
     """Copy `headers` without hop-by-hop ones, those named in Connection, and `drop`."""
-    pairs = list(headers)
+    pairs = [(name.lower(), name, value) for name, value in headers]
     skip = _skipping(tuple(drop))
-    named = [value for name, value in pairs if name.lower() == "connection"]
+    named = [value for lower, _, value in pairs if lower == "connection"]
     if named:
         skip = skip | {token.strip().lower() for value in named for token in value.split(",")}
-    return CIMultiDict([(name, value) for name, value in pairs if name.lower() not in skip])
+    return CIMultiDict([(name, value) for lower, name, value in pairs if lower not in skip])
 
 
 @functools.cache

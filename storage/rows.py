@@ -43,8 +43,11 @@ def text_value(stored: str | bytes) -> str:
     return stored if isinstance(stored, str) else cast(str, json.loads(stored))
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
+
+
 def headers_param(headers: Headers) -> str:
-    return json.dumps([[name, value] for name, value in headers], separators=(",", ":"))
+    return _ENCODE(headers)  # [[name, value], ...]
 
 
 def headers_value(stored: str) -> Headers:
