@@ -152,15 +152,20 @@ class Dispatcher:
             result = stored_response(reply)
             await record(f"the reply to job {job.id}", lambda: self._store.finish(job.id, result))
             return
-        marked = await record(
-            f"job {job.id} as submitted",
-            lambda: self._store.mark_submitted(job.id, upstream_id),
+        marking = asyncio.ensure_future(
+            record(
+                f"job {job.id} as submitted",
+                lambda: self._store.mark_submitted(job.id, upstream_id),
+            )
         )
-        if marked:
+        # Watched from now, while the mark commits: a short job's first look need not
+        # wait for that fsync (the harvester stores no result before the mark is in).
+        self._harvester.track(job, upstream_id, marking)
+        if await marking:
             self._metrics["jobs_submitted_total"] += 1
-            self._harvester.track(job, upstream_id)
         else:
             # Cancelled while we were sending it: ArangoDB must not keep it either.
+            self._harvester.forget(upstream_id)
             await self._abandon(job, upstream_id)
 
     async def _abandon(self, job: Job, upstream_id: str) -> None:

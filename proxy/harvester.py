@@ -107,6 +107,17 @@ class Tracked:
     user: str
     auth: str | None
     method: str
+    # the dispatcher's write of state submitted; None when read back as submitted
+    marked: asyncio.Future[bool] | None = None
+
+    async def submitted(self) -> bool:
+        """Waits for the mark: False if the job was cancelled while being sent (the
+        dispatcher abandons it). A mark cancelled by a shutdown may or may not have
+        committed: True, and the write that follows checks the state itself."""
+        if self.marked is None:
+            return True
+        await asyncio.wait([self.marked])  # never cancels the mark, nor raises its cancel
+        return self.marked.cancelled() or self.marked.result()
 
 
 class Harvester:
@@ -140,8 +151,9 @@ class Harvester:
         """Jobs at ArangoDB whose results are not stored yet."""
         return len(self._jobs)
 
-    def track(self, job: Job, upstream_id: str) -> None:
-        tracked = Tracked(job.id, upstream_id, job.user, job.auth, job.method)
+    def track(self, job: Job, upstream_id: str, marked: asyncio.Future[bool] | None = None) -> None:
+        """Watch a job at ArangoDB; `marked`: its write of state submitted, if under way."""
+        tracked = Tracked(job.id, upstream_id, job.user, job.auth, job.method, marked)
         self._jobs[upstream_id] = tracked
         self._fresh.append(tracked)
         self._youngest = time.monotonic()
@@ -276,6 +288,8 @@ class Harvester:
             except UpstreamFailure as failure:
                 log.debug("cannot fetch job %d: %s", tracked.job_id, failure.message)
                 return
+        if not await tracked.submitted():
+            return  # the dispatcher cancels and deletes it upstream, and forgets it here
         if "x-arango-async-id" in reply.headers or reply.status in (401, 403):
             # A result, or ArangoDB no longer accepts the job's credentials:
             # either way this is the answer the client gets.
@@ -312,6 +326,10 @@ class Harvester:
                 from_states=(JobState.SUBMITTED,),
             )
         self._untrack(tracked)
+
+    def forget(self, upstream_id: str) -> None:
+        """Stop watching a job (the dispatcher abandons it)."""
+        self._jobs.pop(upstream_id, None)
 
     def _untrack(self, tracked: Tracked) -> None:
         self._jobs.pop(tracked.upstream_id, None)

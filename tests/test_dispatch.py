@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy import harvester
 from proxy.app import create_app, runner_options
 from proxy.state import METRICS, STORE
-from storage import StoreError
+from storage import JobState, StoreError
 from tests.conftest import ProxyFactory, proxy_config
 from tests.processes import free_port
 from tests.standin import StandIn
@@ -321,6 +321,36 @@ async def test_recording_a_submission_is_retried_not_sent_again(
     assert (await jobs.result(answer)).status == 201
     assert failing.left == 0
     assert standin.executed[("POST", "/_api/cursor")] == 1
+
+
+async def test_a_new_job_is_looked_at_while_its_submission_commits(
+    standin: StandIn,
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first look need not wait for the write of state submitted; the result is
+    stored only after that write (the store's states never go backwards)."""
+    app, base = proxy_app
+    store = app[STORE]
+    mark = store.mark_submitted
+    held = asyncio.Event()
+
+    async def slow_mark(job_id: int, upstream_id: str) -> bool:
+        await held.wait()
+        return await mark(job_id, upstream_id)
+
+    monkeypatch.setattr(store, "mark_submitted", slow_mark)
+    jobs = Client(http, base)
+    job_id = await jobs.submit("GET", "/_api/version")
+    # fetched from the stand-in (which then forgets it) while still accepted here
+    await eventually(lambda: standin.executed[("GET", "/_api/version")] == 1)
+    await eventually(lambda: not standin.jobs.entries)
+    assert await store.state(int(job_id), None) is JobState.ACCEPTED
+    held.set()
+    answer = await jobs.result(job_id)
+    assert answer.status == 200
+    assert standin.executed[("GET", "/_api/version")] == 1
 
 
 async def test_new_job_is_harvested_without_waiting_out_a_long_poll(
