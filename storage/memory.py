@@ -26,10 +26,12 @@ from collections.abc import Collection, Iterable
 
 from storage.records import Job, JobMode, StoredResponse
 
-READY_MAX_JOBS = 10_000
-READY_MAX_BYTES = 32 * 1024 * 1024  # request bodies and headers of the jobs kept
-FRESH_MAX_BYTES = 16 * 1024 * 1024  # results kept for fetching (headers and bodies)
-FRESH_MAX_ONE = 1024 * 1024  # a larger result is read from the file when fetched
+# Small on purpose: the copies serve jobs that pass straight through. A backlog
+# (ArangoDB down, results nobody fetches yet) waits in the file, not in memory.
+READY_MAX_JOBS = 1024
+READY_MAX_BYTES = 4 * 1024 * 1024  # request bodies of the jobs kept, plus JOB_OVERHEAD each
+FRESH_MAX_BYTES = 4 * 1024 * 1024  # results kept for fetching (headers and bodies)
+FRESH_MAX_ONE = 64 * 1024  # a larger result is read from the file when fetched
 
 
 JOB_OVERHEAD = 1024  # bytes counted per job beside its body: headers, strings, the record
