@@ -109,8 +109,9 @@ def wrk(
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     assert errors is None, f"wrk saw failed requests:\n{out}"
     requests = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s)", out)
-    p50 = re.search(r"50%\s+(\S+)", out)
-    p99 = re.search(r"99%\s+(\S+)", out)
+    # at a line's start: the stats table above has percentages too ("+/- Stdev 68.50%")
+    p50 = re.search(r"^\s*50%\s+(\S+)", out, re.MULTILINE)
+    p99 = re.search(r"^\s*99%\s+(\S+)", out, re.MULTILINE)
     assert requests, out
     assert p50, out
     assert p99, out

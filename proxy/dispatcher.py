@@ -152,16 +152,20 @@ class Dispatcher:
             result = stored_response(reply)
             await record(f"the reply to job {job.id}", lambda: self._store.finish(job.id, result))
             return
-        marking = asyncio.ensure_future(
-            record(
-                f"job {job.id} as submitted",
-                lambda: self._store.mark_submitted(job.id, upstream_id),
-            )
-        )
         # Watched from now, while the mark commits: a short job's first look need not
         # wait for that fsync (the harvester stores no result before the mark is in).
-        self._harvester.track(job, upstream_id, marking)
-        if await marking:
+        marked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._harvester.track(job, upstream_id, marked)
+        try:
+            marked.set_result(
+                await record(
+                    f"job {job.id} as submitted",
+                    lambda: self._store.mark_submitted(job.id, upstream_id),
+                )
+            )
+        finally:
+            marked.cancel()  # (no-op once set) shutdown: the harvester must not wait
+        if marked.result():
             self._metrics["jobs_submitted_total"] += 1
         else:
             # Cancelled while we were sending it: ArangoDB must not keep it either.

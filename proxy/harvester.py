@@ -116,7 +116,8 @@ class Tracked:
         committed: True, and the write that follows checks the state itself."""
         if self.marked is None:
             return True
-        await asyncio.wait([self.marked])  # never cancels the mark, nor raises its cancel
+        if not self.marked.done():
+            await asyncio.wait([self.marked])  # never cancels the mark, nor raises its cancel
         return self.marked.cancelled() or self.marked.result()
 
 
