@@ -24,6 +24,11 @@ per million stored results), then changed by the sizes that the writes which
 store or remove results return. Summing it again per question would cost that
 55 ms every time the byte cap is checked, i.e. after every harvest.
 
+The dispatcher's accepted jobs and the facade's unfetched results are also kept in
+memory, within small budgets (``storage.memory``), updated by the commit callbacks:
+``next_accepted``, ``state`` and ``take_result`` read the file only for what those
+copies do not hold.
+
 Retention (``expire_results``, ``evict_results``) removes done jobs only, oldest
 finished first, through the partial index on their finish time: a sweep that
 finds nothing costs one index probe and no write.
