@@ -44,6 +44,24 @@ class NewJob:
     body: bytes
     created: float  # seconds since the epoch
 
+    def accepted(self, job_id: int) -> Job:
+        """The job as stored under `job_id`, in state accepted, before any attempt."""
+        return Job(
+            id=job_id,
+            mode=self.mode,
+            state=JobState.ACCEPTED,
+            user=self.user,
+            database=self.database,
+            method=self.method,
+            target=self.target,
+            headers=self.headers,
+            auth=self.auth,
+            body=self.body,
+            created=self.created,
+            upstream_id=None,
+            attempts=0,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Job:

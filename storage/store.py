@@ -229,21 +229,7 @@ class JobStore:
             job.body,
             job.created,
         )
-        accepted = Job(
-            id=job_id,
-            mode=job.mode,
-            state=JobState.ACCEPTED,
-            user=job.user,
-            database=job.database,
-            method=job.method,
-            target=job.target,
-            headers=job.headers,
-            auth=job.auth,
-            body=job.body,
-            created=job.created,
-            upstream_id=None,
-            attempts=0,
-        )
+        accepted = job.accepted(job_id)
         future = self._writer.enqueue(
             Statement(sql.INSERT_JOB, params),
             on_commit=lambda _result: self._accept_committed(accepted),

@@ -246,19 +246,4 @@ def test_fresh_keeps_the_newest_within_its_budget() -> None:
 
 
 def _job(job_id: int, **changes: Any) -> Job:
-    job = new_job(headers=(), **changes)
-    return Job(
-        id=job_id,
-        mode=job.mode,
-        state=JobState.ACCEPTED,
-        user=job.user,
-        database=job.database,
-        method=job.method,
-        target=job.target,
-        headers=job.headers,
-        auth=job.auth,
-        body=job.body,
-        created=job.created,
-        upstream_id=None,
-        attempts=0,
-    )
+    return new_job(headers=(), **changes).accepted(job_id)
