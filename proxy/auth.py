@@ -107,8 +107,11 @@ class Verifier:
 
     async def caller(self, request: web.Request) -> Caller | web.Response:
         """The verified caller of `request`, or the refusal to send back."""
-        authorization = request.headers.get("Authorization")
-        database, raw_database = database_of(request.raw_path)
+        return await self.caller_of(request.headers.get("Authorization"), request.raw_path)
+
+    async def caller_of(self, authorization: str | None, raw_target: str) -> Caller | web.Response:
+        """The verified caller of a request to `raw_target`, or the refusal to send back."""
+        database, raw_database = database_of(raw_target)
         refusal = await self.verify(authorization, raw_database)
         if refusal is not None:
             return refusal

@@ -11,11 +11,11 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from proxy.app import create_app, runner_options
+from proxy.app import create_app
 from proxy.config import Config, ConfigError, load_config
+from proxy.fastpath import Listener
 from proxy.tls import server_context
 from storage import StoreError
 
@@ -60,20 +60,15 @@ async def serve(config: Config) -> None:
     before the store is opened or the port taken.
     """
     ssl_context = server_context(config.server)
-    app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, **runner_options(config))
+    listener = Listener(create_app(config), ssl_context)
+    await listener.start()
     try:
-        # inside the try: parts started before a failing one (the store) are closed again
-        await runner.setup()
-        site = web.TCPSite(runner, config.server.host, config.server.port, ssl_context=ssl_context)
-        await site.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         scheme = "http" if ssl_context is None else "https"
-        for address in runner.addresses:
-            host, port = address[0], address[1]
+        for host, port in listener.addresses:
             shown = f"[{host}]" if ":" in host else host
             log.info(
                 "listening on %s://%s:%d, upstream %s", scheme, shown, port, config.upstream.url
@@ -81,7 +76,7 @@ async def serve(config: Config) -> None:
         await stop.wait()
         log.info("stopping")
     finally:
-        await runner.cleanup()
+        await listener.stop()
 
 
 def one_line_for_malformed_requests(record: logging.LogRecord) -> bool:

@@ -23,6 +23,7 @@ import logging
 import time
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.auth import Caller
 from proxy.errors import ERROR_QUEUE_FULL, ERROR_SERVICE_UNAVAILABLE, arango_error
@@ -42,7 +43,7 @@ ERROR_TOO_LARGE = 413
 # credentials live in their own column (wiped when done, or never stored at
 # all with upstream.jwt_secret_file), and aiohttp computes the length of the
 # stored body.
-_NOT_STORED = (ASYNC_HEADER, "authorization", "content-length", "expect")
+NOT_STORED = (ASYNC_HEADER, "authorization", "content-length", "expect")
 
 
 def async_mode(request: web.Request) -> JobMode | None:
@@ -83,10 +84,32 @@ def _too_large(limit: int) -> web.Response:
 
 
 async def intake(request: web.Request, mode: JobMode) -> web.Response:
-    verified = await request.app[VERIFIER].caller(request)
+    verified = await admit(request.app, request.headers.get("Authorization"), request.raw_path)
     if isinstance(verified, web.Response):
         return verified
-    if not request.app[CREDENTIALS].can_act_for(verified.authorization):
+    body = await read_body(request)
+    if isinstance(body, web.Response):
+        return body
+    headers = forwarded_headers(request, drop=NOT_STORED)
+    return await accept(
+        request.app,
+        mode,
+        verified,
+        method=request.method,
+        target=request.raw_path,
+        headers=headers,
+        body=body,
+    )
+
+
+async def admit(
+    app: web.Application, authorization: str | None, raw_target: str
+) -> Caller | web.Response:
+    """The verified caller whose jobs may be queued, or the refusal to answer."""
+    verified = await app[VERIFIER].caller_of(authorization, raw_target)
+    if isinstance(verified, web.Response):
+        return verified
+    if not app[CREDENTIALS].can_act_for(verified.authorization):
         return arango_error(
             403,
             ERROR_FORBIDDEN,
@@ -94,44 +117,50 @@ async def intake(request: web.Request, mode: JobMode) -> web.Response:
             "token's allowed_paths limit; send this request without x-arango-async",
             handler=False,
         )
-    body = await read_body(request)
-    if isinstance(body, web.Response):
-        return body
-    return await accept(request, mode, verified, body)
+    return verified
 
 
-async def accept(request: web.Request, mode: JobMode, caller: Caller, body: bytes) -> web.Response:
-    headers = forwarded_headers(request, drop=_NOT_STORED)
+async def accept(
+    app: web.Application,
+    mode: JobMode,
+    caller: Caller,
+    *,
+    method: str,
+    target: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+) -> web.Response:
+    """Store the job (`headers`: those to forward, without NOT_STORED); its 202."""
     job = NewJob(
         mode=mode,
         user=caller.user,
         database=caller.database,
-        method=request.method,
-        target=request.raw_path,
+        method=method,
+        target=target,
         headers=tuple(headers.items()),
         # None when the proxy signs its own tokens (upstream.jwt_secret_file)
-        auth=request.app[CREDENTIALS].to_store(caller.authorization),
+        auth=app[CREDENTIALS].to_store(caller.authorization),
         body=body,
         created=time.time(),
     )
     try:
         # Handlers run on when their client leaves (runner_options), so the job is
         # stored all the same; it only misses its 202.
-        job_id = await request.app[STORE].accept(job)
+        job_id = await app[STORE].accept(job)
     except StoreFull as exc:
-        request.app[METRICS]["jobs_refused_total"] += 1
+        app[METRICS]["jobs_refused_total"] += 1
         return arango_error(503, ERROR_QUEUE_FULL, f"queue is full ({exc})", handler=False)
     except CapacityExceeded:
-        request.app[METRICS]["jobs_refused_total"] += 1
+        app[METRICS]["jobs_refused_total"] += 1
         return arango_error(503, ERROR_QUEUE_FULL, "queue is full", handler=False)
     except StoreError as exc:
-        request.app[METRICS]["jobs_refused_total"] += 1
-        log.error("cannot store job %s %s: %s", request.method, request.path, exc)  # noqa: TRY400
+        app[METRICS]["jobs_refused_total"] += 1
+        log.error("cannot store job %s %s: %s", method, target, exc)  # noqa: TRY400
         return arango_error(
             503, ERROR_SERVICE_UNAVAILABLE, f"the proxy cannot store the job: {exc}", handler=False
         )
-    request.app[METRICS]["jobs_accepted_total"] += 1
-    request.app[DISPATCHER].wake()
+    app[METRICS]["jobs_accepted_total"] += 1
+    app[DISPATCHER].wake()
     response = web.Response(status=202, headers={"Content-Type": "text/plain"})
     if mode is JobMode.STORE:
         response.headers[ASYNC_ID_HEADER] = str(job_id)

@@ -9,6 +9,7 @@ Nothing is decompressed or re-encoded, so the reply is byte for byte ArangoDB's.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import aiohttp
 from aiohttp import web
@@ -26,18 +27,36 @@ CHUNK = 64 * 1024
 def forwarded_headers(request: web.Request, drop: tuple[str, ...] = ()) -> CIMultiDict[str]:
     """The request's end-to-end headers for ArangoDB, with X-Forwarded-* appended;
     without `drop` (lower case)."""
-    headers = end_to_end(request.headers.items(), drop=("host", *drop))
-    peer = request.remote or ""
+    return forwarded(
+        request.headers.items(),
+        peer=request.remote or "",
+        secure=request.secure,
+        host=request.host,
+        drop=drop,
+    )
+
+
+def forwarded(
+    received: Iterable[tuple[str, str]],
+    *,
+    peer: str,
+    secure: bool,
+    host: str | None,
+    drop: tuple[str, ...] = (),
+) -> CIMultiDict[str]:
+    """`forwarded_headers` from a request's parts: the `received` headers, the
+    client's address (`peer`), whether it came over TLS, its Host header."""
+    headers = end_to_end(received, drop=("host", *drop))
     previous = headers.popall("X-Forwarded-For", [])
     headers["X-Forwarded-For"] = ", ".join([*previous, peer])
-    if request.secure:
+    if secure:
         # a TLS connection is proof of https: a client cannot claim otherwise
         headers["X-Forwarded-Proto"] = "https"
     else:
         # a plain hop may sit behind a TLS-terminating balancer that said https
         headers.setdefault("X-Forwarded-Proto", "http")
-    if request.host:
-        headers.setdefault("X-Forwarded-Host", request.host)
+    if host:
+        headers.setdefault("X-Forwarded-Host", host)
     return headers
 
 

@@ -11,8 +11,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.app import create_app, runner_options
+from proxy.app import create_app
 from proxy.config import Config, load_config
+from proxy.fastpath import Listener
+from proxy.state import CONFIG
 from proxy.tls import server_context
 from storage import JobStore
 from tests.processes import ProxyProcess
@@ -47,7 +49,12 @@ async def serve_app() -> AsyncIterator[Callable[..., Awaitable[str]]]:
 
 
 def proxy_config(upstream: str, data: Path, /, **sections: dict[str, Any]) -> Config:
-    overrides: dict[str, Any] = {"upstream.url": upstream, "storage.data": str(data)}
+    """The proxy's settings for a test: listening on an ephemeral port unless told."""
+    overrides: dict[str, Any] = {
+        "upstream.url": upstream,
+        "storage.data": str(data),
+        "server.listen": "127.0.0.1:0",
+    }
     for section, values in sections.items():
         for key, value in values.items():
             overrides[f"{section}.{key}"] = value
@@ -55,21 +62,39 @@ def proxy_config(upstream: str, data: Path, /, **sections: dict[str, Any]) -> Co
 
 
 @pytest.fixture
-async def start_proxy(serve_app: Callable[..., Awaitable[str]], tmp_path: Path) -> ProxyFactory:
+async def serve_proxy() -> AsyncIterator[Callable[[web.Application], Awaitable[str]]]:
+    """Serve a proxy application in-process as the CLI serves it (the fast path in
+    front of aiohttp); its URL, https:// when its config asks for TLS."""
+    listeners: list[Listener] = []
+
+    async def serve(app: web.Application) -> str:
+        ssl_context = server_context(app[CONFIG].server)
+        listener = Listener(app, ssl_context)
+        await listener.start()
+        listeners.append(listener)
+        host, port = listener.addresses[0]
+        return f"{'http' if ssl_context is None else 'https'}://{host}:{port}"
+
+    yield serve
+    for listener in reversed(listeners):
+        await listener.stop()
+
+
+@pytest.fixture
+async def start_proxy(
+    serve_proxy: Callable[[web.Application], Awaitable[str]], tmp_path: Path
+) -> ProxyFactory:
     """Start the proxy in-process in front of `upstream`; returns its base URL.
 
     `server={"tls_cert": ..., "tls_key": ...}` makes it serve TLS, as the CLI does.
     """
-
     started = 0
 
     async def start(upstream: str, /, **sections: dict[str, Any]) -> str:
         nonlocal started
         started += 1  # each proxy its own data folder (a folder serves one store)
         config = proxy_config(upstream, tmp_path / f"proxy-data-{started}", **sections)
-        return await serve_app(
-            create_app(config), ssl_context=server_context(config.server), **runner_options(config)
-        )
+        return await serve_proxy(create_app(config))
 
     return start
 

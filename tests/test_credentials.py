@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.app import create_app, runner_options
+from proxy.app import create_app
 from proxy.config import ConfigError
 from proxy.tokens import SignedTokens
 from tests.conftest import proxy_config
@@ -58,16 +58,16 @@ async def jwt_standin(standin_factory: StandInFactory) -> StandIn:
 Serve = Callable[..., Awaitable[str]]
 
 
-async def start(serve_app: Serve, upstream: str, data: Path, **upstream_settings: Any) -> str:
+async def start(serve_proxy: Serve, upstream: str, data: Path, **upstream_settings: Any) -> str:
     config = proxy_config(upstream, data, upstream=upstream_settings)
-    return await serve_app(create_app(config), **runner_options(config))
+    return await serve_proxy(create_app(config))
 
 
 async def test_client_credentials_leave_the_files_once_harvested_or_cancelled(
-    jwt_standin: StandIn, serve_app: Serve, http: aiohttp.ClientSession, tmp_path: Path
+    jwt_standin: StandIn, serve_proxy: Serve, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    client = Client(http, await start(serve_app, jwt_standin.url, data))
+    client = Client(http, await start(serve_proxy, jwt_standin.url, data))
     bobs_token = bearer({"preferred_username": "bob"})
     jwt_standin.queue_full = True  # the jobs stay in the proxy's store, with credentials
     harvested = [
@@ -95,17 +95,17 @@ def write_secret(folder: Path, text: str = SECRET + "\n") -> Path:
     return path
 
 
-async def start_signing(serve_app: Serve, upstream: str, data: Path) -> str:
+async def start_signing(serve_proxy: Serve, upstream: str, data: Path) -> str:
     """The proxy in `upstream.jwt_secret_file` mode, the secret file beside `data`."""
     secret_file = write_secret(data.parent)
-    return await start(serve_app, upstream, data, jwt_secret_file=str(secret_file))
+    return await start(serve_proxy, upstream, data, jwt_secret_file=str(secret_file))
 
 
 async def test_with_a_jwt_secret_no_client_credential_is_ever_written(
-    jwt_standin: StandIn, serve_app: Serve, http: aiohttp.ClientSession, tmp_path: Path
+    jwt_standin: StandIn, serve_proxy: Serve, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    client = Client(http, await start_signing(serve_app, jwt_standin.url, data))
+    client = Client(http, await start_signing(serve_proxy, jwt_standin.url, data))
     bobs_token = bearer({"preferred_username": "bob"})
     superuser = bearer({"server_id": "ops"})
     callers = {"alice": ALICE, "bob": bobs_token, "": superuser}
@@ -265,10 +265,10 @@ def test_an_unusable_secret_file_is_a_config_error(
 
 
 async def test_tokens_limited_by_allowed_paths_are_not_queued_with_signed_tokens(
-    jwt_standin: StandIn, serve_app: Serve, http: aiohttp.ClientSession, tmp_path: Path
+    jwt_standin: StandIn, serve_proxy: Serve, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     limited = bearer({"server_id": "x", "allowed_paths": ["/_db/_system/_api/version"]})
-    signing = Client(http, await start_signing(serve_app, jwt_standin.url, tmp_path / "a"))
+    signing = Client(http, await start_signing(serve_proxy, jwt_standin.url, tmp_path / "a"))
     answer = await signing.call(
         "GET", "/_api/version", headers={"x-arango-async": "store"}, user=limited
     )
@@ -277,15 +277,15 @@ async def test_tokens_limited_by_allowed_paths_are_not_queued_with_signed_tokens
     assert (await signing.call("GET", "/_api/job/pending", user=limited)).json == []
     # ordinary tokens are fine; with the caller's own header replayed, so is this one
     assert await signing.submit("GET", "/_api/version", user=bearer({"server_id": "x"}))
-    replaying = Client(http, await start(serve_app, jwt_standin.url, tmp_path / "b"))
+    replaying = Client(http, await start(serve_proxy, jwt_standin.url, tmp_path / "b"))
     job = await replaying.submit("GET", "/_api/version", user=limited)
     assert (await replaying.result(job, user=limited)).status == 200
 
 
 async def test_jobs_whose_credentials_stop_working_end_with_arangodbs_refusal(
-    standin: StandIn, serve_app: Serve, http: aiohttp.ClientSession, tmp_path: Path
+    standin: StandIn, serve_proxy: Serve, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    client = Client(http, await start(serve_app, standin.url, tmp_path / "data"))
+    client = Client(http, await start(serve_proxy, standin.url, tmp_path / "data"))
     job = await client.submit("POST", "/_api/cursor", body=SLOW, user=ALICE)
     await eventually(lambda: len(standin.jobs.entries) == 1, 15)  # running at ArangoDB
     standin.authenticator.users["alice"] = "changed"  # the operator changes her password
@@ -312,10 +312,10 @@ def test_which_callers_signed_tokens_can_act_for(authorization: str | None, allo
 
 
 async def test_with_a_jwt_secret_jobs_waiting_for_a_down_arangodb_hold_no_credentials(
-    jwt_standin: StandIn, serve_app: Serve, http: aiohttp.ClientSession, tmp_path: Path
+    jwt_standin: StandIn, serve_proxy: Serve, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    client = Client(http, await start_signing(serve_app, jwt_standin.url, data))
+    client = Client(http, await start_signing(serve_proxy, jwt_standin.url, data))
     bobs_token = bearer({"preferred_username": "bob"})
     for caller in (ALICE, bobs_token):  # verified now, so accepted while ArangoDB is down
         assert (await client.call("GET", "/_api/job/pending", user=caller)).json == []

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from proxy import harvester
-from proxy.app import create_app, runner_options
+from proxy.app import create_app
 from proxy.state import METRICS, STORE
 from storage import JobState, StoreError
 from tests.conftest import ProxyFactory, proxy_config
@@ -279,12 +279,12 @@ class FailFirst:
 
 @pytest.fixture
 async def proxy_app(
-    standin: StandIn, serve_app: Callable[..., Awaitable[str]], tmp_path: Path
+    standin: StandIn, serve_proxy: Callable[..., Awaitable[str]], tmp_path: Path
 ) -> tuple[web.Application, str]:
     """The proxy in front of the stand-in, with its application at hand (store, metrics)."""
     config = proxy_config(standin.url, tmp_path / "data")
     app = create_app(config)
-    return app, await serve_app(app, **runner_options(config))
+    return app, await serve_proxy(app)
 
 
 async def test_store_read_failure_in_dispatcher_is_retried(

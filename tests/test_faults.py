@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from proxy.app import create_app, runner_options
+from proxy.app import create_app
 from proxy.state import STORE
 from storage import JobState
 from tests.conftest import proxy_config
@@ -30,19 +30,19 @@ ServeApp = Callable[..., Awaitable[str]]
 
 
 async def start(
-    serve_app: ServeApp, upstream: str, data: Path, **sections: dict[str, Any]
+    serve_proxy: ServeApp, upstream: str, data: Path, **sections: dict[str, Any]
 ) -> tuple[web.Application, str]:
     config = proxy_config(upstream, data, **sections)
     app = create_app(config)
-    return app, await serve_app(app, **runner_options(config))
+    return app, await serve_proxy(app)
 
 
 async def test_size_limit_refuses_with_503_and_recovers_when_jobs_move_on(
-    standin: StandIn, serve_app: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
+    standin: StandIn, serve_proxy: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     await Client(http, standin.url).call("POST", "/_api/collection", {"name": "c"})
     limit = 256 * 1024
-    _, url = await start(serve_app, standin.url, tmp_path / "d", storage={"max_db_size": limit})
+    _, url = await start(serve_proxy, standin.url, tmp_path / "d", storage={"max_db_size": limit})
     jobs = Client(http, url)
     standin.queue_full = True  # ArangoDB takes nothing: the jobs pile up in the proxy
     pad = "x" * 8000
@@ -78,12 +78,12 @@ async def test_size_limit_refuses_with_503_and_recovers_when_jobs_move_on(
 
 
 async def test_a_burst_at_the_size_limit_gets_202_only_for_what_committed(
-    standin: StandIn, serve_app: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
+    standin: StandIn, serve_proxy: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """Concurrent accepts pass the check together and may overshoot SQLite's own
     limit in one batch: that batch fails as a whole, each of its jobs a 503."""
     limit = 256 * 1024
-    _, url = await start(serve_app, standin.url, tmp_path / "d", storage={"max_db_size": limit})
+    _, url = await start(serve_proxy, standin.url, tmp_path / "d", storage={"max_db_size": limit})
     jobs = Client(http, url)
     standin.queue_full = True
     too_big = {"query": "RETURN @x", "bindVars": {"x": "y" * 40_000}}
@@ -120,9 +120,9 @@ def ids_in_file(folder: Path) -> list[int]:
 
 
 async def test_a_locked_database_gives_503_to_writes_hands_out_results_then_recovers(
-    standin: StandIn, serve_app: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
+    standin: StandIn, serve_proxy: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    app, url = await start(serve_app, standin.url, tmp_path / "d")
+    app, url = await start(serve_proxy, standin.url, tmp_path / "d")
     jobs = Client(http, url)
     done = await jobs.submit("GET", "/_api/version")
     await jobs.wait_done(done)
@@ -153,7 +153,7 @@ async def test_a_locked_database_gives_503_to_writes_hands_out_results_then_reco
 
 async def test_a_fetched_result_waits_for_room_instead_of_running_again(
     standin_factory: Callable[..., Awaitable[StandIn]],
-    serve_app: ServeApp,
+    serve_proxy: ServeApp,
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
@@ -162,7 +162,7 @@ async def test_a_fetched_result_waits_for_room_instead_of_running_again(
     direct = Client(http, standin.url)
     await direct.call("POST", "/_api/collection", {"name": "big"})
     await direct.call("POST", "/_api/document/big", {"_key": "b", "pad": "z" * 200_000})
-    app, url = await start(serve_app, standin.url, tmp_path / "d")
+    app, url = await start(serve_proxy, standin.url, tmp_path / "d")
     store = app[STORE]
     jobs = Client(http, url)
     blocker = await jobs.submit("POST", "/_api/cursor", {"query": "RETURN SLEEP(30)"})
@@ -193,9 +193,9 @@ async def test_a_fetched_result_waits_for_room_instead_of_running_again(
 
 
 async def test_a_damaged_database_under_a_running_proxy_gives_503_never_202(
-    standin: StandIn, serve_app: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
+    standin: StandIn, serve_proxy: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    _, url = await start(serve_app, standin.url, tmp_path / "d")
+    _, url = await start(serve_proxy, standin.url, tmp_path / "d")
     jobs = Client(http, url)
     done = await jobs.submit("GET", "/_api/version")
     await jobs.wait_done(done)

@@ -1,0 +1,419 @@
+"""The fast path (proxy/fastpath.py): what it takes, what it hands to aiohttp, and
+that a client cannot tell the two apart.
+
+Each comparison sends the same bytes twice: on a fresh connection, where the fast
+path takes them, and on a connection that aiohttp already serves (handed over by
+a first request to /_proxy/health). The proxy's metrics say which path answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from yarl import URL
+
+from proxy.app import create_app
+from proxy.fastpath import Listener
+from proxy.state import METRICS, STORE
+from storage import NewJob
+from tests.conftest import proxy_config
+from tests.standin import StandIn
+
+Serve = Callable[[web.Application], Awaitable[str]]
+
+AUTH = b"Authorization: Basic " + base64.b64encode(b"alice:alicepw") + b"\r\n"
+WRONG = b"Authorization: Basic " + base64.b64encode(b"alice:wrong") + b"\r\n"
+HEALTH = b"GET /_proxy/health HTTP/1.1\r\nHost: p\r\n\r\n"
+SLEEPY = json.dumps({"query": "RETURN SLEEP(3)"}).encode()
+
+
+def req(line: bytes, *fields: bytes, body: bytes = b"") -> bytes:
+    """A request: `line`, Host, `fields` (each with its CRLF), Content-Length if a body."""
+    length = b"Content-Length: %d\r\n" % len(body) if body else b""
+    return line + b"\r\nHost: p\r\n" + b"".join(fields) + length + b"\r\n" + body
+
+
+STORE_MODE = b"x-arango-async: store\r\n"
+FORGET_MODE = b"x-arango-async: true\r\n"
+VERSION = b"PUT /_api/version HTTP/1.1"
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def comparable(self) -> tuple[int, list[tuple[str, str]], bytes]:
+        """All but what differs between two answers by nature: the date, the job id."""
+        varying = {"date", "x-arango-async-id", "x-arango-queue-time-seconds"}
+        headers = sorted((k, v) for k, v in self.headers if k.lower() not in varying)
+        return self.status, headers, self.body
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, base: str) -> Connection:
+        url = URL(base)
+        assert url.host is not None
+        assert url.port is not None
+        return cls(*await asyncio.open_connection(url.host, url.port))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def answer(self) -> Answer:
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
+        status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+        headers = [(k, v.strip()) for k, _, v in (line.partition(":") for line in lines)]
+        length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
+        body = await asyncio.wait_for(self.reader.readexactly(length), 10)
+        return Answer(int(status_line.split(" ")[1]), headers, body)
+
+    async def closed(self) -> bool:
+        return await asyncio.wait_for(self.reader.read(), 10) == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def exchange(base: str, data: bytes, *, aiohttp_first: bool = False) -> Answer:
+    connection = await Connection.open(base)
+    try:
+        if aiohttp_first:
+            await connection.send(HEALTH)
+            assert (await connection.answer()).status == 200
+        await connection.send(data)
+        return await connection.answer()
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+async def proxy(
+    standin: StandIn, serve_proxy: Serve, tmp_path: Path
+) -> tuple[web.Application, str]:
+    app = create_app(proxy_config(standin.url, tmp_path / "data"))
+    return app, await serve_proxy(app)
+
+
+SAME_ANSWERS = {
+    "store job": req(VERSION, AUTH, STORE_MODE, body=b"{}"),
+    "fire-and-forget job": req(VERSION, AUTH, FORGET_MODE),
+    "job, unknown database": req(b"PUT /_db/nope/_api/version HTTP/1.1", AUTH, STORE_MODE),
+    "job, wrong password": req(VERSION, WRONG, STORE_MODE),
+    "job, closing": req(VERSION, AUTH, STORE_MODE, b"Connection: close\r\n"),
+    "job list": req(b"GET /_api/job/pending HTTP/1.1", AUTH),
+    "job list, count": req(b"GET /_api/job/done?count=0 HTTP/1.1", AUTH),
+    "job list, another database": req(b"GET /_db/_system/_admin/job/done HTTP/1.1", AUTH),
+    "unknown job": req(b"PUT /_api/job/123456 HTTP/1.1", AUTH),
+    "job API, unknown method": req(b"PATCH /_api/job/1 HTTP/1.1", AUTH),
+    "job API, no credentials": req(b"GET /_api/job/done HTTP/1.1"),
+    "expired, no stamp": req(b"DELETE /_api/job/expired HTTP/1.1", AUTH),
+}
+
+
+@pytest.mark.parametrize("case", list(SAME_ANSWERS))
+async def test_both_paths_give_the_same_answer(
+    proxy: tuple[web.Application, str], case: str
+) -> None:
+    app, base = proxy
+    metrics = app[METRICS]
+    raw = SAME_ANSWERS[case]
+    fast = await exchange(base, raw)
+    assert metrics["fast_path_requests_total"] == 1
+    assert metrics["connections_handed_over_total"] == 0
+    through_aiohttp = await exchange(base, raw, aiohttp_first=True)
+    assert metrics["fast_path_requests_total"] == 1
+    assert metrics["connections_handed_over_total"] == 1
+    assert fast.comparable() == through_aiohttp.comparable()
+    assert (fast.header("x-arango-async-id") is None) == (
+        through_aiohttp.header("x-arango-async-id") is None
+    )
+
+
+async def test_a_fetched_result_and_a_pending_job_answer_alike(
+    proxy: tuple[web.Application, str],
+) -> None:
+    """204 (pending: no length, no body) and a replayed result, on both paths."""
+    app, base = proxy
+    answers: dict[str, list[Answer]] = {"pending": [], "fetched": []}
+    for aiohttp_first in (False, True):
+        connection = await Connection.open(base)
+        if aiohttp_first:
+            await connection.send(HEALTH)
+            await connection.answer()
+        for sleeping in (True, False):
+            body = SLEEPY if sleeping else b""
+            target = b"POST /_api/cursor HTTP/1.1" if sleeping else VERSION
+            await connection.send(req(target, AUTH, STORE_MODE, body=body))
+            job_id = (await connection.answer()).header("x-arango-async-id")
+            assert job_id is not None
+            fetch = req(b"PUT /_api/job/" + job_id.encode() + b" HTTP/1.1", AUTH)
+            while True:
+                await connection.send(fetch)
+                answer = await connection.answer()
+                if sleeping or answer.status != 204:
+                    break
+                await asyncio.sleep(0.01)
+            answers["pending" if sleeping else "fetched"].append(answer)
+        connection.close()
+    assert answers["pending"][0].status == 204
+    assert answers["pending"][0].header("content-length") is None
+    assert answers["fetched"][0].status == 200
+    assert answers["fetched"][0].header("x-arango-async-id") is not None
+    for kind, (fast, through_aiohttp) in answers.items():
+        assert fast.comparable() == through_aiohttp.comparable(), kind
+    assert app[METRICS]["fast_path_requests_total"] >= 4
+
+
+async def test_a_job_is_stored_alike_on_both_paths(proxy: tuple[web.Application, str]) -> None:
+    app, base = proxy
+    raw = req(b"POST /_api/cursor?x=1 HTTP/1.1", AUTH, STORE_MODE, b"X-Note: a b\r\n", body=SLEEPY)
+    stored = []
+    for aiohttp_first in (False, True):
+        answer = await exchange(base, raw, aiohttp_first=aiohttp_first)
+        job_id = answer.header("x-arango-async-id")
+        assert job_id is not None
+        job = await app[STORE].get(int(job_id), None)  # running for 3 s: not done yet
+        assert job is not None
+        stored.append(job)
+    fast, through_aiohttp = stored
+    assert app[METRICS]["fast_path_requests_total"] == 1
+    assert fast.headers == through_aiohttp.headers
+    assert ("X-Note", "a b") in fast.headers
+    assert fast.body == through_aiohttp.body == SLEEPY
+    for field in ("mode", "user", "database", "method", "target", "auth"):
+        assert getattr(fast, field) == getattr(through_aiohttp, field), field
+
+
+HANDED_OVER = {
+    # (request, the answer's status from aiohttp's path)
+    "no x-arango-async (pass-through)": (req(b"GET /_api/version HTTP/1.1", AUTH), 200),
+    "x-arango-async of another case": (req(VERSION, AUTH, b"x-arango-async: Store\r\n"), 200),
+    "x-arango-async twice": (req(VERSION, AUTH, STORE_MODE, STORE_MODE), 202),
+    "HEAD": (req(b"HEAD /_api/version HTTP/1.1", AUTH, STORE_MODE), 202),
+    "OPTIONS": (req(b"OPTIONS /_api/version HTTP/1.1", AUTH, STORE_MODE), 200),
+    "HTTP/1.0": (VERSION[:-1] + b"0\r\nHost: p\r\n" + AUTH + STORE_MODE + b"\r\n", 202),
+    "no Host": (VERSION + b"\r\n" + AUTH + STORE_MODE + b"\r\n", 400),
+    "percent-escape in the path": (req(b"PUT /_api/%76ersion HTTP/1.1", AUTH, STORE_MODE), 202),
+    "double slash": (req(b"PUT //_api/version HTTP/1.1", AUTH, STORE_MODE), 202),
+    "dot segment": (req(b"PUT /_api/x/../version HTTP/1.1", AUTH, STORE_MODE), 202),
+    "the proxy's own route": (req(b"GET /_proxy/health HTTP/1.1", STORE_MODE), 200),
+    "chunked body": (
+        req(VERSION, AUTH, STORE_MODE, b"Transfer-Encoding: chunked\r\n") + b"2\r\n{}\r\n0\r\n\r\n",
+        202,
+    ),
+    "Expect": (req(VERSION, AUTH, STORE_MODE, b"Expect: 100-continue\r\n"), 100),
+    "Connection: upgrade": (
+        req(VERSION, AUTH, STORE_MODE, b"Connection: upgrade\r\nUpgrade: h2c\r\n"),
+        202,
+    ),
+    "Content-Length twice": (
+        req(VERSION, AUTH, STORE_MODE, b"Content-Length: 2\r\nContent-Length: 2\r\n") + b"{}",
+        400,
+    ),
+    "non-ASCII header value": (req(VERSION, AUTH, STORE_MODE, "X-N: é\r\n".encode()), 202),
+    "space before a colon": (req(VERSION, AUTH, STORE_MODE, b"X-N : 1\r\n"), 400),
+    "oversize header fields": (
+        req(VERSION, AUTH, STORE_MODE, b"X-B: " + b"b" * 70_000 + b"\r\n"),
+        431,
+    ),
+    "body over the limit": (
+        req(VERSION, AUTH, STORE_MODE, b"Content-Length: 99999999999\r\n"),
+        413,
+    ),
+    "request line over 8 KiB": (req(b"PUT /_api/version?" + b"a" * 9000 + b" HTTP/1.1", AUTH), 400),
+}
+
+
+@pytest.mark.parametrize("case", list(HANDED_OVER))
+async def test_what_the_fast_path_hands_to_aiohttp(
+    proxy: tuple[web.Application, str], case: str
+) -> None:
+    app, base = proxy
+    raw, status = HANDED_OVER[case]
+    connection = await Connection.open(base)
+    await connection.send(raw)
+    if case == "HEAD":  # no body follows a HEAD answer, whatever its length says
+        head = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 202 ")
+    else:
+        assert (await connection.answer()).status == status
+    connection.close()
+    assert app[METRICS]["fast_path_requests_total"] == 0
+    assert app[METRICS]["connections_handed_over_total"] == 1
+
+
+async def test_a_request_that_arrives_in_parts_is_handed_over(
+    proxy: tuple[web.Application, str],
+) -> None:
+    app, base = proxy
+    raw = req(VERSION, AUTH, STORE_MODE, body=b'{"a":1}')
+    for cut in (10, len(raw) - 3):  # in the head; in the body
+        connection = await Connection.open(base)
+        await connection.send(raw[:cut])
+        await asyncio.sleep(0.05)
+        await connection.send(raw[cut:])
+        assert (await connection.answer()).status == 202
+        connection.close()
+    assert app[METRICS]["fast_path_requests_total"] == 0
+    assert app[METRICS]["connections_handed_over_total"] == 2
+
+
+async def test_one_connection_moves_to_aiohttp_at_a_request_it_needs(
+    proxy: tuple[web.Application, str],
+) -> None:
+    """Pipelined: two jobs for the fast path, a pass-through request, a third job; the
+    hand-over starts at the third request's first byte."""
+    app, base = proxy
+    connection = await Connection.open(base)
+    job = req(VERSION, AUTH, STORE_MODE, body=b"{}")
+    await connection.send(job + job + req(b"GET /_api/version HTTP/1.1", AUTH) + job)
+    statuses = [(await connection.answer()) for _ in range(4)]
+    assert [answer.status for answer in statuses] == [202, 202, 200, 202]
+    assert json.loads(statuses[2].body)["server"] == "arango"
+    ids = [
+        int(answer.header("x-arango-async-id") or 0)
+        for answer in (statuses[0], statuses[1], statuses[3])
+    ]
+    assert ids == sorted(ids)
+    assert ids[0] > 0
+    assert len(set(ids)) == 3
+    connection.close()
+    assert app[METRICS]["fast_path_requests_total"] == 2
+    assert app[METRICS]["connections_handed_over_total"] == 1
+
+
+async def test_connection_close_is_honoured(proxy: tuple[web.Application, str]) -> None:
+    _, base = proxy
+    connection = await Connection.open(base)
+    job = req(VERSION, AUTH, STORE_MODE, b"Connection: close\r\n")
+    await connection.send(job + job)  # the second is never read
+    answer = await connection.answer()
+    assert answer.status == 202
+    assert answer.header("connection") == "close"
+    assert await connection.closed()
+    connection.close()
+
+
+async def test_a_client_that_leaves_still_has_its_job_stored(
+    proxy: tuple[web.Application, str],
+) -> None:
+    app, base = proxy
+    connection = await Connection.open(base)
+    await connection.send(req(VERSION, AUTH, FORGET_MODE))
+    connection.close()
+    for _ in range(500):
+        if app[METRICS]["jobs_accepted_total"] == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert app[METRICS]["jobs_accepted_total"] == 1
+    assert app[METRICS]["fast_path_requests_total"] == 1
+
+
+async def test_an_idle_connection_is_closed_after_idle_timeout(
+    standin: StandIn, serve_proxy: Serve, tmp_path: Path
+) -> None:
+    app = create_app(proxy_config(standin.url, tmp_path / "data", server={"idle_timeout": 0.3}))
+    base = await serve_proxy(app)
+    connection = await Connection.open(base)
+    await connection.send(req(VERSION, AUTH, STORE_MODE))
+    assert (await connection.answer()).status == 202
+    started = asyncio.get_running_loop().time()
+    assert await connection.closed()
+    waited = asyncio.get_running_loop().time() - started
+    connection.close()
+    assert 0.2 < waited < 5
+    assert app[METRICS]["connections_handed_over_total"] == 0
+
+
+async def test_a_pipelined_flood_is_answered_in_full_and_in_order(
+    proxy: tuple[web.Application, str],
+) -> None:
+    """Far more than the fast path buffers behind a request under way (it stops
+    reading meanwhile): every job answered, ids in order."""
+    app, base = proxy
+    count = 3000  # about 300 KiB
+    connection = await Connection.open(base)
+    await connection.send(req(VERSION, AUTH, STORE_MODE) * count)
+    ids = []
+    for _ in range(count):
+        answer = await connection.answer()
+        assert answer.status == 202
+        ids.append(int(answer.header("x-arango-async-id") or 0))
+    connection.close()
+    assert ids == sorted(set(ids))
+    assert app[METRICS]["fast_path_requests_total"] == count
+    assert app[METRICS]["connections_handed_over_total"] == 0
+
+
+async def test_a_failing_request_gets_a_500_and_the_connection_closes(
+    proxy: tuple[web.Application, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, base = proxy
+
+    async def broken(*_args: object) -> int:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app[STORE], "accept", broken)
+    connection = await Connection.open(base)
+    await connection.send(req(VERSION, AUTH, STORE_MODE))
+    answer = await connection.answer()
+    assert answer.status == 500
+    assert answer.header("connection") == "close"
+    assert await connection.closed()
+    connection.close()
+
+
+async def test_a_stop_closes_idle_connections_and_lets_requests_under_way_finish(
+    standin: StandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(proxy_config(standin.url, tmp_path / "data"))
+    listener = Listener(app, None)
+    await listener.start()
+    host, port = listener.addresses[0]
+    base = f"http://{host}:{port}"
+    idle = await Connection.open(base)
+    await idle.send(req(VERSION, AUTH, STORE_MODE))
+    assert (await idle.answer()).status == 202
+    store = app[STORE]
+    accept = store.accept
+    release = asyncio.Event()
+    held = asyncio.Event()
+
+    async def held_accept(job: NewJob) -> int:
+        held.set()
+        await release.wait()
+        return await accept(job)
+
+    monkeypatch.setattr(store, "accept", held_accept)
+    busy = await Connection.open(base)
+    await busy.send(req(VERSION, AUTH, STORE_MODE))
+    await asyncio.wait_for(held.wait(), 10)
+    stopping = asyncio.create_task(listener.stop())
+    assert await idle.closed()  # at once: nothing under way on it
+    await asyncio.sleep(0.1)
+    assert not stopping.done()  # waits for the request under way
+    release.set()
+    answer = await busy.answer()
+    assert answer.status == 202
+    assert answer.header("connection") == "close"
+    assert await busy.closed()
+    await asyncio.wait_for(stopping, 10)
+    idle.close()
+    busy.close()
