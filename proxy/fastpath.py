@@ -63,8 +63,16 @@ log = logging.getLogger(__name__)
 _HEAD_END = b"\r\n\r\n"
 _MAX_LINE = 8190  # aiohttp's max_line_size: a longer request line gets its 400
 _PAUSE_AT = 256 * 1024  # bytes waiting behind a request under way: stop reading
-_REQUEST_LINE = re.compile(rb"([A-Z]+) (/[!-~]*) HTTP/1\.1")
-_FIELD = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~]+[ \t]+)*[!-~]+)?[ \t]*")
+_REQUEST_LINE = re.compile(r"([A-Z]+) (/[!-~]*) HTTP/1\.1")
+_FIELD = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~]+(?:[ \t]+[!-~]+)*)?)[ \t]*\r\n"
+_FIELDS = re.compile(f"(?:{_FIELD})*")  # the whole block, each field ending with CRLF
+_EACH_FIELD = re.compile(_FIELD)
+# the fields the fast path looks at, found in the block (checked by _FIELDS) at once
+_NOTED = re.compile(
+    r"^(host|x-arango-async|content-length|connection|authorization|transfer-encoding|expect"
+    r"|upgrade):[ \t]*(.*?)[ \t]*\r$",
+    re.IGNORECASE | re.MULTILINE,
+)
 _ODD_PATH = re.compile(r"%|#|//|/\.\.?(?:/|$)")
 _NOT_HERE_METHODS = frozenset({"HEAD", "OPTIONS", "CONNECT"})
 _REFUSED_FIELDS = frozenset({"transfer-encoding", "expect", "upgrade"})
@@ -74,13 +82,24 @@ _MODES = {"true": JobMode.FORGET, "store": JobMode.STORE}
 class Submission:
     """An async request that the fast path takes, parsed."""
 
-    __slots__ = ("body", "close", "headers", "host", "length", "method", "mode", "target")
+    __slots__ = (
+        "authorization",
+        "body",
+        "close",
+        "headers",
+        "host",
+        "length",
+        "method",
+        "mode",
+        "target",
+    )
 
     def __init__(self) -> None:
         self.method = ""
         self.target = ""
         self.headers: list[tuple[str, str]] = []
         self.host = ""
+        self.authorization: str | None = None  # the first Authorization field
         self.mode: JobMode | None = None  # None: a request for the job API
         self.length = 0  # of the body, from Content-Length
         self.body = b""
@@ -90,58 +109,50 @@ class Submission:
 def parse(head: bytes, max_header_size: int, max_body_size: int) -> Submission | None:
     """The submission in `head` (without its blank line; its body not yet read), or
     None when aiohttp must have it."""
-    lines = head.split(b"\r\n")
-    submission = _request_line(lines[0])
-    if submission is None or not _read_fields(submission, lines[1:], max_header_size):
+    text = head.decode("latin-1") + "\r\n"
+    line, _, fields = text.partition("\r\n")
+    submission = _request_line(line)
+    if submission is None or _FIELDS.fullmatch(fields) is None:
         return None
-    if submission.length > max_body_size:
-        return None  # aiohttp's path answers the 413
-    if submission.mode is None and not jobs_api.is_job_api(submission.target):
-        return None  # neither async nor the job API: pass-through
+    headers: list[tuple[str, str]] = _EACH_FIELD.findall(fields)
+    size = sum(len(name) + len(value) for name, value in headers) + 4 * len(headers)
+    if size > max_header_size or len(headers) >= max_header_size // 8:
+        return None  # refuse_unservable's 431, or aiohttp's 400 for too many fields
+    submission.headers = headers
+    seen = {"host": 0, ASYNC_HEADER: 0, "content-length": 0}
+    for name, value in _NOTED.findall(fields):
+        lower = name.lower()
+        if lower in seen:
+            seen[lower] += 1
+        if not _take(submission, lower, value):
+            return None
+    if (
+        seen["host"] != 1
+        or seen[ASYNC_HEADER] > 1
+        or seen["content-length"] > 1
+        or submission.length > max_body_size  # aiohttp's path answers the 413
+        # neither async nor the job API: pass-through
+        or (submission.mode is None and not jobs_api.is_job_api(submission.target))
+    ):
+        return None
     return submission
 
 
-def _request_line(line: bytes) -> Submission | None:
+def _request_line(line: str) -> Submission | None:
     if len(line) > _MAX_LINE:
         return None
     match = _REQUEST_LINE.fullmatch(line)
     if match is None:
         return None
     submission = Submission()
-    submission.method = match[1].decode("ascii")
-    submission.target = match[2].decode("ascii")
+    submission.method = match[1]
+    submission.target = match[2]
     path = submission.target.partition("?")[0]
     if submission.method in _NOT_HERE_METHODS or _ODD_PATH.search(path):
         return None
     if path.startswith("/_proxy"):
         return None  # the proxy's own routes
     return submission
-
-
-def _read_fields(submission: Submission, lines: list[bytes], max_header_size: int) -> bool:
-    if len(lines) > max_header_size // 8:
-        return False  # beyond aiohttp's count of fields (runner_options): its 400
-    seen = {"host": 0, ASYNC_HEADER: 0, "content-length": 0}
-    size = 0
-    for line in lines:
-        field = _FIELD.fullmatch(line)
-        if field is None:
-            return False
-        name = field[1].decode("ascii")
-        value = (field[2] or b"").decode("ascii")
-        size += len(name) + len(value) + 4  # as refuse_unservable counts
-        lower = name.lower()
-        if lower in seen:
-            seen[lower] += 1
-        if not _take(submission, lower, value):
-            return False
-        submission.headers.append((name, value))
-    return (
-        seen["host"] == 1
-        and seen[ASYNC_HEADER] <= 1
-        and seen["content-length"] <= 1
-        and size <= max_header_size
-    )
 
 
 def _take(submission: Submission, lower: str, value: str) -> bool:
@@ -157,6 +168,9 @@ def _take(submission: Submission, lower: str, value: str) -> bool:
         if not value.isdigit():
             return False
         submission.length = int(value)
+    elif lower == "authorization":
+        if submission.authorization is None:
+            submission.authorization = value
     elif lower == "connection":
         option = value.lower()
         if option not in ("keep-alive", "close"):
@@ -260,14 +274,9 @@ class FastPath(asyncio.Protocol):
 
     async def _answer(self, submission: Submission) -> web.Response:
         app = self._front.app
-        authorization = None
-        for name, value in submission.headers:
-            if name.lower() == "authorization":
-                authorization = value
-                break
         if submission.mode is None:
-            return await self._job_api(submission, authorization)
-        verified = await admit(app, authorization, submission.target)
+            return await self._job_api(submission)
+        verified = await admit(app, submission.authorization, submission.target)
         if isinstance(verified, web.Response):
             return verified
         headers = forwarded(
@@ -287,12 +296,12 @@ class FastPath(asyncio.Protocol):
             body=submission.body,
         )
 
-    async def _job_api(self, submission: Submission, authorization: str | None) -> web.Response:
+    async def _job_api(self, submission: Submission) -> web.Response:
         """As `jobs_api.handle` answers a request without x-arango-async."""
         app = self._front.app
         suffixes = jobs_api.suffixes_of(submission.target)
         assert suffixes is not None  # parse() took it as the job API
-        verified = await app[VERIFIER].caller_of(authorization, submission.target)
+        verified = await app[VERIFIER].caller_of(submission.authorization, submission.target)
         if isinstance(verified, web.Response):
             return verified
         query = URL(submission.target, encoded=True).query  # as aiohttp's request.query

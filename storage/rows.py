@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from json.encoder import encode_basestring_ascii as _quoted
 from typing import Any, cast
 
 from storage.records import Headers, Job, JobMode, JobState, StoredResponse
@@ -43,11 +44,10 @@ def text_value(stored: str | bytes) -> str:
     return stored if isinstance(stored, str) else cast(str, json.loads(stored))
 
 
-_ENCODE = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one per call
-
-
 def headers_param(headers: Headers) -> str:
-    return _ENCODE(headers)  # [[name, value], ...]
+    """``[[name, value], ...]`` as json.dumps writes it (ASCII, no spaces), built from
+    the json module's C string encoder: several times faster than dumps on a list."""
+    return "[" + ",".join([f"[{_quoted(name)},{_quoted(value)}]" for name, value in headers]) + "]"
 
 
 def headers_value(stored: str) -> Headers:

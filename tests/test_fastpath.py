@@ -117,6 +117,8 @@ SAME_ANSWERS = {
     "job, unknown database": req(b"PUT /_db/nope/_api/version HTTP/1.1", AUTH, STORE_MODE),
     "job, wrong password": req(VERSION, WRONG, STORE_MODE),
     "job, closing": req(VERSION, AUTH, STORE_MODE, b"Connection: close\r\n"),
+    "job, two credentials, the first valid": req(VERSION, AUTH, WRONG, STORE_MODE),
+    "job, two credentials, the first wrong": req(VERSION, WRONG, AUTH, STORE_MODE),
     "job list": req(b"GET /_api/job/pending HTTP/1.1", AUTH),
     "job list, count": req(b"GET /_api/job/done?count=0 HTTP/1.1", AUTH),
     "job list, another database": req(b"GET /_db/_system/_admin/job/done HTTP/1.1", AUTH),
@@ -183,7 +185,8 @@ async def test_a_fetched_result_and_a_pending_job_answer_alike(
 
 async def test_a_job_is_stored_alike_on_both_paths(proxy: tuple[web.Application, str]) -> None:
     app, base = proxy
-    raw = req(b"POST /_api/cursor?x=1 HTTP/1.1", AUTH, STORE_MODE, b"X-Note: a b\r\n", body=SLEEPY)
+    note = b"X-Note: \t a  b \t\r\nX-Empty:\r\n"
+    raw = req(b"POST /_api/cursor?x=1 HTTP/1.1", AUTH, STORE_MODE, note, body=SLEEPY)
     stored = []
     for aiohttp_first in (False, True):
         answer = await exchange(base, raw, aiohttp_first=aiohttp_first)
@@ -195,7 +198,8 @@ async def test_a_job_is_stored_alike_on_both_paths(proxy: tuple[web.Application,
     fast, through_aiohttp = stored
     assert app[METRICS]["fast_path_requests_total"] == 1
     assert fast.headers == through_aiohttp.headers
-    assert ("X-Note", "a b") in fast.headers
+    assert ("X-Note", "a  b") in fast.headers
+    assert ("X-Empty", "") in fast.headers
     assert fast.body == through_aiohttp.body == SLEEPY
     for field in ("mode", "user", "database", "method", "target", "auth"):
         assert getattr(fast, field) == getattr(through_aiohttp, field), field

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import sqlite3
 import time
@@ -20,6 +21,7 @@ from storage import (
     NewJob,
     StoredResponse,
     StoreError,
+    rows,
     schema,
 )
 
@@ -440,3 +442,18 @@ async def test_pragmas(data: Path, synchronous: str, level: int) -> None:
 async def test_bad_options(data: Path, options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         await JobStore.open(data, **options)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (),
+        (("Host", "x"), ("X-Empty", "")),
+        (("X-Quote", '"\\\t\n'), ("X-Accent", "é"), ("X-Raw", "\udcff\udc80")),
+    ],
+)
+def test_headers_are_stored_as_json_and_read_back(headers: tuple[tuple[str, str], ...]) -> None:
+    stored = rows.headers_param(headers)
+    assert stored == json.dumps(headers, separators=(",", ":"))
+    assert stored.isascii()
+    assert rows.headers_value(stored) == headers
