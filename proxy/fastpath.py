@@ -20,12 +20,13 @@ partial), and this module only has to be exact about what it takes.
 
 What it takes, all of it at once:
 
-    request line   METHOD /path[?query] HTTP/1.1; method letters only, not HEAD,
-                   OPTIONS or CONNECT; printable ASCII; a path without %-escapes,
-                   empty or dot segments, not /_proxy..., not the job API
+    request line   METHOD /path[?query] HTTP/1.1; GET, POST, PUT, DELETE or PATCH;
+                   the characters RFC 3986 allows; a path without %-escapes,
+                   empty or dot segments, not /_proxy...
     header fields  name: value, token names, printable ASCII values; in all
                    within server.max_header_size (as refuse_unservable counts)
-    exactly one    Host; x-arango-async, "true" or "store"
+    exactly one    Host; and x-arango-async, "true" or "store", unless it is
+                   a request for the job API
     at most one    Content-Length (digits, within server.max_body_size); the body
                    is already here
     none of        Transfer-Encoding, Expect, Upgrade; a Connection other than
@@ -63,7 +64,10 @@ log = logging.getLogger(__name__)
 _HEAD_END = b"\r\n\r\n"
 _MAX_LINE = 8190  # aiohttp's max_line_size: a longer request line gets its 400
 _PAUSE_AT = 256 * 1024  # bytes waiting behind a request under way: stop reading
-_REQUEST_LINE = re.compile(r"([A-Z]+) (/[!-~]*) HTTP/1\.1")
+# methods ArangoDB serves that llhttp (aiohttp's parser) knows; RFC 3986 characters
+_REQUEST_LINE = re.compile(
+    r"(GET|POST|PUT|DELETE|PATCH) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1"
+)
 _FIELD = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~]+(?:[ \t]+[!-~]+)*)?)[ \t]*\r\n"
 _FIELDS = re.compile(f"(?:{_FIELD})*")  # the whole block, each field ending with CRLF
 _EACH_FIELD = re.compile(_FIELD)
@@ -74,7 +78,6 @@ _NOTED = re.compile(
     re.IGNORECASE | re.MULTILINE,
 )
 _ODD_PATH = re.compile(r"%|#|//|/\.\.?(?:/|$)")
-_NOT_HERE_METHODS = frozenset({"HEAD", "OPTIONS", "CONNECT"})
 _REFUSED_FIELDS = frozenset({"transfer-encoding", "expect", "upgrade"})
 _MODES = {"true": JobMode.FORGET, "store": JobMode.STORE}
 
@@ -148,7 +151,7 @@ def _request_line(line: str) -> Submission | None:
     submission.method = match[1]
     submission.target = match[2]
     path = submission.target.partition("?")[0]
-    if submission.method in _NOT_HERE_METHODS or _ODD_PATH.search(path):
+    if _ODD_PATH.search(path):
         return None
     if path.startswith("/_proxy"):
         return None  # the proxy's own routes
@@ -165,7 +168,7 @@ def _take(submission: Submission, lower: str, value: str) -> bool:
             return False
         submission.mode = mode
     elif lower == "content-length":
-        if not value.isdigit():
+        if not value.isdigit() or len(value) > 18:  # (int() refuses 4,300 digits)
             return False
         submission.length = int(value)
     elif lower == "authorization":
