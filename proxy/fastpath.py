@@ -1,185 +1,50 @@
-"""The fast path: async submissions served without aiohttp's request cycle.
+"""The fast path: async submissions and job API requests served without aiohttp's
+request cycle.
 
 Why: the proxy runs on one core's worth of Python (the GIL is shared by the
-event loop and the store's threads), and under a burst of submissions aiohttp's
-own handling of each request (request and response objects, router,
-middleware, writer) cost more of it than the intake itself: about 130 us of the
-loop's time per accept through aiohttp, about 75 us here (bench/accept.py's load,
-dispatcher and harvester running).
+event loop and the store's threads), and aiohttp's own handling of a request
+(request and response objects, router, middleware, writer) cost more of it than
+storing the job. Under bench/accept.py's load (dispatcher and harvester
+running) the proxy's CPU per accept went from about 189 to 134 us with it.
 
-How: every client connection starts here. A request that has arrived whole, is
-framed in the plainest way HTTP/1.1 allows, and is an async submission to a path
-that no route of the application claims, is parsed here, verified and stored by
-the intake's own functions (`proxy.intake.admit` and `accept`, so every answer is
-the one aiohttp's path gives), and answered here. Anything else hands the
-connection to aiohttp at that request's first byte: the transport's protocol
-becomes aiohttp's, which is fed every byte from there on and serves the
-connection for the rest of its life. aiohttp's parser thus judges everything
-unusual (malformed, oversize, chunked, trickling in, pipelined behind something
-partial), and this module only has to be exact about what it takes.
-
-What it takes, all of it at once:
-
-    request line   METHOD /path[?query] HTTP/1.1; GET, POST, PUT, DELETE or PATCH;
-                   the characters RFC 3986 allows; a path without %-escapes,
-                   empty or dot segments, not /_proxy...
-    header fields  name: value, token names, printable ASCII values; in all
-                   within server.max_header_size (as refuse_unservable counts)
-    exactly one    Host; and x-arango-async, "true" or "store", unless it is
-                   a request for the job API
-    at most one    Content-Length (digits, within server.max_body_size); the body
-                   is already here
-    none of        Transfer-Encoding, Expect, Upgrade; a Connection other than
-                   keep-alive or close
+How: every client connection starts here. A request that has arrived whole and
+that `proxy.fastpath_http.parse` takes (the plainest HTTP/1.1; an async
+submission, or a request for the job API) is answered here by the functions
+aiohttp's path calls (`proxy.intake.admit` and `accept`, `jobs_api.answer`), so
+the answers are the same. Anything else hands the connection to aiohttp at that
+request's first byte: the transport's protocol becomes aiohttp's, which is fed
+every byte from there on and serves the connection for the rest of its life.
+aiohttp's parser thus judges everything unusual (malformed, oversize, chunked,
+arriving in parts), and the fast path only has to be exact about what it takes.
 
 A connection stays here while idle for server.idle_timeout at most, as aiohttp's
 keep-alive. A request is never cancelled because its client left (as
 ``handler_cancellation=False``): its job is stored, only the 202 is lost.
+Requests pipelined behind one under way wait in a buffer; past _PAUSE_AT bytes
+the connection stops reading until it is served.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
-import time
 from collections.abc import Callable
-from email.utils import formatdate
 from typing import cast
 
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE
 from yarl import URL
 
 from proxy import jobs_api
 from proxy.app import runner_options
-from proxy.intake import ASYNC_HEADER, NOT_STORED, accept, admit
+from proxy.fastpath_http import HEAD_END, Submission, encode, parse
+from proxy.intake import NOT_STORED, accept, admit
 from proxy.passthrough import forwarded
 from proxy.state import CONFIG, METRICS, SHUTDOWN, VERIFIER
-from storage import JobMode
 
 log = logging.getLogger(__name__)
 
-_HEAD_END = b"\r\n\r\n"
-_MAX_LINE = 8190  # aiohttp's max_line_size: a longer request line gets its 400
 _PAUSE_AT = 256 * 1024  # bytes waiting behind a request under way: stop reading
-# methods ArangoDB serves that llhttp (aiohttp's parser) knows; RFC 3986 characters
-_REQUEST_LINE = re.compile(
-    r"(GET|POST|PUT|DELETE|PATCH) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1"
-)
-_FIELD = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~]+(?:[ \t]+[!-~]+)*)?)[ \t]*\r\n"
-_FIELDS = re.compile(f"(?:{_FIELD})*")  # the whole block, each field ending with CRLF
-_EACH_FIELD = re.compile(_FIELD)
-# the fields the fast path looks at, found in the block (checked by _FIELDS) at once
-_NOTED = re.compile(
-    r"^(host|x-arango-async|content-length|connection|authorization|transfer-encoding|expect"
-    r"|upgrade):[ \t]*(.*?)[ \t]*\r$",
-    re.IGNORECASE | re.MULTILINE,
-)
-_ODD_PATH = re.compile(r"%|#|//|/\.\.?(?:/|$)")
-_REFUSED_FIELDS = frozenset({"transfer-encoding", "expect", "upgrade"})
-_MODES = {"true": JobMode.FORGET, "store": JobMode.STORE}
-
-
-class Submission:
-    """An async request that the fast path takes, parsed."""
-
-    __slots__ = (
-        "authorization",
-        "body",
-        "close",
-        "headers",
-        "host",
-        "length",
-        "method",
-        "mode",
-        "target",
-    )
-
-    def __init__(self) -> None:
-        self.method = ""
-        self.target = ""
-        self.headers: list[tuple[str, str]] = []
-        self.host = ""
-        self.authorization: str | None = None  # the first Authorization field
-        self.mode: JobMode | None = None  # None: a request for the job API
-        self.length = 0  # of the body, from Content-Length
-        self.body = b""
-        self.close = False
-
-
-def parse(head: bytes, max_header_size: int, max_body_size: int) -> Submission | None:
-    """The submission in `head` (without its blank line; its body not yet read), or
-    None when aiohttp must have it."""
-    text = head.decode("latin-1") + "\r\n"
-    line, _, fields = text.partition("\r\n")
-    submission = _request_line(line)
-    if submission is None or _FIELDS.fullmatch(fields) is None:
-        return None
-    headers: list[tuple[str, str]] = _EACH_FIELD.findall(fields)
-    size = sum(len(name) + len(value) for name, value in headers) + 4 * len(headers)
-    if size > max_header_size or len(headers) >= max_header_size // 8:
-        return None  # refuse_unservable's 431, or aiohttp's 400 for too many fields
-    submission.headers = headers
-    seen = {"host": 0, ASYNC_HEADER: 0, "content-length": 0}
-    for name, value in _NOTED.findall(fields):
-        lower = name.lower()
-        if lower in seen:
-            seen[lower] += 1
-        if not _take(submission, lower, value):
-            return None
-    if (
-        seen["host"] != 1
-        or seen[ASYNC_HEADER] > 1
-        or seen["content-length"] > 1
-        or submission.length > max_body_size  # aiohttp's path answers the 413
-        # neither async nor the job API: pass-through
-        or (submission.mode is None and not jobs_api.is_job_api(submission.target))
-    ):
-        return None
-    return submission
-
-
-def _request_line(line: str) -> Submission | None:
-    if len(line) > _MAX_LINE:
-        return None
-    match = _REQUEST_LINE.fullmatch(line)
-    if match is None:
-        return None
-    submission = Submission()
-    submission.method = match[1]
-    submission.target = match[2]
-    path = submission.target.partition("?")[0]
-    if _ODD_PATH.search(path):
-        return None
-    if path.startswith("/_proxy"):
-        return None  # the proxy's own routes
-    return submission
-
-
-def _take(submission: Submission, lower: str, value: str) -> bool:
-    """Note what `submission` needs of a field; False if aiohttp must have it."""
-    if lower == "host":
-        submission.host = value
-    elif lower == ASYNC_HEADER:
-        mode = _MODES.get(value)
-        if mode is None:
-            return False
-        submission.mode = mode
-    elif lower == "content-length":
-        if not value.isdigit() or len(value) > 18:  # (int() refuses 4,300 digits)
-            return False
-        submission.length = int(value)
-    elif lower == "authorization":
-        if submission.authorization is None:
-            submission.authorization = value
-    elif lower == "connection":
-        option = value.lower()
-        if option not in ("keep-alive", "close"):
-            return False
-        submission.close = option == "close"
-    return lower not in _REFUSED_FIELDS
 
 
 class FastPath(asyncio.Protocol):
@@ -234,13 +99,13 @@ class FastPath(asyncio.Protocol):
         if self._front.closing:
             self.close()
             return
-        end = self._buffer.find(_HEAD_END)
+        end = self._buffer.find(HEAD_END)
         if end < 0:
             self._hand_over()
             return
         config = self._front.config
         submission = parse(bytes(self._buffer[:end]), config.max_header_size, config.max_body_size)
-        start = end + len(_HEAD_END)
+        start = end + len(HEAD_END)
         if submission is None or len(self._buffer) - start < submission.length:
             # not for here, or its body is still coming (aiohttp reads it, with its timeouts)
             self._hand_over()
@@ -419,41 +284,3 @@ class FastFront:
             if not self.connections or self.loop.time() >= deadline:
                 return
             await asyncio.sleep(0.01)
-
-
-_date: tuple[int, str] = (0, "")
-
-
-def _http_date() -> str:
-    global _date  # noqa: PLW0603 - a one-entry cache, as aiohttp keeps its own
-    now = int(time.time())
-    if _date[0] != now:
-        _date = (now, formatdate(now, usegmt=True))
-    return _date[1]
-
-
-def encode(response: web.Response, *, close: bool) -> bytes:
-    """`response` as aiohttp sends it to an HTTP/1.1 request (not HEAD)."""
-    body = response.body or b""
-    assert isinstance(body, bytes)
-    headers = response.headers
-    lines = [f"HTTP/1.1 {response.status} {response.reason}\r\n"]
-    lines.extend(
-        f"{name}: {value}\r\n"
-        for name, value in headers.items()
-        if name.lower() != "content-length"
-    )
-    if response.status in (204, 304) or response.status < 200:
-        body = b""  # a status that has no body has no length either
-    else:
-        lines.append(f"Content-Length: {len(body)}\r\n")
-        if body and "Content-Type" not in headers:
-            lines.append("Content-Type: application/octet-stream\r\n")
-    if "Date" not in headers:
-        lines.append(f"Date: {_http_date()}\r\n")
-    if "Server" not in headers:
-        lines.append(f"Server: {SERVER_SOFTWARE}\r\n")
-    if close and "Connection" not in headers:
-        lines.append("Connection: close\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("utf-8") + body

@@ -1,0 +1,189 @@
+"""What the fast path (`proxy.fastpath`) reads and writes: the requests it takes,
+parsed (`parse`), and its answers, encoded as aiohttp would send them (`encode`).
+
+`parse` takes a request only when it is sure to read it as aiohttp's parser
+(llhttp) would, and as the application would route it; every rule below sends
+anything else to aiohttp, which judges it:
+
+    request line   METHOD /path[?query] HTTP/1.1; GET, POST, PUT, DELETE or PATCH;
+                   the characters RFC 3986 allows, within aiohttp's line limit;
+                   a path without %-escapes, empty or dot segments, not /_proxy...
+    header fields  name: value, token names, printable ASCII values; in all
+                   within server.max_header_size (as refuse_unservable counts)
+                   and aiohttp's count of fields
+    exactly one    Host; and x-arango-async, "true" or "store", unless it is a
+                   request for the job API
+    at most one    Content-Length (digits, within server.max_body_size)
+    none of        Transfer-Encoding, Expect, Upgrade; a Connection other than
+                   keep-alive or close
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from email.utils import formatdate
+
+from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
+
+from proxy import jobs_api
+from proxy.intake import ASYNC_HEADER
+from storage import JobMode
+
+HEAD_END = b"\r\n\r\n"
+_MAX_LINE = 8190  # aiohttp's max_line_size: a longer request line gets its 400
+# methods ArangoDB serves that llhttp (aiohttp's parser) knows; RFC 3986 characters
+_REQUEST_LINE = re.compile(
+    r"(GET|POST|PUT|DELETE|PATCH) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1"
+)
+_FIELD = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~]+(?:[ \t]+[!-~]+)*)?)[ \t]*\r\n"
+_FIELDS = re.compile(f"(?:{_FIELD})*")  # the whole block, each field ending with CRLF
+_EACH_FIELD = re.compile(_FIELD)
+# the fields the fast path looks at, found in the block (checked by _FIELDS) at once
+_NOTED = re.compile(
+    r"^(host|x-arango-async|content-length|connection|authorization|transfer-encoding|expect"
+    r"|upgrade):[ \t]*(.*?)[ \t]*\r$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_ODD_PATH = re.compile(r"%|//|/\.\.?(?:/|$)")
+_REFUSED_FIELDS = frozenset({"transfer-encoding", "expect", "upgrade"})
+_MODES = {"true": JobMode.FORGET, "store": JobMode.STORE}
+
+
+class Submission:
+    """A request the fast path takes, parsed: an async submission or one for the job API."""
+
+    __slots__ = (
+        "authorization",
+        "body",
+        "close",
+        "headers",
+        "host",
+        "length",
+        "method",
+        "mode",
+        "target",
+    )
+
+    def __init__(self) -> None:
+        self.method = ""
+        self.target = ""
+        self.headers: list[tuple[str, str]] = []
+        self.host = ""
+        self.authorization: str | None = None  # the first Authorization field
+        self.mode: JobMode | None = None  # None: a request for the job API
+        self.length = 0  # of the body, from Content-Length
+        self.body = b""
+        self.close = False
+
+
+def parse(head: bytes, max_header_size: int, max_body_size: int) -> Submission | None:
+    """The submission in `head` (without its blank line; its body not yet read), or
+    None when aiohttp must have it."""
+    text = head.decode("latin-1") + "\r\n"
+    line, _, fields = text.partition("\r\n")
+    submission = _request_line(line)
+    if submission is None or _FIELDS.fullmatch(fields) is None:
+        return None
+    headers: list[tuple[str, str]] = _EACH_FIELD.findall(fields)
+    size = sum(len(name) + len(value) for name, value in headers) + 4 * len(headers)
+    if size > max_header_size or len(headers) >= max_header_size // 8:
+        return None  # refuse_unservable's 431, or aiohttp's 400 for too many fields
+    submission.headers = headers
+    seen = {"host": 0, ASYNC_HEADER: 0, "content-length": 0}
+    for name, value in _NOTED.findall(fields):
+        lower = name.lower()
+        if lower in seen:
+            seen[lower] += 1
+        if not _take(submission, lower, value):
+            return None
+    if (
+        seen["host"] != 1
+        or seen[ASYNC_HEADER] > 1
+        or seen["content-length"] > 1
+        or submission.length > max_body_size  # aiohttp's path answers the 413
+        # neither async nor the job API: pass-through
+        or (submission.mode is None and not jobs_api.is_job_api(submission.target))
+    ):
+        return None
+    return submission
+
+
+def _request_line(line: str) -> Submission | None:
+    if len(line) > _MAX_LINE:
+        return None
+    match = _REQUEST_LINE.fullmatch(line)
+    if match is None:
+        return None
+    submission = Submission()
+    submission.method = match[1]
+    submission.target = match[2]
+    path = submission.target.partition("?")[0]
+    if _ODD_PATH.search(path):
+        return None
+    if path.startswith("/_proxy"):
+        return None  # the proxy's own routes
+    return submission
+
+
+def _take(submission: Submission, lower: str, value: str) -> bool:
+    """Note what `submission` needs of a field; False if aiohttp must have it."""
+    if lower == "host":
+        submission.host = value
+    elif lower == ASYNC_HEADER:
+        mode = _MODES.get(value)
+        if mode is None:
+            return False
+        submission.mode = mode
+    elif lower == "content-length":
+        if not value.isdigit() or len(value) > 18:  # (int() refuses 4,300 digits)
+            return False
+        submission.length = int(value)
+    elif lower == "authorization":
+        if submission.authorization is None:
+            submission.authorization = value
+    elif lower == "connection":
+        option = value.lower()
+        if option not in ("keep-alive", "close"):
+            return False
+        submission.close = option == "close"
+    return lower not in _REFUSED_FIELDS
+
+
+_date: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    global _date  # noqa: PLW0603 - a one-entry cache, as aiohttp keeps its own
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, formatdate(now, usegmt=True))
+    return _date[1]
+
+
+def encode(response: web.Response, *, close: bool) -> bytes:
+    """`response` as aiohttp sends it to an HTTP/1.1 request (not HEAD)."""
+    body = response.body or b""
+    assert isinstance(body, bytes)
+    headers = response.headers
+    lines = [f"HTTP/1.1 {response.status} {response.reason}\r\n"]
+    lines.extend(
+        f"{name}: {value}\r\n"
+        for name, value in headers.items()
+        if name.lower() != "content-length"
+    )
+    if response.status in (204, 304) or response.status < 200:
+        body = b""  # a status that has no body has no length either
+    else:
+        lines.append(f"Content-Length: {len(body)}\r\n")
+        if body and "Content-Type" not in headers:
+            lines.append("Content-Type: application/octet-stream\r\n")
+    if "Date" not in headers:
+        lines.append(f"Date: {_http_date()}\r\n")
+    if "Server" not in headers:
+        lines.append(f"Server: {SERVER_SOFTWARE}\r\n")
+    if close and "Connection" not in headers:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8") + body
