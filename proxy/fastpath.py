@@ -30,21 +30,39 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import cast
 
+import aiohttp
 from aiohttp import web
 from yarl import URL
 
 from proxy import jobs_api
 from proxy.app import runner_options
-from proxy.fastpath_http import HEAD_END, Submission, encode, parse
+from proxy.errors import UpstreamFailure
+from proxy.fastpath_http import HEAD_END, Submission, encode, parse, stream_head
 from proxy.intake import NOT_STORED, accept, admit
-from proxy.passthrough import forwarded
-from proxy.state import CONFIG, METRICS, SHUTDOWN, VERIFIER
+from proxy.passthrough import CHUNK, forwarded
+from proxy.state import CONFIG, METRICS, SHUTDOWN, UPSTREAM, VERIFIER
+from proxy.upstream import end_to_end
 
 log = logging.getLogger(__name__)
 
 _PAUSE_AT = 256 * 1024  # bytes waiting behind a request under way: stop reading
+
+
+def _reason(reply: aiohttp.ClientResponse) -> str:
+    """ArangoDB's reason phrase; the standard one if it sent none (as aiohttp's path)."""
+    if reply.reason is not None:
+        return reply.reason
+    try:
+        return HTTPStatus(reply.status).phrase
+    except ValueError:
+        return ""
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
 
 
 class FastPath(asyncio.Protocol):
@@ -56,6 +74,8 @@ class FastPath(asyncio.Protocol):
         self._buffer = bytearray()
         self._busy = False  # a request is being served; later bytes wait in _buffer
         self._paused = False  # reading, while too much waits in _buffer
+        self._writable: asyncio.Future[None] | None = None  # set while writing is paused
+        self._head_sent = False  # of a streamed answer: no 500 can follow it
         self._closed = False
         self._peer = ""
         self._idle_since = 0.0
@@ -71,6 +91,7 @@ class FastPath(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self.resume_writing()  # a stream waiting to write sees the client gone
         self._front.connections.discard(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -118,18 +139,21 @@ class FastPath(asyncio.Protocol):
         self._loop.create_task(self._serve(submission))
 
     async def _serve(self, submission: Submission) -> None:
+        close = submission.close
         try:
-            response = await self._answer(submission)
+            if submission.mode is None and not submission.job_api:
+                close = await self._pass_through(submission) or close
+            else:
+                response = await self._answer(submission)
+                self._write(encode(response, close=close or self._front.closing))
         except Exception:
             log.exception("error serving %s %s", submission.method, submission.target)
-            response = web.Response(status=500)
-            submission.close = True
-        close = submission.close or self._front.closing
-        if not self._closed:
-            assert self.transport is not None
-            self.transport.write(encode(response, close=close))
-            if close:
-                self.transport.close()
+            if not self._head_sent:
+                self._write(encode(web.Response(status=500), close=True))
+            close = True
+        self._head_sent = False
+        if close or self._front.closing:
+            self.close()
         self._busy = False
         self._idle()
         if self._closed:
@@ -139,6 +163,62 @@ class FastPath(asyncio.Protocol):
             assert self.transport is not None
             self.transport.resume_reading()
         self._next()
+
+    def _write(self, data: bytes) -> None:
+        if not self._closed:
+            assert self.transport is not None
+            self.transport.write(data)
+
+    async def _pass_through(self, submission: Submission) -> bool:
+        """As `proxy.passthrough` answers; True when the connection must close."""
+        app = self._front.app
+        headers = forwarded(
+            submission.headers, peer=self._peer, secure=self._front.secure, host=submission.host
+        )
+        data = submission.body if submission.length else None
+        close = submission.close or self._front.closing
+        try:
+            async with app[UPSTREAM].stream(
+                submission.method, submission.target, headers, data
+            ) as reply:
+                head, length = stream_head(
+                    reply.status, _reason(reply), end_to_end(reply.headers.items()), close=close
+                )
+                self._write(head)
+                self._head_sent = True
+                if length == 0:
+                    return close
+                try:
+                    async for chunk in reply.content.iter_chunked(CHUNK):
+                        if self._closed:
+                            return True  # the client left: read no further
+                        self._write(chunk if length is not None else _chunk(chunk))
+                        await self._drain()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # The status line is already sent: cut the connection, as aiohttp's path.
+                    log.warning(
+                        "upstream broke off %s %s: %r", submission.method, submission.target, exc
+                    )
+                    return True
+                if length is None:
+                    self._write(b"0\r\n\r\n")
+                return close
+        except UpstreamFailure as failure:
+            self._write(encode(failure.response(), close=close))
+            return close
+
+    async def _drain(self) -> None:
+        if self._writable is not None:
+            await self._writable
+
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
 
     async def _answer(self, submission: Submission) -> web.Response:
         app = self._front.app

@@ -11,8 +11,7 @@ anything else to aiohttp, which judges it:
     header fields  name: value, token names, printable ASCII values; in all
                    within server.max_header_size (as refuse_unservable counts)
                    and aiohttp's count of fields
-    exactly one    Host; and x-arango-async, "true" or "store", unless it is a
-                   request for the job API
+    exactly one    Host; at most one x-arango-async, "true" or "store"
     at most one    Content-Length (digits, within server.max_body_size)
     none of        Transfer-Encoding, Expect, Upgrade; a Connection other than
                    keep-alive or close
@@ -26,6 +25,7 @@ from email.utils import formatdate
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
+from multidict import CIMultiDict
 
 from proxy import jobs_api
 from proxy.intake import ASYNC_HEADER
@@ -52,7 +52,8 @@ _MODES = {"true": JobMode.FORGET, "store": JobMode.STORE}
 
 
 class Submission:
-    """A request the fast path takes, parsed: an async submission or one for the job API."""
+    """A request the fast path takes, parsed: an async submission, one for the job
+    API, or one to pass through."""
 
     __slots__ = (
         "authorization",
@@ -60,6 +61,7 @@ class Submission:
         "close",
         "headers",
         "host",
+        "job_api",
         "length",
         "method",
         "mode",
@@ -72,7 +74,8 @@ class Submission:
         self.headers: list[tuple[str, str]] = []
         self.host = ""
         self.authorization: str | None = None  # the first Authorization field
-        self.mode: JobMode | None = None  # None: a request for the job API
+        self.mode: JobMode | None = None  # None: no x-arango-async
+        self.job_api = False  # (without x-arango-async) for the job API; else pass-through
         self.length = 0  # of the body, from Content-Length
         self.body = b""
         self.close = False
@@ -103,10 +106,9 @@ def parse(head: bytes, max_header_size: int, max_body_size: int) -> Submission |
         or seen[ASYNC_HEADER] > 1
         or seen["content-length"] > 1
         or submission.length > max_body_size  # aiohttp's path answers the 413
-        # neither async nor the job API: pass-through
-        or (submission.mode is None and not jobs_api.is_job_api(submission.target))
     ):
         return None
+    submission.job_api = submission.mode is None and jobs_api.is_job_api(submission.target)
     return submission
 
 
@@ -160,6 +162,32 @@ def _http_date() -> str:
     if _date[0] != now:
         _date = (now, formatdate(now, usegmt=True))
     return _date[1]
+
+
+def stream_head(
+    status: int, reason: str, headers: CIMultiDict[str], *, close: bool
+) -> tuple[bytes, int | None]:
+    """The status line and header block of a streamed answer as aiohttp's
+    StreamResponse writes them to an HTTP/1.1 request (not HEAD), and how its body
+    is framed: the length to send, or None for chunked."""
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+    length: int | None = 0
+    if status in (204, 304) or status < 200:
+        headers.popall("Content-Length", None)  # no body, no length
+    else:
+        declared = headers.get("Content-Length")
+        length = int(declared) if declared is not None else None
+        if length is None:
+            headers["Transfer-Encoding"] = "chunked"
+        if length != 0:
+            headers.setdefault("Content-Type", "application/octet-stream")
+    headers.setdefault("Date", _http_date())
+    headers.setdefault("Server", SERVER_SOFTWARE)
+    if close:
+        headers.setdefault("Connection", "close")
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8"), length
 
 
 def encode(response: web.Response, *, close: bool) -> bytes:

@@ -25,6 +25,7 @@ from proxy.state import METRICS, STORE
 from storage import NewJob
 from tests.conftest import proxy_config
 from tests.standin import StandIn
+from tests.test_passthrough import TRICKLE_PARTS, TRICKLED, echo_app
 
 Serve = Callable[[web.Application], Awaitable[str]]
 
@@ -78,11 +79,18 @@ class Connection:
         await self.writer.drain()
 
     async def answer(self) -> Answer:
+        """The next answer; a chunked body as it came, chunk lines included."""
         head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 10)
         status_line, *lines = head[:-4].decode("latin-1").split("\r\n")
         headers = [(k, v.strip()) for k, _, v in (line.partition(":") for line in lines)]
-        length = int(next((v for k, v in headers if k.lower() == "content-length"), "0"))
-        body = await asyncio.wait_for(self.reader.readexactly(length), 10)
+        found = dict((k.lower(), v) for k, v in headers)
+        if found.get("transfer-encoding") == "chunked":
+            body = b""
+            while not body.endswith(b"0\r\n\r\n"):
+                body += await asyncio.wait_for(self.reader.readuntil(b"\r\n"), 10)
+        else:
+            length = int(found.get("content-length", "0"))
+            body = await asyncio.wait_for(self.reader.readexactly(length), 10)
         return Answer(int(status_line.split(" ")[1]), headers, body)
 
     async def closed(self) -> bool:
@@ -127,6 +135,11 @@ SAME_ANSWERS = {
     "job API, unknown method": req(b"PATCH /_api/job/1 HTTP/1.1", AUTH),
     "job API, no credentials": req(b"GET /_api/job/done HTTP/1.1"),
     "expired, no stamp": req(b"DELETE /_api/job/expired HTTP/1.1", AUTH),
+    "pass-through": req(b"GET /_api/version?details=true HTTP/1.1", AUTH),
+    "pass-through with a body": req(b"PUT /_api/version HTTP/1.1", AUTH, body=b'{"a":1}'),
+    "pass-through, not found": req(b"DELETE /_api/collection/none HTTP/1.1", AUTH),
+    "pass-through, no credentials": req(b"GET /_api/version HTTP/1.1"),
+    "pass-through, closing": req(b"GET /_api/version HTTP/1.1", AUTH, b"Connection: close\r\n"),
 }
 
 
@@ -208,7 +221,6 @@ async def test_a_job_is_stored_alike_on_both_paths(proxy: tuple[web.Application,
 
 HANDED_OVER = {
     # (request, the answer's status from aiohttp's path)
-    "no x-arango-async (pass-through)": (req(b"GET /_api/version HTTP/1.1", AUTH), 200),
     "x-arango-async of another case": (req(VERSION, AUTH, b"x-arango-async: Store\r\n"), 200),
     "x-arango-async twice": (req(VERSION, AUTH, STORE_MODE, STORE_MODE), 202),
     "HEAD": (req(b"HEAD /_api/version HTTP/1.1", AUTH, STORE_MODE), 202),
@@ -292,23 +304,21 @@ async def test_a_request_that_arrives_in_parts_is_handed_over(
 async def test_one_connection_moves_to_aiohttp_at_a_request_it_needs(
     proxy: tuple[web.Application, str],
 ) -> None:
-    """Pipelined: two jobs for the fast path, a pass-through request, a third job; the
-    hand-over starts at the third request's first byte."""
+    """Pipelined: two jobs for the fast path, one it hands over (a chunked body), a
+    fourth; the hand-over starts at the third request's first byte."""
     app, base = proxy
     connection = await Connection.open(base)
     job = req(VERSION, AUTH, STORE_MODE, body=b"{}")
-    await connection.send(job + job + req(b"GET /_api/version HTTP/1.1", AUTH) + job)
-    statuses = [(await connection.answer()) for _ in range(4)]
-    assert [answer.status for answer in statuses] == [202, 202, 200, 202]
-    assert json.loads(statuses[2].body)["server"] == "arango"
-    ids = [
-        int(answer.header("x-arango-async-id") or 0)
-        for answer in (statuses[0], statuses[1], statuses[3])
-    ]
-    assert ids == sorted(ids)
-    assert ids[0] > 0
-    assert len(set(ids)) == 3
+    chunked = req(VERSION, AUTH, STORE_MODE, b"Transfer-Encoding: chunked\r\n") + (
+        b"2\r\n{}\r\n0\r\n\r\n"
+    )
+    await connection.send(job + job + chunked + job)
+    answers = [await connection.answer() for _ in range(4)]
     connection.close()
+    assert [answer.status for answer in answers] == [202] * 4
+    ids = [int(answer.header("x-arango-async-id") or 0) for answer in answers]
+    assert ids == sorted(set(ids))
+    assert ids[0] > 0
     assert app[METRICS]["fast_path_requests_total"] == 2
     assert app[METRICS]["connections_handed_over_total"] == 1
 
@@ -433,3 +443,69 @@ async def test_a_stop_closes_idle_connections_and_lets_requests_under_way_finish
     await asyncio.wait_for(stopping, 10)
     idle.close()
     busy.close()
+
+
+@pytest.fixture
+async def echo_proxy(
+    serve_app: Serve, serve_proxy: Serve, tmp_path: Path
+) -> tuple[web.Application, web.Application, str]:
+    """(the echo upstream's app, the proxy's app, the proxy's URL)."""
+    upstream = echo_app()
+    app = create_app(proxy_config(await serve_app(upstream), tmp_path / "data"))
+    return upstream, app, await serve_proxy(app)
+
+
+PASSED_THROUGH = {
+    "a request with a body, as it arrived": req(
+        b"POST /anything?q=1 HTTP/1.1", b"X-Note: n\r\n", body=b"payload"
+    ),
+    "a chunked answer": req(b"GET /chunked HTTP/1.1"),
+    "204": req(b"GET /status/204 HTTP/1.1"),
+    "304": req(b"GET /status/304 HTTP/1.1"),
+    "a status and reason of its own": req(b"GET /status/599 HTTP/1.1"),
+    "cookies and hop-by-hop fields": req(b"GET /cookies HTTP/1.1"),
+    "gzip untouched": req(b"GET /gzip HTTP/1.1", b"Accept-Encoding: gzip\r\n"),
+    "a redirect, not followed": req(b"GET /redirect HTTP/1.1"),
+    "3 MB streamed": req(b"GET /download?size=3000000 HTTP/1.1"),
+}
+
+
+@pytest.mark.parametrize("case", list(PASSED_THROUGH))
+async def test_pass_through_answers_alike_on_both_paths(
+    echo_proxy: tuple[web.Application, web.Application, str], case: str
+) -> None:
+    _, app, base = echo_proxy
+    raw = PASSED_THROUGH[case]
+    fast = await exchange(base, raw)
+    through_aiohttp = await exchange(base, raw, aiohttp_first=True)
+    assert app[METRICS]["fast_path_requests_total"] == 1
+    assert app[METRICS]["connections_handed_over_total"] == 1
+    assert fast.comparable() == through_aiohttp.comparable()
+
+
+async def test_a_slow_reader_holds_the_stream_back_and_gets_it_all(
+    echo_proxy: tuple[web.Application, web.Application, str],
+) -> None:
+    _, app, base = echo_proxy
+    size = 16 * 1024 * 1024
+    connection = await Connection.open(base)
+    await connection.send(req(b"GET /download?size=%d HTTP/1.1" % size))
+    await asyncio.sleep(0.5)  # the proxy's send buffer fills: it stops writing meanwhile
+    answer = await connection.answer()
+    connection.close()
+    assert answer.status == 200
+    assert answer.body == b"\xab" * size
+    assert app[METRICS]["fast_path_requests_total"] == 1
+
+
+async def test_a_client_that_leaves_mid_stream_stops_it(
+    echo_proxy: tuple[web.Application, web.Application, str],
+) -> None:
+    upstream, _, base = echo_proxy
+    connection = await Connection.open(base)
+    await connection.send(req(b"GET /trickle HTTP/1.1"))
+    await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), 10)
+    connection.close()
+    await asyncio.sleep(TRICKLE_PARTS * 0.01 + 0.5)
+    assert 0 < upstream[TRICKLED][0] < TRICKLE_PARTS  # the proxy read no further
+    assert (await exchange(base, req(b"GET /chunked HTTP/1.1"))).status == 200

@@ -110,8 +110,40 @@ async def _broken(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _chunked(request: web.Request) -> web.StreamResponse:
+    """No length: the body comes chunked, in three writes."""
+    response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    await response.prepare(request)
+    for part in (b"one ", b"two ", b"three"):
+        await response.write(part)
+    await response.write_eof()
+    return response
+
+
+TRICKLE_PARTS = 200
+
+
+async def _trickle(request: web.Request) -> web.StreamResponse:
+    """TRICKLE_PARTS small writes 10 ms apart; counts the parts written in
+    app[TRICKLED] (a client that leaves should stop it early)."""
+    response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    response.content_length = TRICKLE_PARTS
+    await response.prepare(request)
+    written = request.app[TRICKLED]
+    for _ in range(TRICKLE_PARTS):
+        await response.write(b"x")
+        written[0] += 1
+        await asyncio.sleep(0.01)
+    await response.write_eof()
+    return response
+
+
+TRICKLED = web.AppKey("trickled", list[int])
+
+
 def echo_app() -> web.Application:
     app = web.Application(client_max_size=1024**3)
+    app[TRICKLED] = [0]
     app.router.add_routes(
         [
             web.route("*", "/status/{code}", _status),
@@ -121,6 +153,8 @@ def echo_app() -> web.Application:
             web.get("/slow", _slow),
             web.get("/broken", _broken),
             web.get("/download", _download),
+            web.get("/chunked", _chunked),
+            web.get("/trickle", _trickle),
             web.post("/upload", _upload),
             web.route("*", "/{tail:.*}", _echo),
         ]
