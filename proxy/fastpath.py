@@ -41,7 +41,7 @@ from proxy import jobs_api
 from proxy.app import runner_options
 from proxy.errors import UpstreamFailure
 from proxy.fastpath_http import HEAD_END, Submission, encode, parse, stream_head
-from proxy.intake import NOT_STORED, accept, admit
+from proxy.intake import NOT_STORED, accept, admit, body_too_slow
 from proxy.passthrough import CHUNK, forwarded
 from proxy.state import CONFIG, METRICS, SHUTDOWN, UPSTREAM, VERIFIER
 from proxy.upstream import end_to_end
@@ -49,6 +49,7 @@ from proxy.upstream import end_to_end
 log = logging.getLogger(__name__)
 
 _PAUSE_AT = 256 * 1024  # bytes waiting behind a request under way: stop reading
+_AWAITED_BODY = 1024 * 1024  # a body still coming is awaited here up to this size
 
 
 def _reason(reply: aiohttp.ClientResponse) -> str:
@@ -76,6 +77,8 @@ class FastPath(asyncio.Protocol):
         self._paused = False  # reading, while too much waits in _buffer
         self._writable: asyncio.Future[None] | None = None  # set while writing is paused
         self._head_sent = False  # of a streamed answer: no 500 can follow it
+        self._awaited: tuple[Submission, int] | None = None  # its body still coming
+        self._body_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._peer = ""
         self._idle_since = 0.0
@@ -91,6 +94,7 @@ class FastPath(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._stop_awaiting()
         self.resume_writing()  # a stream waiting to write sees the client gone
         self._front.connections.discard(self)
         if self._idle_timer is not None:
@@ -107,36 +111,77 @@ class FastPath(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return not self._busy
+        """Between requests: neither serving one nor awaiting its body."""
+        return not self._busy and self._awaited is None
 
     def close(self) -> None:
         if self.transport is not None and not self._closed:
             self.transport.close()
 
     def _next(self) -> None:
-        """Serve the request at the start of the buffer, or hand over."""
+        """Serve the request at the start of the buffer, wait for the rest of its body,
+        or hand over."""
         if not self._buffer:
             return
-        if self._front.closing:
-            self.close()
+        if self._awaited is not None:
+            submission, start = self._awaited
+        elif self._front.closing:
+            self.close()  # no new request once a stop began
             return
-        end = self._buffer.find(HEAD_END)
-        if end < 0:
-            self._hand_over()
+        else:
+            end = self._buffer.find(HEAD_END)
+            if end < 0:
+                self._hand_over()  # a head in parts: aiohttp reads it, with its timeouts
+                return
+            config = self._front.config
+            parsed = parse(bytes(self._buffer[:end]), config.max_header_size, config.max_body_size)
+            if parsed is None:
+                self._hand_over()
+                return
+            submission, start = parsed, end + len(HEAD_END)
+        if len(self._buffer) - start < submission.length:
+            self._await_body(submission, start)
             return
-        config = self._front.config
-        submission = parse(bytes(self._buffer[:end]), config.max_header_size, config.max_body_size)
-        start = end + len(HEAD_END)
-        if submission is None or len(self._buffer) - start < submission.length:
-            # not for here, or its body is still coming (aiohttp reads it, with its timeouts)
-            self._hand_over()
-            return
+        self._stop_awaiting()
         if submission.length:
             submission.body = bytes(self._buffer[start : start + submission.length])
         del self._buffer[: start + submission.length]
         self._front.metrics["fast_path_requests_total"] += 1
         self._busy = True
         self._loop.create_task(self._serve(submission))
+
+    def _await_body(self, submission: Submission, start: int) -> None:
+        """A body still coming: awaited here up to _AWAITED_BODY bytes, for at most
+        server.body_timeout; a larger one streams through aiohttp."""
+        if submission.length > _AWAITED_BODY:
+            self._stop_awaiting()
+            self._hand_over()
+            return
+        if self._awaited is None:
+            self._awaited = (submission, start)
+            self._body_timer = self._loop.call_later(
+                self._front.config.body_timeout, self._body_late
+            )
+
+    def _stop_awaiting(self) -> None:
+        self._awaited = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_late(self) -> None:
+        """The body did not come in time: an async submission gets the intake's 408
+        (and the connection closes: the rest of its body is not read); anything else
+        goes on in aiohttp, which never waits for a body there."""
+        assert self._awaited is not None
+        submission = self._awaited[0]
+        self._body_timer = None
+        self._stop_awaiting()
+        if submission.mode is not None:
+            self._write(encode(body_too_slow(), close=True))
+            self.close()
+        else:
+            self._hand_over()
 
     async def _serve(self, submission: Submission) -> None:
         close = submission.close
@@ -280,7 +325,7 @@ class FastPath(asyncio.Protocol):
         if self._closed:
             return
         due = self._idle_since + self._front.config.idle_timeout
-        if not self._busy and self._loop.time() >= due:
+        if self.idle and self._loop.time() >= due:
             self.close()
         else:
             self._idle_timer = self._loop.call_at(

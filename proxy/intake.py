@@ -73,8 +73,12 @@ async def read_body(request: web.Request) -> bytes | web.Response:
                     return _too_large(limit)
                 chunks.append(chunk)
     except TimeoutError:
-        return arango_error(408, ERROR_REQUEST_TIMEOUT, "request body was not received in time")
+        return body_too_slow()
     return b"".join(chunks)
+
+
+def body_too_slow() -> web.Response:
+    return arango_error(408, ERROR_REQUEST_TIMEOUT, "request body was not received in time")
 
 
 def _too_large(limit: int) -> web.Response:

@@ -285,20 +285,72 @@ async def test_what_the_fast_path_hands_to_aiohttp(
     assert app[METRICS]["connections_handed_over_total"] == 1
 
 
-async def test_a_request_that_arrives_in_parts_is_handed_over(
+async def test_a_head_that_arrives_in_parts_is_handed_over(
     proxy: tuple[web.Application, str],
 ) -> None:
     app, base = proxy
     raw = req(VERSION, AUTH, STORE_MODE, body=b'{"a":1}')
-    for cut in (10, len(raw) - 3):  # in the head; in the body
-        connection = await Connection.open(base)
-        await connection.send(raw[:cut])
-        await asyncio.sleep(0.05)
-        await connection.send(raw[cut:])
-        assert (await connection.answer()).status == 202
-        connection.close()
+    connection = await Connection.open(base)
+    await connection.send(raw[:10])
+    await asyncio.sleep(0.05)
+    await connection.send(raw[10:])
+    assert (await connection.answer()).status == 202
+    connection.close()
     assert app[METRICS]["fast_path_requests_total"] == 0
-    assert app[METRICS]["connections_handed_over_total"] == 2
+    assert app[METRICS]["connections_handed_over_total"] == 1
+
+
+async def test_a_body_that_arrives_in_parts_is_awaited(
+    proxy: tuple[web.Application, str],
+) -> None:
+    app, base = proxy
+    body = json.dumps({"query": "RETURN SLEEP(3)", "pad": "p" * 300_000}).encode()
+    raw = req(b"POST /_api/cursor HTTP/1.1", AUTH, STORE_MODE, body=body)
+    connection = await Connection.open(base)
+    for part in (raw[:-200_000], raw[-200_000:-1000], raw[-1000:]):
+        await connection.send(part)
+        await asyncio.sleep(0.05)
+    answer = await connection.answer()
+    connection.close()
+    assert answer.status == 202
+    job = await app[STORE].get(int(answer.header("x-arango-async-id") or 0), None)
+    assert job is not None
+    assert job.body == body
+    assert app[METRICS]["fast_path_requests_total"] == 1
+    assert app[METRICS]["connections_handed_over_total"] == 0
+
+
+async def test_a_body_over_a_mebibyte_that_arrives_in_parts_streams_through_aiohttp(
+    proxy: tuple[web.Application, str],
+) -> None:
+    app, base = proxy
+    raw = req(VERSION, AUTH, STORE_MODE, body=b"b" * (1024 * 1024 + 1))
+    connection = await Connection.open(base)
+    await connection.send(raw[:1000])
+    await asyncio.sleep(0.05)
+    await connection.send(raw[1000:])
+    assert (await connection.answer()).status == 202
+    connection.close()
+    assert app[METRICS]["fast_path_requests_total"] == 0
+    assert app[METRICS]["connections_handed_over_total"] == 1
+
+
+async def test_a_late_body_of_a_normal_request_goes_on_in_aiohttp(
+    standin: StandIn, serve_proxy: Serve, tmp_path: Path
+) -> None:
+    """Only an async body has a deadline (408); any other waits in aiohttp."""
+    app = create_app(proxy_config(standin.url, tmp_path / "data", server={"body_timeout": 0.2}))
+    base = await serve_proxy(app)
+    raw = req(b"PUT /_api/version HTTP/1.1", AUTH, body=b'{"a":1}')
+    connection = await Connection.open(base)
+    await connection.send(raw[:-3])
+    await asyncio.sleep(0.5)
+    assert app[METRICS]["connections_handed_over_total"] == 1
+    await connection.send(raw[-3:])
+    answer = await connection.answer()
+    connection.close()
+    assert answer.status == 200
+    assert app[METRICS]["fast_path_requests_total"] == 0
 
 
 async def test_one_connection_moves_to_aiohttp_at_a_request_it_needs(
