@@ -154,7 +154,6 @@ class FastPath(asyncio.Protocol):
         """A body still coming: awaited here up to _AWAITED_BODY bytes, for at most
         server.body_timeout; a larger one streams through aiohttp."""
         if submission.length > _AWAITED_BODY:
-            self._stop_awaiting()
             self._hand_over()
             return
         if self._awaited is None:

@@ -285,15 +285,20 @@ async def test_what_the_fast_path_hands_to_aiohttp(
     assert app[METRICS]["connections_handed_over_total"] == 1
 
 
-async def test_a_head_that_arrives_in_parts_is_handed_over(
-    proxy: tuple[web.Application, str],
+@pytest.mark.parametrize(
+    ("body", "cut"),
+    [(b'{"a":1}', 10), (b"b" * (1024 * 1024 + 1), 1000)],
+    ids=["a head in parts", "a body over 1 MiB in parts (streams through aiohttp)"],
+)
+async def test_what_arrives_in_parts_is_handed_over(
+    proxy: tuple[web.Application, str], body: bytes, cut: int
 ) -> None:
     app, base = proxy
-    raw = req(VERSION, AUTH, STORE_MODE, body=b'{"a":1}')
+    raw = req(VERSION, AUTH, STORE_MODE, body=body)
     connection = await Connection.open(base)
-    await connection.send(raw[:10])
+    await connection.send(raw[:cut])
     await asyncio.sleep(0.05)
-    await connection.send(raw[10:])
+    await connection.send(raw[cut:])
     assert (await connection.answer()).status == 202
     connection.close()
     assert app[METRICS]["fast_path_requests_total"] == 0
@@ -318,21 +323,6 @@ async def test_a_body_that_arrives_in_parts_is_awaited(
     assert job.body == body
     assert app[METRICS]["fast_path_requests_total"] == 1
     assert app[METRICS]["connections_handed_over_total"] == 0
-
-
-async def test_a_body_over_a_mebibyte_that_arrives_in_parts_streams_through_aiohttp(
-    proxy: tuple[web.Application, str],
-) -> None:
-    app, base = proxy
-    raw = req(VERSION, AUTH, STORE_MODE, body=b"b" * (1024 * 1024 + 1))
-    connection = await Connection.open(base)
-    await connection.send(raw[:1000])
-    await asyncio.sleep(0.05)
-    await connection.send(raw[1000:])
-    assert (await connection.answer()).status == 202
-    connection.close()
-    assert app[METRICS]["fast_path_requests_total"] == 0
-    assert app[METRICS]["connections_handed_over_total"] == 1
 
 
 async def test_a_late_body_of_a_normal_request_goes_on_in_aiohttp(
