@@ -2,8 +2,10 @@
 
 The caller is verified first (`proxy.auth`), the body is read within a size
 limit and a deadline, the job is written through the store's group commit,
-and only then does the client get its ``202``. The write is shielded: a
-client that hangs up cannot abort it half-way.
+and only then does the client get its ``202``. A client that hangs up does not
+abort the write half-way: handlers are not cancelled (`runner_options`, and the
+fast path's own rule). `admit` and `accept` serve aiohttp's path (`intake`) and
+the fast path (`proxy.fastpath`) alike.
 
 Refusals, all in ArangoDB's error shape::
 

@@ -18,7 +18,7 @@ PREFIX = "arango_async_proxy_"
 COUNTERS = {
     "jobs_accepted_total": "async requests written to the store and answered 202",
     "jobs_refused_total": "async requests refused with 503 (capacity reached or store failing)",
-    "fast_path_requests_total": "async requests answered on the fast path, not by aiohttp",
+    "fast_path_requests_total": "requests answered on the fast path, not by aiohttp",
     "connections_handed_over_total": "client connections handed from the fast path to aiohttp",
     "jobs_submitted_total": "jobs handed to ArangoDB in store mode",
     "submit_retries_total": "submissions ArangoDB refused for now (503) or could not take",
