@@ -177,7 +177,7 @@ class FastPath(asyncio.Protocol):
         self._body_timer = None
         self._stop_awaiting()
         if submission.mode is not None:
-            self._write(encode(body_too_slow(), close=True))
+            self._write(encode(body_too_slow(), close=True, head=submission.head))
             self.close()
         else:
             self._hand_over()
@@ -189,11 +189,12 @@ class FastPath(asyncio.Protocol):
                 close = await self._pass_through(submission) or close
             else:
                 response = await self._answer(submission)
-                self._write(encode(response, close=close or self._front.closing))
+                closing = close or self._front.closing
+                self._write(encode(response, close=closing, head=submission.head))
         except Exception:
             log.exception("error serving %s %s", submission.method, submission.target)
             if not self._head_sent:
-                self._write(encode(web.Response(status=500), close=True))
+                self._write(encode(web.Response(status=500), close=True, head=submission.head))
             close = True
         self._head_sent = False
         if close or self._front.closing:
@@ -226,7 +227,11 @@ class FastPath(asyncio.Protocol):
                 submission.method, submission.target, headers, data
             ) as reply:
                 head, length = stream_head(
-                    reply.status, _reason(reply), end_to_end(reply.headers.items()), close=close
+                    reply.status,
+                    _reason(reply),
+                    end_to_end(reply.headers.items()),
+                    close=close,
+                    head=submission.head,
                 )
                 self._write(head)
                 self._head_sent = True
@@ -248,7 +253,7 @@ class FastPath(asyncio.Protocol):
                     self._write(b"0\r\n\r\n")
                 return close
         except UpstreamFailure as failure:
-            self._write(encode(failure.response(), close=close))
+            self._write(encode(failure.response(), close=close, head=submission.head))
             return close
 
     async def _drain(self) -> None:

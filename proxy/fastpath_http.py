@@ -5,7 +5,7 @@ parsed (`parse`), and its answers, encoded as aiohttp would send them (`encode`)
 (llhttp) would, and as the application would route it; every rule below sends
 anything else to aiohttp, which judges it:
 
-    request line   METHOD /path[?query] HTTP/1.1; GET, POST, PUT, DELETE or PATCH;
+    request line   METHOD /path[?query] HTTP/1.1; the methods ArangoDB serves;
                    the characters RFC 3986 allows, within aiohttp's line limit;
                    a path without %-escapes, empty or dot segments, not /_proxy...
     header fields  name: value, token names, printable ASCII values; in all
@@ -35,7 +35,7 @@ HEAD_END = b"\r\n\r\n"
 _MAX_LINE = 8190  # aiohttp's max_line_size: a longer request line gets its 400
 # methods ArangoDB serves that llhttp (aiohttp's parser) knows; RFC 3986 characters
 _REQUEST_LINE = re.compile(
-    r"(GET|POST|PUT|DELETE|PATCH) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1"
+    r"(GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1"
 )
 _FIELD = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~]+(?:[ \t]+[!-~]+)*)?)[ \t]*\r\n"
 _FIELDS = re.compile(f"(?:{_FIELD})*")  # the whole block, each field ending with CRLF
@@ -80,6 +80,11 @@ class Submission:
         self.body = b""
         self.close = False
 
+    @property
+    def head(self) -> bool:
+        """A HEAD request: its answer has no body."""
+        return self.method == "HEAD"
+
 
 def parse(head: bytes, max_header_size: int, max_body_size: int) -> Submission | None:
     """The submission in `head` (without its blank line; its body not yet read), or
@@ -108,7 +113,11 @@ def parse(head: bytes, max_header_size: int, max_body_size: int) -> Submission |
         or submission.length > max_body_size  # aiohttp's path answers the 413
     ):
         return None
-    submission.job_api = submission.mode is None and jobs_api.is_job_api(submission.target)
+    if submission.method == "OPTIONS":
+        # a CORS preflight: ArangoDB answers it itself, never queued, whatever the path
+        submission.mode = None
+    else:
+        submission.job_api = submission.mode is None and jobs_api.is_job_api(submission.target)
     return submission
 
 
@@ -164,17 +173,22 @@ def _http_date() -> str:
     return _date[1]
 
 
+def _empty_status(status: int) -> bool:
+    """A status whose answer has no body, hence no length (aiohttp removes it)."""
+    return status in (204, 304) or status < 200
+
+
 def stream_head(
-    status: int, reason: str, headers: CIMultiDict[str], *, close: bool
+    status: int, reason: str, headers: CIMultiDict[str], *, close: bool, head: bool = False
 ) -> tuple[bytes, int | None]:
     """The status line and header block of a streamed answer as aiohttp's
-    StreamResponse writes them to an HTTP/1.1 request (not HEAD), and how its body
-    is framed: the length to send, or None for chunked."""
+    StreamResponse writes them to an HTTP/1.1 request (`head`: to a HEAD request),
+    and how its body is framed: the length to send, or None for chunked."""
     lines = [f"HTTP/1.1 {status} {reason}\r\n"]
     length: int | None = 0
-    if status in (204, 304) or status < 200:
-        headers.popall("Content-Length", None)  # no body, no length
-    else:
+    if _empty_status(status):
+        headers.popall("Content-Length", None)
+    elif not head:  # (a HEAD answer keeps the length it was given, and sends nothing)
         declared = headers.get("Content-Length")
         length = int(declared) if declared is not None else None
         if length is None:
@@ -190,8 +204,9 @@ def stream_head(
     return "".join(lines).encode("utf-8"), length
 
 
-def encode(response: web.Response, *, close: bool) -> bytes:
-    """`response` as aiohttp sends it to an HTTP/1.1 request (not HEAD)."""
+def encode(response: web.Response, *, close: bool, head: bool = False) -> bytes:
+    """`response` as aiohttp sends it to an HTTP/1.1 request (`head`: to a HEAD
+    request: the length of the body it would have, no body)."""
     body = response.body or b""
     assert isinstance(body, bytes)
     headers = response.headers
@@ -201,8 +216,12 @@ def encode(response: web.Response, *, close: bool) -> bytes:
         for name, value in headers.items()
         if name.lower() != "content-length"
     )
-    if response.status in (204, 304) or response.status < 200:
-        body = b""  # a status that has no body has no length either
+    if _empty_status(response.status):
+        body = b""
+    elif head:
+        if body:
+            lines.append(f"Content-Length: {len(body)}\r\n")
+        body = b""
     else:
         lines.append(f"Content-Length: {len(body)}\r\n")
         if body and "Content-Type" not in headers:
