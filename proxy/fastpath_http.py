@@ -181,9 +181,9 @@ def _empty_status(status: int) -> bool:
 def stream_head(
     status: int, reason: str, headers: CIMultiDict[str], *, close: bool, head: bool = False
 ) -> tuple[bytes, int | None]:
-    """The status line and header block of a streamed answer as aiohttp's
-    StreamResponse writes them to an HTTP/1.1 request (`head`: to a HEAD request),
-    and how its body is framed: the length to send, or None for chunked."""
+    """The status line and header block of an answer as aiohttp's StreamResponse
+    writes them to an HTTP/1.1 request (`head`: to a HEAD request), and how its
+    body is framed: the length to send, or None for chunked. `headers` is changed."""
     lines = [f"HTTP/1.1 {status} {reason}\r\n"]
     length: int | None = 0
     if _empty_status(status):
@@ -206,31 +206,16 @@ def stream_head(
 
 def encode(response: web.Response, *, close: bool, head: bool = False) -> bytes:
     """`response` as aiohttp sends it to an HTTP/1.1 request (`head`: to a HEAD
-    request: the length of the body it would have, no body)."""
+    request: the length of the body it would have, if any, and no body). aiohttp's
+    Response sets the length of its body, then frames it as a stream's."""
     body = response.body or b""
     assert isinstance(body, bytes)
-    headers = response.headers
-    lines = [f"HTTP/1.1 {response.status} {response.reason}\r\n"]
-    lines.extend(
-        f"{name}: {value}\r\n"
-        for name, value in headers.items()
+    headers = CIMultiDict(
+        (name, value)
+        for name, value in response.headers.items()
         if name.lower() != "content-length"
     )
-    if _empty_status(response.status):
-        body = b""
-    elif head:
-        if body:
-            lines.append(f"Content-Length: {len(body)}\r\n")
-        body = b""
-    else:
-        lines.append(f"Content-Length: {len(body)}\r\n")
-        if body and "Content-Type" not in headers:
-            lines.append("Content-Type: application/octet-stream\r\n")
-    if "Date" not in headers:
-        lines.append(f"Date: {_http_date()}\r\n")
-    if "Server" not in headers:
-        lines.append(f"Server: {SERVER_SOFTWARE}\r\n")
-    if close and "Connection" not in headers:
-        lines.append("Connection: close\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("utf-8") + body
+    if body or not head:
+        headers["Content-Length"] = str(len(body))
+    block, length = stream_head(response.status, response.reason, headers, close=close, head=head)
+    return block + body if length else block
