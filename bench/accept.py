@@ -1,6 +1,6 @@
 """Durable accepts: how fast the proxy answers 202 with every job fsync'd.
 
-    python bench/accept.py [--clients 64] [--seconds 5]
+    python bench/accept.py [--clients 64] [--seconds 5] [--workers process|inline]
 
 Baselines, measured in the same run: the disk's own rate of single-row SQLite
 commits (WAL, synchronous=FULL), i.e. what one-commit-per-request would give;
@@ -20,7 +20,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import Load, ProxyProcess, ServerProcess, StandInProcess, free_port, load
+from common import (
+    WORKERS_HELP,
+    Load,
+    ServerProcess,
+    StandInProcess,
+    free_port,
+    load,
+    start_proxy,
+)
 
 
 def single_commit_rate(folder: Path, seconds: float) -> float:
@@ -58,6 +66,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--workers", choices=("process", "inline"), default="process", help=WORKERS_HELP
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         folder = Path(tmp)
@@ -70,13 +81,16 @@ async def main() -> None:
         finally:
             bare_server.stop()
         standin = StandInProcess.start("--no-auth", "--workers", "4", "--queue-size", "4096")
-        proxy = ProxyProcess.start("--upstream", standin.url, data=folder / "data")
+        proxy = start_proxy(standin.url, folder, args.workers)
         try:
             durable = await accepts(proxy.url, args.clients, args.seconds)
         finally:
             proxy.stop()
             standin.stop()
-    print(f"durable accepts (synchronous=FULL), {args.clients} concurrent clients")
+    print(
+        f"durable accepts (synchronous=FULL), {args.clients} concurrent clients, "
+        f"jobs.workers = {args.workers}"
+    )
     print(f"{'disk single-commit rate':<28} {fsync_rate:>10.0f}/s")
     print(bare.row("bare aiohttp 202 handler"))
     print(durable.row("proxy accepts (202)"))

@@ -119,6 +119,19 @@ def wrk(
     return Load(int(requests[1]), elapsed, _seconds(p50[1]), _seconds(p99[1]), "wrk")
 
 
+def start_proxy(upstream: str, folder: Path, workers: str = "process") -> ProxyProcess:
+    """The proxy's command on `folder`, with dispatcher and harvester where `workers` says
+    (jobs.workers: "process" or "inline")."""
+    config = folder / "proxy.toml"
+    config.write_text(f'[jobs]\nworkers = "{workers}"\n')
+    listen = f"127.0.0.1:{free_port()}"
+    args = ("--config", str(config), "--listen", listen, "--upstream", upstream)
+    return ProxyProcess.start(*args, data=folder / "data")
+
+
+WORKERS_HELP = "where the proxy runs dispatcher and harvester (jobs.workers)"
+
+
 async def load(
     url: str, *, method: str, headers: dict[str, str], expect: int, clients: int, seconds: float
 ) -> Load:
@@ -139,6 +152,7 @@ async def load(
 
 
 __all__ = [
+    "WORKERS_HELP",
     "Load",
     "ProxyProcess",
     "ServerProcess",
@@ -146,5 +160,6 @@ __all__ = [
     "closed_loop",
     "free_port",
     "load",
+    "start_proxy",
     "wrk",
 ]

@@ -1,6 +1,6 @@
 """End to end: accept → ArangoDB → harvest → client fetch, against the stand-in direct.
 
-    python bench/e2e.py [--clients 8 32] [--batch 16] [--seconds 5]
+    python bench/e2e.py [--clients 8 32] [--batch 16] [--seconds 5] [--workers process|inline]
 
 Each client submits a batch of `store` jobs (`GET /_api/version`), then asks
 for each result with `PUT /_api/job/{id}` (every 2 ms while it is not there),
@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
-from common import Load, ProxyProcess, StandInProcess, closed_loop
+from common import WORKERS_HELP, Load, StandInProcess, closed_loop, start_proxy
 
 
 async def submit(session: aiohttp.ClientSession, base: str) -> str:
@@ -66,17 +66,21 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--workers", choices=("process", "inline"), default="process", help=WORKERS_HELP
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         standin = StandInProcess.start("--no-auth", "--workers", "4", "--queue-size", "4096")
-        proxy = ProxyProcess.start("--upstream", standin.url, data=Path(tmp) / "data")
+        proxy = start_proxy(standin.url, Path(tmp), args.workers)
         try:
             for clients in args.clients:
                 direct = await jobs_per_second(standin.url, clients, args.batch, args.seconds)
                 through = await jobs_per_second(proxy.url, clients, args.batch, args.seconds)
                 print(
                     f"end-to-end store jobs, {clients} clients x batches of {args.batch}, "
-                    f"{args.seconds:.0f} s each; latency: one job at a time"
+                    f"{args.seconds:.0f} s each, jobs.workers = {args.workers}; "
+                    "latency: one job at a time"
                 )
                 print(direct.row("direct to stand-in"))
                 print(through.row("through the proxy"))

@@ -1,7 +1,8 @@
 """Builds the aiohttp application: the route table and the lifetimes of its parts.
 
 Start-up: upstream session, then the job store, then harvester and dispatcher
-(which resume every stored job), then retention (when configured). Shutdown,
+(which resume every stored job; in the worker process unless ``jobs.workers``
+is "inline"), then retention (when configured). Shutdown,
 all within ``server.shutdown_grace`` counted from when aiohttp stops accepting:
 no new submissions; handlers under way finish (cancelled at the grace);
 retention stops; submissions under way finish, so none is sent twice; the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,9 +26,7 @@ from aiohttp import web
 from proxy import jobs_api, ops
 from proxy.auth import Verifier
 from proxy.config import Config
-from proxy.dispatcher import Dispatcher
 from proxy.errors import ERROR_BAD_PARAMETER, ERROR_HEADERS_TOO_LARGE, arango_error
-from proxy.harvester import Harvester
 from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
 from proxy.retention import Retention
@@ -43,6 +43,8 @@ from proxy.state import (
 )
 from proxy.tokens import ClientCredentials, JobCredentials, SignedTokens
 from proxy.upstream import Upstream
+from proxy.worker_process import WorkerProcess
+from proxy.workers import Workers
 from storage import JobStore
 
 
@@ -111,52 +113,25 @@ async def _begin_shutdown(app: web.Application) -> None:
 
 
 async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG].jobs
-    dispatcher: Dispatcher | None = None
-
-    def wake_dispatcher() -> None:
-        assert dispatcher is not None
-        dispatcher.wake()
-
-    harvester = Harvester(
-        app[STORE],
-        app[UPSTREAM],
-        app[CREDENTIALS],
-        policy=config.lost_job_policy,
-        wake_dispatcher=wake_dispatcher,
-        metrics=app[METRICS],
-    )
-    await harvester.load()
-    dispatcher = Dispatcher(
-        app,
-        app[STORE],
-        app[UPSTREAM],
-        app[CREDENTIALS],
-        harvester,
-        max_inflight=config.max_inflight,
-        metrics=app[METRICS],
-    )
-    app[DISPATCHER] = dispatcher
-    dispatching = asyncio.create_task(dispatcher.run(), name="dispatcher")
-    harvesting = asyncio.create_task(harvester.run(), name="harvester")
-
+    config = app[CONFIG]
+    workers: WorkerProcess | Workers
+    if config.jobs.workers == "process":
+        workers = WorkerProcess(app)
+    else:
+        workers = Workers(
+            app[STORE],
+            app[UPSTREAM],
+            app[CREDENTIALS],
+            execute=functools.partial(jobs_api.execute, app),
+            jobs=config.jobs,
+            metrics=app[METRICS],
+        )
+    await workers.start()
+    app[DISPATCHER] = workers
     # No new submissions once the stop begins; those under way finish below.
-    def stop_dispatching() -> None:
-        dispatching.cancel()
-
-    app[SHUTDOWN].on_begin.append(stop_dispatching)
+    app[SHUTDOWN].on_begin.append(workers.stop_dispatching)
     yield
-    clock = app[SHUTDOWN]
-    dispatching.cancel()
-    await dispatcher.drain(clock.remaining())
-    harvester.stop()
-    # A tick under way stores the results it fetched; jobs still at ArangoDB stay
-    # `submitted` and are harvested after the next start.
-    await asyncio.wait([harvesting], timeout=clock.remaining())
-    harvesting.cancel()
-    for task in (dispatching, harvesting):
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await workers.stop(app[SHUTDOWN].remaining())
 
 
 async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -92,19 +92,23 @@ def one_line_for_malformed_requests(record: logging.LogRecord) -> bool:
     return True
 
 
+def configure_logging(level: str) -> None:
+    """The proxy's log lines (the worker process logs the same way)."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiohttp.server").addFilter(one_line_for_malformed_requests)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
         return _config_error(exc)
-    logging.basicConfig(
-        level=config.log.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("aiohttp.server").addFilter(one_line_for_malformed_requests)
+    configure_logging(config.log.level)
     try:
-        _run(serve(config))
+        run(serve(config))
     except ConfigError as exc:  # a TLS or JWT secret file that cannot be read or used
         return _config_error(exc)
     except StoreError as exc:
@@ -124,7 +128,8 @@ def _config_error(exc: ConfigError) -> int:
     return 1
 
 
-def _run(main_coroutine: Coroutine[Any, Any, None]) -> None:
+def run(main_coroutine: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop when it is installed (the `speed` extra)."""
     try:
         import uvloop  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
     except ImportError:  # pragma: no cover - uvloop is in the test extra

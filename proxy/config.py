@@ -100,6 +100,10 @@ class JobsConfig:
     # Most bytes of stored results (headers and bodies); beyond it the oldest
     # finished results are deleted. 0: no cap.
     max_result_bytes: int = 0
+    # Where the dispatcher and harvester run: "process", a child process with
+    # its own interpreter (they do not take turns with the requests for
+    # Python's one lock), or "inline", in the proxy's own process.
+    workers: str = "process"
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,7 @@ class Config:
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SYNCHRONOUS = ("FULL", "NORMAL")
 LOST_JOB_POLICIES = ("rerun", "rerun-safe", "fail")
+WORKERS = ("process", "inline")
 
 
 def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -204,6 +209,7 @@ def _validate(config: Config) -> None:
     _one_of("log.level", config.log.level, LOG_LEVELS)
     _one_of("storage.synchronous", config.storage.synchronous, SYNCHRONOUS)
     _one_of("jobs.lost_job_policy", config.jobs.lost_job_policy, LOST_JOB_POLICIES)
+    _one_of("jobs.workers", config.jobs.workers, WORKERS)
     server = config.server
     if bool(server.tls_cert) != bool(server.tls_key):
         have, missing = ("tls_cert", "tls_key") if server.tls_cert else ("tls_key", "tls_cert")

@@ -9,8 +9,8 @@ submission can meet::
     connection error, timeout ─▶ stays accepted; back off and retry
     any other reply (401, 404/1228, 400, ...) ─▶ done, that reply is the result
 
-A job for the job API itself is run here (`jobs_api.execute`), since
-ArangoDB knows none of the proxy's job ids. Everything needed to make
+A job for the job API itself is run by the proxy (`execute`: `jobs_api.execute`
+over the store), since ArangoDB knows none of the proxy's job ids. Everything needed to make
 progress is in the store: after a restart, accepted jobs are simply picked up.
 """
 
@@ -22,17 +22,20 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy import jobs_api
 from proxy.errors import UpstreamFailure
 from proxy.harvester import Harvester, record, stored_response
+from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream
-from storage import Job, JobStore, StoreError
+from storage import Job, StoredResponse, StoreError
 
 log = logging.getLogger(__name__)
+
+# runs a job for the job API: (method, target, user) -> its response
+JobApi = Callable[[str, str, str], Awaitable[StoredResponse]]
 
 RETRYABLE_ERRORS = frozenset({21003, 30, 503})
 BACKOFF_MIN = 0.05
@@ -61,17 +64,17 @@ def upstream_headers(job: Job, credentials: JobCredentials) -> CIMultiDict[str]:
 class Dispatcher:
     def __init__(
         self,
-        app: web.Application,
-        store: JobStore,
+        store: JobQueue,
         upstream: Upstream,
         credentials: JobCredentials,
         harvester: Harvester,
         *,
+        execute: JobApi,
         max_inflight: int,
         metrics: Counter[str],
     ) -> None:
         self._metrics = metrics
-        self._app = app
+        self._execute = execute
         self._store = store
         self._upstream = upstream
         self._credentials = credentials
@@ -119,7 +122,7 @@ class Dispatcher:
     async def _submit(self, job: Job) -> None:
         try:
             if jobs_api.is_job_api(job.target):
-                result = await jobs_api.execute(self._app, job.method, job.target, job.user)
+                result = await self._execute(job.method, job.target, job.user)
                 await self._store.finish(job.id, result)
             else:
                 await self._send(job)

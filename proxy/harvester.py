@@ -36,9 +36,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from proxy.errors import ERROR_INTERNAL, JSON_TYPE, UpstreamFailure, error_body
+from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream, end_to_end
-from storage import Job, JobState, JobStore, StoredResponse, StoreError
+from storage import Job, JobState, StoredResponse, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,7 +125,7 @@ class Tracked:
 class Harvester:
     def __init__(
         self,
-        store: JobStore,
+        store: JobQueue,
         upstream: Upstream,
         credentials: JobCredentials,
         *,

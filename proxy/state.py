@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol
 
 from aiohttp import web
@@ -13,13 +13,35 @@ from proxy.auth import Verifier
 from proxy.config import Config
 from proxy.tokens import JobCredentials
 from proxy.upstream import Upstream
-from storage import JobStore
+from storage import Job, JobState, JobStore, StoredResponse
 
 
 class Waker(Protocol):
     """What the intake needs of the dispatcher: a nudge that work is waiting."""
 
     def wake(self) -> None: ...
+
+
+class JobQueue(Protocol):
+    """What the dispatcher and harvester need of the job store: `storage.JobStore`
+    itself, or `proxy.worker_process.RemoteStore` when they run in a process of
+    their own (the methods are JobStore's)."""
+
+    async def next_accepted(self, limit: int, exclude: Collection[int] = ()) -> list[Job]: ...
+
+    async def submitted(self) -> list[Job]: ...
+
+    async def mark_submitted(self, job_id: int, upstream_id: str) -> bool: ...
+
+    async def requeue(self, job_id: int) -> bool: ...
+
+    async def finish(
+        self,
+        job_id: int,
+        response: StoredResponse,
+        *,
+        from_states: Collection[JobState] = ...,
+    ) -> bool: ...
 
 
 class ShutdownClock:

@@ -54,6 +54,9 @@ def proxy_config(upstream: str, data: Path, /, **sections: dict[str, Any]) -> Co
         "upstream.url": upstream,
         "storage.data": str(data),
         "server.listen": "127.0.0.1:0",
+        # in this process, where tests can reach them (tests/test_worker_process.py
+        # and the tests of the command run them in the worker process)
+        "jobs.workers": "inline",
     }
     for section, values in sections.items():
         for key, value in values.items():

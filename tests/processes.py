@@ -35,30 +35,39 @@ class ServerProcess:
     output: list[str] = field(default_factory=list)
 
     @classmethod
-    def run(cls, command: list[str], timeout: float = 15.0) -> Self:
-        """Start `command` and wait for its 'listening on' line."""
+    def run(cls, command: list[str], timeout: float = 15.0, *, new_session: bool = False) -> Self:
+        """Start `command` and wait for its 'listening on' line; with `new_session`,
+        in a process group of its own (as a service manager or a shell starts it)."""
         proc = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=new_session,
         )
+        # Read the pipe's own bytes: a buffered readline() could hold lines that
+        # communicate() (which reads the pipe itself) would then never see.
         output: list[str] = []
         deadline = time.monotonic() + timeout
         assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        fd = proc.stdout.fileno()
+        url = None
+        while url is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.1)
             if ready:
-                line = proc.stdout.readline()
-                if not line:
+                chunk = os.read(fd, 65536).decode(errors="replace")
+                if not chunk:
                     break
-                output.append(line)
-                match = LISTENING.search(line)
+                output.append(chunk)
+                text = "".join(output)
+                match = LISTENING.search(text[: text.rfind("\n") + 1])  # whole lines
                 if match:
-                    return cls(proc, match.group(1), output)
+                    url = match.group(1)
             elif proc.poll() is not None:
                 break
+        if url is not None:
+            return cls(proc, url, output)
         proc.kill()
         rest = proc.communicate()[0]
         raise RuntimeError(f"{command} did not start: {''.join(output)}{rest}")
@@ -87,12 +96,17 @@ class ServerProcess:
 
 class ProxyProcess(ServerProcess):
     @classmethod
-    def start(cls, *args: str, data: Path) -> Self:
+    def start(cls, *args: str, data: Path, new_session: bool = False) -> Self:
         """`python -m proxy --data DATA ARGS`, on a free port unless ARGS say otherwise."""
         command = [sys.executable, "-m", "proxy", "--data", str(data), *args]
         if "--listen" not in args and "--config" not in args:
             command += ["--listen", f"127.0.0.1:{free_port()}"]
-        return cls.run(command)
+        return cls.run(command, new_session=new_session)
+
+    def children(self) -> list[int]:
+        """Its child processes (the worker process)."""
+        pid = self.proc.pid
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 class StandInProcess(ServerProcess):

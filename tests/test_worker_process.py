@@ -1,0 +1,157 @@
+"""The dispatcher and harvester in their own process (jobs.workers = "process").
+
+The worker process reaches the proxy's store over a socket pair; these tests
+check what that adds: the same jobs, results and counters as in one process,
+a job for the job API run by the proxy on the child's behalf, a dead child
+started again with nothing lost, a kill -9 of the proxy taking the child with
+it, and a Ctrl-C to the whole process group stopping both in order. (The store
+faults of tests/test_dispatch.py run against both modes; the tests of the
+command, crash, shutdown and torture run the proxy as users do, in this mode.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from proxy import worker_process
+from proxy.app import create_app
+from proxy.state import DISPATCHER, METRICS
+from proxy.worker_process import WorkerProcess
+from tests.conftest import proxy_config
+from tests.processes import ProxyProcess
+from tests.standin import StandIn
+from tests.standin.client import Client, eventually
+
+
+@pytest.fixture
+async def proxy_app(
+    standin: StandIn, serve_proxy: Callable[..., Awaitable[str]], tmp_path: Path
+) -> tuple[web.Application, str]:
+    config = proxy_config(standin.url, tmp_path / "data", jobs={"workers": "process"})
+    app = create_app(config)
+    return app, await serve_proxy(app)
+
+
+def child_of(app: web.Application) -> int:
+    workers = app[DISPATCHER]
+    assert isinstance(workers, WorkerProcess)
+    assert workers.pid is not None
+    return workers.pid
+
+
+def status(pid: int) -> list[str]:
+    """/proc/PID/stat after the name: state, parent, ...; [] once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    # a zombie ("Z") has exited; only its exit status waits for its parent
+    return status(pid)[:1] not in ([], ["Z"])
+
+
+async def test_jobs_run_and_are_counted_as_in_one_process(
+    standin: StandIn, proxy_app: tuple[web.Application, str], http: aiohttp.ClientSession
+) -> None:
+    app, base = proxy_app
+    jobs = Client(http, base)
+    ids = [
+        await jobs.submit("POST", "/_api/cursor", body={"query": f"RETURN {i}"}) for i in range(20)
+    ]
+    await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN 99"}, mode="true")
+    for i, job_id in enumerate(ids):
+        answer = await jobs.result(job_id)
+        assert (answer.status, answer.json["result"]) == (201, [i])
+    await eventually(lambda: standin.executed[("POST", "/_api/cursor")] == 21)
+    counts = app[METRICS]
+    await eventually(
+        lambda: (counts["jobs_submitted_total"], counts["jobs_harvested_total"]) == (21, 21)
+    )
+    assert int(status(child_of(app))[1]) == os.getpid()
+
+
+async def test_a_job_for_the_job_api_is_run_by_the_proxy(
+    proxy_app: tuple[web.Application, str], http: aiohttp.ClientSession
+) -> None:
+    """ArangoDB knows none of the proxy's ids: the child asks the proxy to run it."""
+    _, base = proxy_app
+    jobs = Client(http, base)
+    first = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(first)
+    deleting = await jobs.submit("DELETE", f"/_api/job/{first}")
+    answer = await jobs.result(deleting)
+    assert (answer.status, answer.json) == (200, {"result": True})
+    assert (await jobs.call("GET", f"/_api/job/{first}")).status == 404
+
+
+async def test_a_dead_worker_process_is_started_again(
+    standin: StandIn,
+    serve_proxy: Callable[..., Awaitable[str]],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(worker_process, "RESTART_MIN", 0.05)
+    app = create_app(proxy_config(standin.url, tmp_path / "data", jobs={"workers": "process"}))
+    jobs = Client(http, await serve_proxy(app))
+    standin.queue_full = True  # accepted, not sent: waiting in the store
+    waiting = [await jobs.submit("GET", "/_api/version") for _ in range(5)]
+    first = child_of(app)
+    os.kill(first, signal.SIGKILL)
+    await eventually(lambda: child_of(app) != first)
+    standin.queue_full = False
+    waiting.append(await jobs.submit("GET", "/_api/version"))
+    for job_id in waiting:
+        assert (await jobs.result(job_id)).json["server"] == "arango"
+    assert standin.executed[("GET", "/_api/version")] == 6
+    exits = [r for r in caplog.records if "worker process" in r.getMessage()]
+    assert [r.levelno for r in exits] == [logging.ERROR]
+    assert f"exited with {-signal.SIGKILL}" in exits[0].getMessage()
+
+
+async def test_kill_9_of_the_proxy_takes_the_worker_process(
+    standin: StandIn, proxy_process: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    proxy = proxy_process("--upstream", standin.url)
+    (child,) = proxy.children()
+    assert alive(child)
+    proxy.kill()  # returns once the proxy's output closed: the child held it too
+    deadline = time.monotonic() + 10
+    while alive(child):
+        assert time.monotonic() < deadline, "the worker process outlived the proxy"
+        await asyncio.sleep(0.01)
+
+
+async def test_ctrl_c_to_the_process_group_stops_both_in_order(
+    standin: StandIn, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A terminal sends SIGINT to every process of the group: the child must not die
+    of it (the proxy would start it again while stopping); the proxy stops it."""
+    proxy = ProxyProcess.start("--upstream", standin.url, data=tmp_path / "data", new_session=True)
+    try:
+        jobs = Client(http, proxy.url)
+        job_id = await jobs.submit("GET", "/_api/version")
+        await jobs.wait_done(job_id)
+        (child,) = proxy.children()
+        os.killpg(proxy.proc.pid, signal.SIGINT)
+        rest, _ = await asyncio.to_thread(proxy.proc.communicate, timeout=30)
+    finally:
+        proxy.kill()
+    output = "".join(proxy.output) + rest
+    assert proxy.proc.returncode == 0, output
+    assert not alive(child)
+    assert "Traceback" not in output
+    assert "worker process" not in output  # neither died nor was killed
