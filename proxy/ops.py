@@ -24,6 +24,7 @@ COUNTERS = {
     "submit_retries_total": "submissions ArangoDB refused for now (503) or could not take",
     "jobs_harvested_total": "results fetched from ArangoDB and stored",
     "jobs_lost_total": "jobs ArangoDB forgot (restart), re-run or ended per lost_job_policy",
+    "worker_restarts_total": "times the worker process (dispatcher, harvester) died and restarted",
     "results_expired_total": "unfetched results deleted after jobs.result_ttl",
     "results_expired_bytes_total": "bytes of the results deleted after jobs.result_ttl",
     "results_evicted_total": "oldest results deleted to stay within jobs.max_result_bytes",

@@ -199,6 +199,7 @@ class WorkerProcess:
             started = loop.time()
             code = await self._process.wait()
             self._channel.close()
+            self._metrics["worker_restarts_total"] += 1
             delay = RESTART_MIN if loop.time() - started > YOUNG else delay
             log.error(
                 "the worker process (dispatcher, harvester) exited with %s; "

@@ -117,6 +117,7 @@ async def test_a_dead_worker_process_is_started_again(
     for job_id in waiting:
         assert (await jobs.result(job_id)).json["server"] == "arango"
     assert standin.executed[("GET", "/_api/version")] == 6
+    assert app[METRICS]["worker_restarts_total"] == 1
     exits = [r for r in caplog.records if "worker process" in r.getMessage()]
     assert [r.levelno for r in exits] == [logging.ERROR]
     assert f"exited with {-signal.SIGKILL}" in exits[0].getMessage()
