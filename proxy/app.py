@@ -2,8 +2,8 @@
 
 Start-up: upstream session, then the job store, then harvester and dispatcher
 (which resume every stored job; in the worker process unless ``jobs.workers``
-is "inline"), then retention (when configured). Shutdown,
-all within ``server.shutdown_grace`` counted from when aiohttp stops accepting:
+is "inline"), then retention (when configured). Shutdown, all within
+``server.shutdown_grace`` counted from when aiohttp stops accepting:
 no new submissions; handlers under way finish (cancelled at the grace);
 retention stops; submissions under way finish, so none is sent twice; the
 harvester ends its tick, storing the results it fetched; the store closes

@@ -10,8 +10,9 @@ submission can meet::
     any other reply (401, 404/1228, 400, ...) ─▶ done, that reply is the result
 
 A job for the job API itself is run by the proxy (`execute`: `jobs_api.execute`
-over the store), since ArangoDB knows none of the proxy's job ids. Everything needed to make
-progress is in the store: after a restart, accepted jobs are simply picked up.
+over the store), since ArangoDB knows none of the proxy's job ids. Everything
+needed to make progress is in the store: after a restart, accepted jobs are
+simply picked up.
 """
 
 from __future__ import annotations
