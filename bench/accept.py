@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 from common import (
-    WORKERS_HELP,
     Load,
     ServerProcess,
     StandInProcess,
+    add_workers_option,
     free_port,
     load,
     start_proxy,
@@ -66,9 +66,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument(
-        "--workers", choices=("process", "inline"), default="process", help=WORKERS_HELP
-    )
+    add_workers_option(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         folder = Path(tmp)

@@ -8,6 +8,7 @@ servers being measured) and from an aiohttp closed loop otherwise.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import re
 import shutil
@@ -24,6 +25,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from proxy.config import WORKERS  # noqa: E402
 from tests.processes import ProxyProcess, ServerProcess, StandInProcess, free_port  # noqa: E402
 
 
@@ -129,7 +131,14 @@ def start_proxy(upstream: str, folder: Path, workers: str = "process") -> ProxyP
     return ProxyProcess.start(*args, data=folder / "data")
 
 
-WORKERS_HELP = "where the proxy runs dispatcher and harvester (jobs.workers)"
+def add_workers_option(parser: argparse.ArgumentParser) -> None:
+    """--workers: where the proxy under test runs dispatcher and harvester."""
+    parser.add_argument(
+        "--workers",
+        choices=WORKERS,
+        default=WORKERS[0],
+        help="where the proxy runs dispatcher and harvester (jobs.workers)",
+    )
 
 
 async def load(
@@ -152,11 +161,11 @@ async def load(
 
 
 __all__ = [
-    "WORKERS_HELP",
     "Load",
     "ProxyProcess",
     "ServerProcess",
     "StandInProcess",
+    "add_workers_option",
     "closed_loop",
     "free_port",
     "load",

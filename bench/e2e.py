@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
-from common import WORKERS_HELP, Load, StandInProcess, closed_loop, start_proxy
+from common import Load, StandInProcess, add_workers_option, closed_loop, start_proxy
 
 
 async def submit(session: aiohttp.ClientSession, base: str) -> str:
@@ -66,9 +66,7 @@ async def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument(
-        "--workers", choices=("process", "inline"), default="process", help=WORKERS_HELP
-    )
+    add_workers_option(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         standin = StandInProcess.start("--no-auth", "--workers", "4", "--queue-size", "4096")
