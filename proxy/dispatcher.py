@@ -1,7 +1,10 @@
 """Dispatcher: hands accepted jobs to ArangoDB in store mode, in arrival order.
 
-At most ``jobs.max_inflight`` jobs are at ArangoDB at once (submitted and not
-yet harvested), so the proxy never overflows ArangoDB's bounded queue. What a
+At most ``jobs.max_inflight`` jobs are at ArangoDB at once (being sent, or sent
+and their results not yet fetched), so the proxy never overflows ArangoDB's
+bounded queue. A slot is free again as soon as ArangoDB has handed the result
+over, before the proxy's writes about that job (state submitted, the result)
+have committed: those wait for the store, not for ArangoDB. What a
 submission can meet::
 
     202 + x-arango-async-id ─▶ submitted (the harvester takes over)
@@ -82,7 +85,8 @@ class Dispatcher:
         self._harvester = harvester
         self._max_inflight = max_inflight
         self._wake = asyncio.Event()
-        self._claimed: dict[int, asyncio.Task[None]] = {}
+        self._claimed: dict[int, asyncio.Task[None]] = {}  # being sent (still accepted)
+        self._handed: set[int] = set()  # of those, at ArangoDB: the harvester counts them
         self._backoff = 0.0
 
     def wake(self) -> None:
@@ -94,7 +98,8 @@ class Dispatcher:
                 await asyncio.sleep(self._backoff)
             # Cleared before looking, so a wake() during the look is not lost.
             self._wake.clear()
-            free = self._max_inflight - self._harvester.inflight - len(self._claimed)
+            sending = len(self._claimed) - len(self._handed)
+            free = self._max_inflight - self._harvester.inflight - sending
             try:
                 jobs = await self._store.next_accepted(free, self._claimed) if free > 0 else []
             except StoreError as exc:
@@ -133,6 +138,7 @@ class Dispatcher:
             self._slow_down()
         finally:
             del self._claimed[job.id]
+            self._handed.discard(job.id)
             self._wake.set()
 
     async def _send(self, job: Job) -> None:
@@ -160,6 +166,7 @@ class Dispatcher:
         # wait for that fsync (the harvester stores no result before the mark is in).
         marked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._harvester.track(job, upstream_id, marked)
+        self._handed.add(job.id)
         try:
             marked.set_result(
                 await record(

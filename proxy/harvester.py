@@ -147,10 +147,11 @@ class Harvester:
         self._youngest = time.monotonic()
         self._last_lost_check = time.monotonic()
         self._fetching = asyncio.Semaphore(FETCH_CONCURRENCY)
+        self._storing: set[asyncio.Task[None]] = set()  # results fetched, being stored
 
     @property
     def inflight(self) -> int:
-        """Jobs at ArangoDB whose results are not stored yet."""
+        """Jobs at ArangoDB: sent, their results not fetched yet."""
         return len(self._jobs)
 
     def track(self, job: Job, upstream_id: str, marked: asyncio.Future[bool] | None = None) -> None:
@@ -168,7 +169,20 @@ class Harvester:
             self.track(job, job.upstream_id)
 
     async def run(self) -> None:
-        """Harvest until stop(); a tick under way is finished first."""
+        """Harvest until stop(); a tick under way is finished first, and every result
+        fetched is stored."""
+        try:
+            await self._run()
+            if self._storing:
+                await asyncio.wait(set(self._storing))
+        finally:
+            # Cancelled (the stop's grace is over): the results still being stored go
+            # too; those jobs are still submitted in the store, and asked for again.
+            for task in self._storing:
+                task.cancel()
+            await asyncio.gather(*self._storing, return_exceptions=True)
+
+    async def _run(self) -> None:
         next_list = 0.0  # when the done lists are due (monotonic)
         while not self._stopping.is_set():
             if not self._jobs:
@@ -290,23 +304,35 @@ class Harvester:
             except UpstreamFailure as failure:
                 log.debug("cannot fetch job %d: %s", tracked.job_id, failure.message)
                 return
-        if not await tracked.submitted():
-            return  # the dispatcher cancels and deletes it upstream, and forgets it here
         if "x-arango-async-id" in reply.headers or reply.status in (401, 403):
             # A result, or ArangoDB no longer accepts the job's credentials:
-            # either way this is the answer the client gets.
-            # ArangoDB has handed the result over and forgotten it: store it or it is gone.
-            result = stored_response(reply)
+            # either way this is the answer the client gets. ArangoDB has handed the
+            # result over and forgotten the job: its slot is free at once (and no
+            # fetch must ask for it again: that would be a 404, "lost"). Storing the
+            # result goes on beside the next ticks, which need not wait for commits.
+            self._untrack(tracked)
+            storing = asyncio.create_task(self._store_result(tracked, stored_response(reply)))
+            self._storing.add(storing)
+            storing.add_done_callback(self._storing.discard)
+        elif reply.status == 404 and await tracked.submitted():
+            # (not submitted: cancelled while being sent, the dispatcher deals with it)
+            await self._lost(tracked)
+
+    async def _store_result(self, tracked: Tracked, result: StoredResponse) -> None:
+        """ArangoDB no longer has it: store it or it is gone."""
+        try:
+            if not await tracked.submitted():
+                return  # cancelled while being sent: the dispatcher deals with it
             await record(
                 f"the result of job {tracked.job_id}",
                 lambda: self._store.finish(
                     tracked.job_id, result, from_states=(JobState.SUBMITTED,)
                 ),
             )
-            self._metrics["jobs_harvested_total"] += 1
-            self._untrack(tracked)
-        elif reply.status == 404:
-            await self._lost(tracked)
+        except Exception:
+            log.exception("storing the result of job %d failed", tracked.job_id)
+            return
+        self._metrics["jobs_harvested_total"] += 1
 
     async def _lost(self, tracked: Tracked) -> None:
         rerun = self._policy == "rerun" or (

@@ -229,6 +229,43 @@ async def test_never_more_than_max_inflight_at_arangodb(
         assert (await jobs.result(job_id)).status == 201
 
 
+async def test_a_slot_is_free_once_arangodb_has_handed_the_result_over(
+    standin: StandIn,
+    serve_proxy: Callable[..., Awaitable[str]],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """max_inflight counts jobs at ArangoDB: a job whose result was fetched leaves
+    its slot at once, while the proxy's writes about it (state submitted, the
+    result) still wait for the store (held here)."""
+    app = create_app(proxy_config(standin.url, tmp_path / "data", jobs={"max_inflight": 1}))
+    base = await serve_proxy(app)
+    store = app[STORE]
+    held = asyncio.Event()
+
+    def holding(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def held_back(*args: Any, **kwargs: Any) -> Any:
+            await held.wait()
+            return await method(*args, **kwargs)
+
+        return held_back
+
+    monkeypatch.setattr(store, "mark_submitted", holding(store.mark_submitted))
+    monkeypatch.setattr(store, "finish", holding(store.finish))
+    jobs = Client(http, base)
+    ids = [await jobs.submit("GET", "/_api/version") for _ in range(3)]
+    # one after the other, each fetched from the stand-in, none recorded here yet
+    await eventually(lambda: standin.executed[("GET", "/_api/version")] == len(ids))
+    await eventually(lambda: not standin.jobs.entries)
+    for job_id in ids:
+        assert await store.state(int(job_id), None) is JobState.ACCEPTED
+    held.set()
+    for job_id in ids:
+        assert (await jobs.result(job_id)).status == 200
+    assert standin.executed[("GET", "/_api/version")] == len(ids)
+
+
 async def test_failing_lists_and_fetches_only_delay_the_harvest(
     fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
