@@ -243,16 +243,8 @@ async def test_a_slot_is_free_once_arangodb_has_handed_the_result_over(
     base = await serve_proxy(app)
     store = app[STORE]
     held = asyncio.Event()
-
-    def holding(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def held_back(*args: Any, **kwargs: Any) -> Any:
-            await held.wait()
-            return await method(*args, **kwargs)
-
-        return held_back
-
-    monkeypatch.setattr(store, "mark_submitted", holding(store.mark_submitted))
-    monkeypatch.setattr(store, "finish", holding(store.finish))
+    monkeypatch.setattr(store, "mark_submitted", HeldBack(store.mark_submitted, held))
+    monkeypatch.setattr(store, "finish", HeldBack(store.finish, held))
     jobs = Client(http, base)
     ids = [await jobs.submit("GET", "/_api/version") for _ in range(3)]
     # one after the other, each fetched from the stand-in, none recorded here yet
@@ -312,6 +304,18 @@ class FailFirst:
             self.left -= 1
             raise StoreError(f"{self.error} (injected)")
         return await self.method(*args)
+
+
+class HeldBack:
+    """A store method that waits until `release` is set, then works."""
+
+    def __init__(self, method: Callable[..., Awaitable[Any]], release: asyncio.Event) -> None:
+        self.method = method
+        self.release = release
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        await self.release.wait()
+        return await self.method(*args, **kwargs)
 
 
 @pytest.fixture(params=["inline", "process"])
@@ -376,14 +380,8 @@ async def test_a_new_job_is_looked_at_while_its_submission_commits(
     stored only after that write (the store's states never go backwards)."""
     app, base = proxy_app
     store = app[STORE]
-    mark = store.mark_submitted
     held = asyncio.Event()
-
-    async def slow_mark(job_id: int, upstream_id: str) -> bool:
-        await held.wait()
-        return await mark(job_id, upstream_id)
-
-    monkeypatch.setattr(store, "mark_submitted", slow_mark)
+    monkeypatch.setattr(store, "mark_submitted", HeldBack(store.mark_submitted, held))
     jobs = Client(http, base)
     job_id = await jobs.submit("GET", "/_api/version")
     # fetched from the stand-in (which then forgets it) while still accepted here
