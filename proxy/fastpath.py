@@ -17,6 +17,16 @@ every byte from there on and serves the connection for the rest of its life.
 aiohttp's parser thus judges everything unusual (malformed, oversize, chunked,
 arriving in parts), and the fast path only has to be exact about what it takes.
 
+The 202 of an async submission leaves from the store's writer thread, the moment
+its job has committed (`_Early`): the event loop hears of the commit a turn or two
+later, and the loop's thread is what limits accepts/s (its own work for the send
+system call was a fifth of its time per accept). A copy of the connection's
+socket (os.dup) is used for that, owned by this connection and closed only when no
+such send can be under way, so the number can never reach another connection. Not
+over TLS (the transport encrypts), nor when the transport still holds unsent bytes,
+nor for HEAD: those 202s leave from the loop as before. A 202 the kernel took only
+in part is finished by the loop.
+
 A connection stays here while idle for server.idle_timeout at most, as aiohttp's
 keep-alive. A request is never cancelled because its client left (as
 ``handler_cancellation=False``): its job is stored, only the 202 is lost.
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from collections.abc import Callable
 from http import HTTPStatus
@@ -40,11 +51,20 @@ from yarl import URL
 from proxy import jobs_api
 from proxy.app import runner_options
 from proxy.errors import UpstreamFailure
-from proxy.fastpath_http import HEAD_END, Submission, encode, parse, stream_head
+from proxy.fastpath_http import (
+    HEAD_END,
+    Submission,
+    accepted_head,
+    encode,
+    http_date,
+    parse,
+    stream_head,
+)
 from proxy.intake import NOT_STORED, accept, admit, body_too_slow
 from proxy.passthrough import CHUNK, forwarded
 from proxy.state import CONFIG, METRICS, SHUTDOWN, UPSTREAM, VERIFIER
 from proxy.upstream import end_to_end
+from storage import JobMode
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +86,34 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
+class _Early:
+    """An async submission's 202, sent on the store's writer thread as soon as its job
+    is on disk (`JobStore.accept`'s on_durable). `unsent` is what the loop must still
+    write: None if this never ran (the job was not stored: the loop answers as usual),
+    the rest of the 202 if the kernel took only part of it."""
+
+    __slots__ = ("_close", "_date", "_fd", "_front", "_store", "unsent")
+
+    def __init__(self, fd: int, submission: Submission, front: FastFront) -> None:
+        self._fd = fd
+        self._store = submission.mode is JobMode.STORE
+        self._close = submission.close
+        self._front = front
+        self._date = http_date()
+        self.unsent: bytes | None = None
+
+    def __call__(self, job_id: int) -> None:
+        close = self._close or self._front.closing  # (a stop may have begun meanwhile)
+        data = accepted_head(job_id if self._store else None, self._date, close=close)
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = len(data)  # the client is gone: the loop sees it too
+        self.unsent = data[sent:]
+
+
 class FastPath(asyncio.Protocol):
     """One client connection, served here until a request needs aiohttp."""
 
@@ -83,6 +131,8 @@ class FastPath(asyncio.Protocol):
         self._peer = ""
         self._idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._fd = -1  # a copy of the socket for early 202s, once needed (see _Early)
+        self._early: _Early | None = None  # its 202 may be being sent on another thread
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -99,6 +149,7 @@ class FastPath(asyncio.Protocol):
         self._front.connections.discard(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        self._close_fd()
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
@@ -189,8 +240,9 @@ class FastPath(asyncio.Protocol):
                 close = await self._pass_through(submission) or close
             else:
                 response = await self._answer(submission)
-                closing = close or self._front.closing
-                self._write(encode(response, close=closing, head=submission.head))
+                if response is not None:
+                    closing = close or self._front.closing
+                    self._write(encode(response, close=closing, head=submission.head))
         except Exception:
             log.exception("error serving %s %s", submission.method, submission.target)
             if not self._head_sent:
@@ -202,6 +254,7 @@ class FastPath(asyncio.Protocol):
         self._busy = False
         self._idle()
         if self._closed:
+            self._close_fd()
             return
         if self._paused:
             self._paused = False
@@ -269,7 +322,8 @@ class FastPath(asyncio.Protocol):
         if writable is not None and not writable.done():
             writable.set_result(None)
 
-    async def _answer(self, submission: Submission) -> web.Response:
+    async def _answer(self, submission: Submission) -> web.Response | None:
+        """The answer to write; None if it is written already (an early 202)."""
         app = self._front.app
         if submission.mode is None:
             return await self._job_api(submission)
@@ -283,15 +337,50 @@ class FastPath(asyncio.Protocol):
             host=submission.host,
             drop=NOT_STORED,
         )
-        return await accept(
-            app,
-            submission.mode,
-            verified,
-            method=submission.method,
-            target=submission.target,
-            headers=headers,
-            body=submission.body,
-        )
+        early = self._early_202(submission)
+        self._early = early
+        try:
+            response = await accept(
+                app,
+                submission.mode,
+                verified,
+                method=submission.method,
+                target=submission.target,
+                headers=headers,
+                body=submission.body,
+                on_durable=early,
+            )
+        finally:
+            self._early = None
+        if early is None or early.unsent is None:
+            return response
+        if early.unsent:
+            self._write(early.unsent)
+        return None
+
+    def _early_202(self, submission: Submission) -> _Early | None:
+        """An `_Early` for this submission's 202, or None where the loop must send it."""
+        assert self.transport is not None
+        if (
+            self._front.secure
+            or submission.head
+            or self._closed
+            or self.transport.get_write_buffer_size()
+        ):
+            return None
+        if self._fd < 0:
+            sock = self.transport.get_extra_info("socket")
+            if sock is None:
+                return None
+            self._fd = os.dup(sock.fileno())
+        return _Early(self._fd, submission, self._front)
+
+    def _close_fd(self) -> None:
+        """Close the socket's copy, unless an early 202 may be using it (then this is
+        called again once that submission is answered)."""
+        if self._fd >= 0 and self._early is None:
+            os.close(self._fd)
+            self._fd = -1
 
     async def _job_api(self, submission: Submission) -> web.Response:
         """As `jobs_api.handle` answers a request without x-arango-async."""
@@ -309,6 +398,7 @@ class FastPath(asyncio.Protocol):
         assert self.transport is not None
         self._front.metrics["connections_handed_over_total"] += 1
         self._front.connections.discard(self)
+        self._close_fd()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         handler = self._front.aiohttp_protocol()

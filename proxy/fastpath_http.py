@@ -165,7 +165,8 @@ def _take(submission: Submission, lower: str, value: str) -> bool:
 _date: tuple[int, str] = (0, "")
 
 
-def _http_date() -> str:
+def http_date() -> str:
+    """The Date header's value now (on the event loop's thread)."""
     global _date  # noqa: PLW0603 - a one-entry cache, as aiohttp keeps its own
     now = int(time.time())
     if _date[0] != now:
@@ -195,13 +196,34 @@ def stream_head(
             headers["Transfer-Encoding"] = "chunked"
         if length != 0:
             headers.setdefault("Content-Type", "application/octet-stream")
-    headers.setdefault("Date", _http_date())
+    headers.setdefault("Date", http_date())
     headers.setdefault("Server", SERVER_SOFTWARE)
     if close:
         headers.setdefault("Connection", "close")
     lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
     lines.append("\r\n")
     return "".join(lines).encode("utf-8"), length
+
+
+def accepted_head(job_id: int | None, date: str, *, close: bool) -> bytes:
+    """What `encode` makes of `proxy.intake.accepted` (the id only for ``store``) for a
+    request other than HEAD, sent at `date` (`http_date`). Quick: it is built on the
+    store's writer thread (`proxy.fastpath`)."""
+    async_id = b"" if job_id is None else b"x-arango-async-id: %d\r\n" % job_id
+    return b"".join(
+        (
+            _ACCEPTED_START,
+            async_id,
+            b"Content-Length: 0\r\nDate: ",
+            date.encode(),
+            _ACCEPTED_SERVER,
+            b"Connection: close\r\n\r\n" if close else b"\r\n",
+        )
+    )
+
+
+_ACCEPTED_START = b"HTTP/1.1 202 Accepted\r\nContent-Type: text/plain\r\n"
+_ACCEPTED_SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\n".encode()
 
 
 def encode(response: web.Response, *, close: bool, head: bool = False) -> bytes:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -135,8 +136,11 @@ async def accept(
     target: str,
     headers: CIMultiDict[str],
     body: bytes,
+    on_durable: Callable[[int], None] | None = None,
 ) -> web.Response:
-    """Store the job (`headers`: those to forward, without NOT_STORED); its 202."""
+    """Store the job (`headers`: those to forward, without NOT_STORED); its 202.
+
+    `on_durable`: see `JobStore.accept` (the fast path sends the 202 itself)."""
     job = NewJob(
         mode=mode,
         user=caller.user,
@@ -152,7 +156,7 @@ async def accept(
     try:
         # Handlers run on when their client leaves (runner_options), so the job is
         # stored all the same; it only misses its 202.
-        job_id = await app[STORE].accept(job)
+        job_id = await app[STORE].accept(job, on_durable)
     except StoreFull as exc:
         app[METRICS]["jobs_refused_total"] += 1
         return arango_error(503, ERROR_QUEUE_FULL, f"queue is full ({exc})", handler=False)
@@ -167,6 +171,11 @@ async def accept(
         )
     app[METRICS]["jobs_accepted_total"] += 1
     app[DISPATCHER].wake()
+    return accepted(mode, job_id)
+
+
+def accepted(mode: JobMode, job_id: int) -> web.Response:
+    """ArangoDB's answer to an async request: 202, empty, its job id for `store`."""
     response = web.Response(status=202, headers={"Content-Type": "text/plain"})
     if mode is JobMode.STORE:
         response.headers[ASYNC_ID_HEADER] = str(job_id)

@@ -37,6 +37,7 @@ finds nothing costs one index probe and no write.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 import time
@@ -206,8 +207,12 @@ class JobStore:
 
     # -- intake ------------------------------------------------------------------------
 
-    async def accept(self, job: NewJob) -> int:
-        """Store a new job; when this returns, it is committed (and fsync'd under FULL)."""
+    async def accept(self, job: NewJob, on_durable: Callable[[int], None] | None = None) -> int:
+        """Store a new job; when this returns, it is committed (and fsync'd under FULL).
+
+        `on_durable`: called with the job's id on the writer's thread as soon as the job
+        is on disk, before this returns (`Writer.enqueue`); the fast path sends the 202
+        from there."""
         if self._capacity and self._unfinished + self._queued_accepts >= self._capacity:
             raise CapacityExceeded(
                 f"the job store holds {self._capacity} unfinished jobs, its capacity"
@@ -234,6 +239,7 @@ class JobStore:
             Statement(sql.INSERT_JOB, params),
             on_commit=lambda _result: self._accept_committed(accepted),
             on_abort=self._accept_aborted,
+            on_durable=None if on_durable is None else functools.partial(on_durable, job_id),
         )
         # Ids follow arrival order; one burnt by a failed batch was never revealed.
         self._next_id += 1

@@ -16,7 +16,9 @@ rowcount or RETURNING rows run one by one.
 
 Outcome of a batch::
 
-    COMMIT ok      -> commits += 1; each write's on_commit(result); futures get results
+    COMMIT ok      -> commits += 1; on the writer's thread at once, each write's
+                      on_durable(); then on the loop each write's on_commit(result),
+                      and futures get results
     any exception  -> ROLLBACK; each write's on_abort(); futures fail with StoreError
                       (chained); the next batch runs as usual, the fault may have gone
     stop(), or the writer's task cancelled -> the batch under way finishes (commit or
@@ -76,6 +78,7 @@ Params = Sequence[Any] | Mapping[str, Any]
 Result = int | list[Any] | None
 OnCommit = Callable[[Result], None]
 OnAbort = Callable[[], None]
+OnDurable = Callable[[], None]
 
 
 class Want(Enum):
@@ -104,6 +107,7 @@ class _Write:
     on_commit: OnCommit | None
     on_abort: OnAbort | None
     scrubs: bool = False
+    on_durable: OnDurable | None = None
 
     def batchable_with(self, other: _Write) -> bool:
         return (
@@ -144,13 +148,18 @@ class Writer:
         on_commit: OnCommit | None = None,
         on_abort: OnAbort | None = None,
         scrubs: bool = False,
+        on_durable: OnDurable | None = None,
     ) -> asyncio.Future[Result]:
         """Queue one write (its statements run in order, in the same transaction).
 
         `scrubs`: the write wipes or deletes data that must not linger in the -wal file.
+        `on_durable`: called on the writer's thread as soon as the write has committed,
+        before the event loop hears of it (a turn of a busy loop later): for work that
+        must wait for the commit and need not wait for the loop. It must be quick,
+        and it is not called if the batch fails.
         """
         future: asyncio.Future[Result] = self._loop.create_future()
-        self._put(_Write(statements, want, future, on_commit, on_abort, scrubs))
+        self._put(_Write(statements, want, future, on_commit, on_abort, scrubs, on_durable))
         return future
 
     def call(self, function: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -271,13 +280,16 @@ class Writer:
             return
         try:
             results = _transaction(conn, live)
-            if self.measure:
-                self.used_pages = used_pages(conn)
         except Exception as exc:
             self._post(
                 _fail, batch, f"the job store could not commit {len(live)} write(s): {exc}", exc
             )
             return
+        _durable(live)
+        if self.measure:
+            # (committed whatever this says: a failure keeps the last figure)
+            with contextlib.suppress(sqlite3.Error):
+                self.used_pages = used_pages(conn)
         self.commits += 1
         if self._scrub_wanted_since is None and any(write.scrubs for write in live):
             self._scrub_wanted_since = time.monotonic()
@@ -357,6 +369,16 @@ def _execute_one(conn: sqlite3.Connection, write: _Write) -> Result:
     if write.want is Want.ROWS:
         return rows
     return count if write.want is Want.ROWCOUNT else None
+
+
+def _durable(live: list[_Write]) -> None:
+    """On the writer's thread: a batch committed."""
+    for write in live:
+        if write.on_durable is not None:
+            try:
+                write.on_durable()
+            except Exception:
+                log.exception("a commit's on_durable failed")
 
 
 def _settle(skipped: list[_Write], live: list[_Write], results: list[Result]) -> None:

@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import os
+import socket
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from aiohttp import web
 from yarl import URL
 
 from proxy.app import create_app
-from proxy.fastpath import Listener
+from proxy.fastpath import FastFront, FastPath, Listener, _Early
+from proxy.fastpath_http import Submission, accepted_head, http_date
 from proxy.state import METRICS, STORE
-from storage import NewJob
+from storage import JobMode, NewJob
 from tests.conftest import proxy_config
 from tests.standin import StandIn
 from tests.test_passthrough import TRICKLE_PARTS, TRICKLED, echo_app
@@ -466,10 +473,10 @@ async def test_a_stop_closes_idle_connections_and_lets_requests_under_way_finish
     release = asyncio.Event()
     held = asyncio.Event()
 
-    async def held_accept(job: NewJob) -> int:
+    async def held_accept(job: NewJob, on_durable: Callable[[int], None] | None = None) -> int:
         held.set()
         await release.wait()
-        return await accept(job)
+        return await accept(job, on_durable)
 
     monkeypatch.setattr(store, "accept", held_accept)
     busy = await Connection.open(base)
@@ -487,6 +494,126 @@ async def test_a_stop_closes_idle_connections_and_lets_requests_under_way_finish
     await asyncio.wait_for(stopping, 10)
     idle.close()
     busy.close()
+
+
+async def test_a_202_leaves_once_its_job_is_on_disk_even_while_the_loop_is_busy(
+    proxy: tuple[web.Application, str],
+) -> None:
+    """The 202 is sent on the store's writer thread right after the commit: here the
+    event loop is blocked from the commit until the answer has arrived."""
+    app, base = proxy
+    assert (await exchange(base, req(VERSION, AUTH, STORE_MODE))).status == 202  # verified
+    writer = app[STORE]._writer
+    release = threading.Event()
+    held = writer.call(lambda _conn: release.wait())  # the writer's thread is busy...
+    url = URL(base)
+    with socket.create_connection((url.host, url.port), timeout=5) as client:
+        client.sendall(req(VERSION, AUTH, STORE_MODE))
+        for _ in range(500):  # ...until the job waits in its queue
+            if writer._queue:
+                break
+            await asyncio.sleep(0.01)
+        assert writer._queue
+        release.set()
+        answer = client.recv(4096)  # (blocking: no callback runs on the loop meanwhile)
+    assert answer.startswith(b"HTTP/1.1 202 Accepted\r\n")
+    assert b"x-arango-async-id: 2\r\n" in answer
+    assert await held
+
+
+async def test_a_202_the_kernel_takes_in_part_is_finished_by_the_loop(
+    proxy: tuple[web.Application, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, base = proxy
+    write = os.write
+
+    def partly(fd: int, data: bytes) -> int:
+        return write(fd, data[:10] if data.startswith(b"HTTP/1.1 202") else data)
+
+    monkeypatch.setattr(os, "write", partly)
+    connection = await Connection.open(base)
+    for mode in (STORE_MODE, FORGET_MODE, STORE_MODE):
+        await connection.send(req(VERSION, AUTH, mode))
+        answer = await connection.answer()
+        assert answer.status == 202
+        assert answer.header("content-length") == "0"
+        assert (answer.header("x-arango-async-id") is None) == (mode == FORGET_MODE)
+    connection.close()
+
+
+def test_an_early_202_says_what_is_left_to_send() -> None:
+    submission = Submission()
+    submission.mode = JobMode.STORE
+    front = cast(FastFront, SimpleNamespace(closing=False))
+    whole = accepted_head(7, http_date(), close=False)
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        early = _Early(ours.fileno(), submission, front)
+        early(7)
+        assert early.unsent == b""
+        assert theirs.recv(4096) == whole
+        ours.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                ours.send(b"x" * 65536)  # the kernel's buffer is full
+        early = _Early(ours.fileno(), submission, front)
+        early(7)
+        assert early.unsent == whole
+        theirs.close()
+        early = _Early(ours.fileno(), submission, front)
+        early(7)
+        assert early.unsent == b""  # the client is gone: nothing left to send
+
+
+async def test_the_socket_copies_for_early_202s_are_closed(
+    proxy: tuple[web.Application, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, base = proxy
+    connections: list[FastPath] = []
+    make = FastFront.__call__
+
+    def recording(front: FastFront) -> FastPath:
+        connections.append(make(front))
+        return connections[-1]
+
+    monkeypatch.setattr(FastFront, "__call__", recording)
+    copies: set[int] = set()
+    early_202 = FastPath._early_202
+
+    def noting(self: FastPath, submission: Submission) -> _Early | None:
+        early = early_202(self, submission)
+        copies.add(self._fd)
+        return early
+
+    monkeypatch.setattr(FastPath, "_early_202", noting)
+    for _ in range(3):
+        assert (await exchange(base, req(VERSION, AUTH, STORE_MODE))).status == 202
+    # one leaves while its job commits: the copy stays open until the 202 went out
+    writer = app[STORE]._writer
+    release = threading.Event()
+    held = writer.call(lambda _conn: release.wait())
+    leaving = await Connection.open(base)
+    await leaving.send(req(VERSION, AUTH, STORE_MODE))
+    for _ in range(500):
+        if writer._queue:
+            break
+        await asyncio.sleep(0.01)
+    leaving.close()
+    for _ in range(500):
+        if all(connection._closed for connection in connections):
+            break
+        await asyncio.sleep(0.01)
+    assert connections[-1]._fd >= 0  # closed, but its early 202 may still be under way
+    release.set()
+    assert await held
+    for _ in range(500):
+        if app[METRICS]["jobs_accepted_total"] == 4:
+            break
+        await asyncio.sleep(0.01)
+    assert app[METRICS]["jobs_accepted_total"] == 4
+    assert len(connections) == 4
+    assert all(connection._closed and connection._fd == -1 for connection in connections)
+    assert len(copies - {-1}) >= 1
 
 
 @pytest.fixture

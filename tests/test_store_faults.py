@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -201,3 +202,44 @@ async def test_a_size_limit_below_the_file_keeps_it_from_growing(tmp_path: Path)
         assert (tmp_path / "jobs.sqlite3").stat().st_size == size
     finally:
         await store.close()
+
+
+async def test_on_durable_runs_on_the_writers_thread_once_the_job_is_committed(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """The fast path sends a 202 from there: the job must be in the file by then (another
+    connection reads it), and the event loop need not have heard of the commit yet."""
+    seen: list[tuple[int, bool, list[tuple[int]]]] = []
+
+    def on_durable(job_id: int) -> None:
+        on_loop = threading.current_thread() is threading.main_thread()
+        with contextlib.closing(sqlite3.connect(tmp_path / "jobs.sqlite3")) as other:
+            rows = other.execute("SELECT id FROM jobs WHERE id = ?", (job_id,)).fetchall()
+        seen.append((job_id, on_loop, rows))
+
+    job_id = await store.accept(new_job(), on_durable)
+    assert seen == [(job_id, False, [(job_id,)])]
+
+
+async def test_on_durable_is_not_called_for_a_batch_that_fails(store: JobStore) -> None:
+    db = store._writer
+    [(pages,)] = await db.execute_fetchall("PRAGMA page_count")
+    await db.execute_fetchall(f"PRAGMA max_page_count = {pages}")  # SQLITE_FULL, as above
+    called: list[int] = []
+    with pytest.raises(StoreError, match="disk is full"):
+        await store.accept(new_job(body=b"x" * 300_000), called.append)
+    await db.execute_fetchall("PRAGMA max_page_count = 1073741823")
+    job_id = await store.accept(new_job(), called.append)
+    assert called == [job_id]
+
+
+async def test_an_on_durable_that_fails_does_not_fail_the_write(
+    store: JobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(_job_id: int) -> None:
+        raise RuntimeError("boom")
+
+    job_id = await store.accept(new_job(), broken)
+    assert await store.state(job_id, None) is JobState.ACCEPTED
+    assert "a commit's on_durable failed" in caplog.text
+    assert await store.accept(new_job()) == job_id + 1
