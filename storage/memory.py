@@ -5,11 +5,12 @@ written: reading it back from the file each time costs a hop to the reader's
 thread and a row to decode, for bytes the proxy held a moment before. So the
 store keeps, next to what it commits:
 
-- ``Ready``: the accepted jobs, in id order, for the dispatcher. It may be
-  incomplete (``complete`` False): at start-up, after a job went back to
-  accepted (requeue), or when it was full. Then the dispatcher's next look
-  reads the file, and the list is complete again once a read found every
-  accepted job.
+- ``Ready``: the oldest accepted jobs, in id order, for the dispatcher: every
+  accepted job up to an id (``complete``: all of them). The prefix shrinks when
+  a job finds no room (a backlog), and to nothing at start-up or after a job
+  went back to accepted (requeue). Once the dispatcher has taken the prefix, its
+  next look reads the file, a READ_AHEAD's worth at once, so a backlog costs
+  one read per few hundred jobs, not one per look.
 - ``Fresh``: results stored and not fetched yet, up to a byte budget, for the
   job facade. An id missing here may still be in the file; one here always is.
 
@@ -30,6 +31,7 @@ from storage.records import Job, JobMode, StoredResponse
 # (ArangoDB down, results nobody fetches yet) waits in the file, not in memory.
 READY_MAX_JOBS = 1024
 READY_MAX_BYTES = 4 * 1024 * 1024  # request bodies of the jobs kept, plus JOB_OVERHEAD each
+READ_AHEAD = 256  # jobs a read of a backlog asks for at least (as room allows)
 FRESH_MAX_BYTES = 4 * 1024 * 1024  # results kept for fetching (headers and bodies)
 FRESH_MAX_ONE = 64 * 1024  # a larger result is read from the file when fetched
 
@@ -41,30 +43,50 @@ def _job_bytes(job: Job) -> int:
     return len(job.body) + JOB_OVERHEAD
 
 
+_ALL = float("inf")
+
+
 class Ready:
-    """Accepted jobs, oldest first; ``complete`` when every accepted job is here."""
+    """Accepted jobs, oldest first: every accepted job with an id up to ``_through``
+    is here, or handed out by a read that had no room for it (``_outside``)."""
 
     def __init__(self, *, max_jobs: int = READY_MAX_JOBS, max_bytes: int = READY_MAX_BYTES) -> None:
         self._jobs: dict[int, Job] = {}
         self._bytes = 0
         self._max_jobs = max_jobs
         self._max_bytes = max_bytes
-        self.complete = False  # the file may hold accepted jobs not here
+        self._through: float = 0  # nothing yet: the file may hold accepted jobs not here
+        self._outside: set[int] = set()  # handed out by a read, without room here
         self._reads = 0  # reads of accepted jobs under way
         self._gone: set[int] = set()  # jobs that left state accepted during those reads
 
     def __len__(self) -> int:
         return len(self._jobs)
 
+    @property
+    def complete(self) -> bool:
+        """Every accepted job is here."""
+        return self._through == _ALL
+
+    @complete.setter
+    def complete(self, value: bool) -> None:
+        self._through = _ALL if value else 0
+
+    @property
+    def room(self) -> int:
+        """Jobs that fit, by count (their bytes are known once read)."""
+        return max(0, self._max_jobs - len(self._jobs))
+
     def add(self, jobs: Iterable[Job]) -> None:
-        """Jobs now accepted in the file; those without room leave the list incomplete."""
+        """Jobs now accepted in the file, kept where they extend the prefix; one without
+        room ends it."""
         in_order = True
         for job in jobs:
-            if job.id in self._jobs:
+            if job.id in self._jobs or job.id > self._through:
                 continue
             size = _job_bytes(job)
             if len(self._jobs) >= self._max_jobs or self._bytes + size > self._max_bytes:
-                self.complete = False
+                self._through = job.id - 1
                 continue
             if self._jobs and job.id < next(reversed(self._jobs)):
                 in_order = False
@@ -74,30 +96,39 @@ class Ready:
             self._jobs = dict(sorted(self._jobs.items()))
 
     def begin_read(self) -> None:
-        """A read of accepted jobs starts: the list is complete, unless a job that comes
-        meanwhile finds no room, or the read finds as many jobs as it asked for."""
+        """A read of accepted jobs (oldest first) starts: the list is complete, unless
+        a job that comes meanwhile finds no room, or the read finds as many jobs as it
+        asked for."""
         self._reads += 1
-        self.complete = True
+        self._through = _ALL
 
-    def end_read(self, found: list[Job], *, all_of_them: bool) -> list[Job]:
-        """The jobs a read found, less those that left state accepted since it began
-        (the read saw the file as it was); kept here too."""
+    def end_read(self, found: list[Job], *, all_of_them: bool, limit: int) -> list[Job]:
+        """The first `limit` jobs a read found (in id order), less those that left
+        state accepted since it began (the read saw the file as it was); all of them
+        kept here as room allows. Those handed out without room here keep the prefix
+        below them until they leave state accepted, so that one the dispatcher gives
+        back is found by a later read."""
         fresh = [job for job in found if job.id not in self._gone]
         self._reads -= 1
         if not self._reads:
             self._gone.clear()
         if not all_of_them:
-            self.complete = False
+            self._through = min(self._through, found[-1].id if found else 0)
         self.add(fresh)
-        return fresh
+        handed_out = fresh[:limit]
+        self._outside.update(job.id for job in handed_out if job.id not in self._jobs)
+        if self._outside:
+            self._through = min(self._through, min(self._outside) - 1)
+        return handed_out
 
     def abort_read(self) -> None:
-        self.end_read([], all_of_them=False)
+        self.end_read([], all_of_them=False, limit=0)
 
     def remove(self, job_id: int) -> None:
         """The job left state accepted (submitted, done), or never will be."""
         if self._reads:
             self._gone.add(job_id)
+        self._outside.discard(job_id)
         job = self._jobs.pop(job_id, None)
         if job is not None:
             self._bytes -= _job_bytes(job)
@@ -109,11 +140,14 @@ class Ready:
             self._jobs[job_id] = dataclasses.replace(job, mode=JobMode.FORGET)
 
     def take(self, limit: int, exclude: Collection[int]) -> list[Job]:
-        """Up to `limit` jobs, oldest first, skipping the ids in `exclude`."""
+        """Up to `limit` jobs of the prefix, oldest first, skipping the ids in `exclude`;
+        fewer than `limit` and not `complete`: the file may hold more."""
         found: list[Job] = []
         if limit <= 0:
             return found
         for job_id, job in self._jobs.items():
+            if job_id > self._through:
+                break
             if job_id not in exclude:
                 found.append(job)
                 if len(found) >= limit:

@@ -51,7 +51,7 @@ from storage import rows, schema, sql
 from storage.errors import CapacityExceeded, StoreError
 from storage.folder import DataFolder
 from storage.limits import SizeLimit
-from storage.memory import Fresh, Ready
+from storage.memory import READ_AHEAD, Fresh, Ready
 from storage.records import Job, JobMode, JobState, NewJob, Removed, StoredResponse
 from storage.rows import valid_id
 from storage.writer import OnCommit, Result, Statement, Want, Writer
@@ -261,23 +261,22 @@ class JobStore:
         """Up to `limit` jobs in state accepted, oldest first, skipping the ids in `exclude`."""
         if limit <= 0:
             return []
-        if self._ready.complete:
-            return self._ready.take(limit, exclude)
+        taken = self._ready.take(limit, exclude)
+        if len(taken) == limit or self._ready.complete:
+            return taken
+        asked = min(max(limit, min(READ_AHEAD, self._ready.room)), rows.MAX_ID)
         self._ready.begin_read()
         try:
             # Bound as one JSON array: the claimed set can be large and varies every call.
             found = await self._read(
                 sql.SELECT_ACCEPTED,
-                {
-                    "exclude": f"[{','.join(str(int(i)) for i in exclude)}]",
-                    "limit": min(limit, rows.MAX_ID),
-                },
+                {"exclude": f"[{','.join(str(int(i)) for i in exclude)}]", "limit": asked},
             )
         except BaseException:
             self._ready.abort_read()
             raise
         jobs = [rows.job_from_row(row) for row in found]
-        return self._ready.end_read(jobs, all_of_them=len(jobs) < limit)
+        return self._ready.end_read(jobs, all_of_them=len(jobs) < asked, limit=limit)
 
     async def submitted(self) -> list[Job]:
         """Every job in state submitted, oldest first (the harvester's start-up list)."""

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from storage import Job, JobMode, JobState, JobStore, StoredResponse
-from storage.memory import JOB_OVERHEAD, Fresh, Ready
+from storage.memory import JOB_OVERHEAD, READ_AHEAD, Fresh, Ready
 from tests.test_store import RESULT, new_job, raw_rows
 
 USERS = ("alice", "bob")
@@ -206,27 +206,91 @@ def test_ready_keeps_id_order_and_its_limits() -> None:
     ready.add([jobs[5], jobs[6], jobs[2]])
     assert [job.id for job in ready.take(10, ())] == [2, 5, 6]
     assert ready.complete
-    ready.add([jobs[3], jobs[4]])  # one too many
-    assert not ready.complete
-    assert len(ready) == 4
-    assert [job.id for job in ready.take(2, {2})] == [3, 5]
-    assert ready.take(0, ()) == []
     ready.forget(5)
     ready.forget(99)
-    assert [job.mode for job in ready.take(10, ())] == [
-        JobMode.STORE,
-        JobMode.STORE,
-        JobMode.FORGET,
-        JobMode.STORE,
-    ]
+    modes = [job.mode for job in ready.take(10, ())]
+    assert modes == [JobMode.STORE, JobMode.FORGET, JobMode.STORE]
+    ready.add([jobs[3], jobs[4]])  # one too many: the prefix ends below it
+    assert not ready.complete
+    assert len(ready) == 4
+    assert [job.id for job in ready.take(10, ())] == [2, 3]  # 4 is missing: 5 and 6 wait
+    assert [job.id for job in ready.take(2, {2})] == [3]
+    assert ready.take(0, ()) == []
+    ready.remove(2)
+    ready.add([jobs[7]])  # past the prefix: not kept, though there is room now
+    assert len(ready) == 3
     small = Ready(max_jobs=100, max_bytes=2 * (10 + JOB_OVERHEAD) + 5)
     small.complete = True
     small.add([jobs[1], jobs[2], jobs[3]])  # room for two
     assert [job.id for job in small.take(10, ())] == [1, 2]
     assert not small.complete
-    small.remove(1)
-    small.add([jobs[3]])
-    assert [job.id for job in small.take(10, ())] == [2, 3]
+
+
+def test_a_read_of_a_backlog_reads_ahead_and_ends_the_prefix_where_it_stopped() -> None:
+    jobs = [_job(i) for i in range(1, 11)]
+    ready = Ready(max_jobs=100, max_bytes=10**6)
+    ready.begin_read()
+    assert [job.id for job in ready.end_read(jobs[:4], all_of_them=False, limit=2)] == [1, 2]
+    assert not ready.complete  # the file may hold more after 4
+    assert [job.id for job in ready.take(10, {1, 2})] == [3, 4]
+    ready.add([jobs[9]])  # accepted meanwhile: beyond the prefix
+    assert [job.id for job in ready.take(10, ())] == [1, 2, 3, 4]
+    ready.begin_read()
+    assert [job.id for job in ready.end_read(jobs[4:], all_of_them=True, limit=10)] == list(
+        range(5, 11)
+    )
+    assert ready.complete
+    assert [job.id for job in ready.take(10, ())] == list(range(1, 11))
+
+
+def test_a_job_handed_out_without_room_is_found_again_when_given_back() -> None:
+    """A read hands out jobs that do not fit here; while the dispatcher holds one (it is
+    excluded from reads), the list must not call itself complete, or the job, given back
+    after a failed send, would never be handed out again."""
+    big = [_job(i, body=b"x" * 3000) for i in range(1, 4)]
+    ready = Ready(max_jobs=100, max_bytes=2 * (3000 + JOB_OVERHEAD) + 5)  # room for two
+    ready.begin_read()
+    assert [job.id for job in ready.end_read(big, all_of_them=True, limit=3)] == [1, 2, 3]
+    assert len(ready) == 2
+    ready.remove(1)  # sent
+    ready.begin_read()  # job 3 is held by the dispatcher: the read does not see it
+    assert ready.end_read([big[1]], all_of_them=True, limit=10) == [big[1]]
+    assert not ready.complete
+    assert [job.id for job in ready.take(10, {3})] == [2]  # and the store reads the file
+    ready.remove(3)  # it left accepted: nothing is outside any more
+    ready.begin_read()
+    ready.end_read([big[1]], all_of_them=True, limit=10)
+    assert ready.complete
+
+
+async def test_a_backlog_is_read_a_read_ahead_at_a_time(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await JobStore.open(data)
+    ids = [await store.accept(new_job()) for _ in range(READ_AHEAD + 10)]
+    await store.close()
+    store = await JobStore.open(data)
+    reads = 0
+    read = store._read
+
+    async def counted(*args: Any) -> list[Any]:
+        nonlocal reads
+        reads += 1
+        return await read(*args)
+
+    try:
+        monkeypatch.setattr(store, "_read", counted)
+        handed_out = []
+        for _ in range(len(ids)):
+            [job] = await store.next_accepted(1, ())
+            handed_out.append(job.id)
+            assert await store.mark_submitted(job.id, str(job.id))
+        assert handed_out == ids
+        assert reads == 2
+        assert await store.next_accepted(1, ()) == []
+        assert reads == 2  # the second read found them all: the list is complete
+    finally:
+        await store.close()
 
 
 def test_fresh_keeps_the_newest_within_its_budget() -> None:
