@@ -350,8 +350,14 @@ class FastPath(asyncio.Protocol):
                 body=submission.body,
                 on_durable=early,
             )
-        finally:
+        except asyncio.CancelledError:
+            # (the loop is stopping) the write may still commit and send: _early stays,
+            # and with it the socket's copy, which is never closed then
+            raise
+        except BaseException:
             self._early = None
+            raise
+        self._early = None
         if early is None or early.unsent is None:
             return response
         if early.unsent:

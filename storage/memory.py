@@ -31,7 +31,7 @@ from storage.records import Job, JobMode, StoredResponse
 # (ArangoDB down, results nobody fetches yet) waits in the file, not in memory.
 READY_MAX_JOBS = 1024
 READY_MAX_BYTES = 4 * 1024 * 1024  # request bodies of the jobs kept, plus JOB_OVERHEAD each
-READ_AHEAD = 256  # jobs a read of a backlog asks for at least (as room allows)
+READ_AHEAD = 256  # jobs a read of a backlog brings, room (jobs, bytes) allowing
 FRESH_MAX_BYTES = 4 * 1024 * 1024  # results kept for fetching (headers and bodies)
 FRESH_MAX_ONE = 64 * 1024  # a larger result is read from the file when fetched
 
@@ -74,8 +74,13 @@ class Ready:
 
     @property
     def room(self) -> int:
-        """Jobs that fit, by count (their bytes are known once read)."""
+        """How many more jobs fit (if their bytes do)."""
         return max(0, self._max_jobs - len(self._jobs))
+
+    @property
+    def room_bytes(self) -> int:
+        """How many more bytes fit, counted as `_job_bytes` does."""
+        return max(0, self._max_bytes - self._bytes)
 
     def add(self, jobs: Iterable[Job]) -> None:
         """Jobs now accepted in the file, kept where they extend the prefix; one without

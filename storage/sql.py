@@ -53,9 +53,20 @@ FINISH = (
     " RETURNING mode, user"
 )
 
+# The oldest accepted jobs not in :exclude: the first :limit of them, and of the next
+# (up to :ask in all) those that fit in :room bytes with the ones before (body plus
+# :overhead each; length() of a BLOB column reads no content). Each row ends with
+# how many accepted jobs there were, up to :ask.
 SELECT_ACCEPTED = (
-    f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'accepted'"
-    " AND id NOT IN (SELECT value FROM json_each(:exclude)) ORDER BY id LIMIT :limit"
+    f"SELECT {JOB_COLUMNS}, total FROM jobs JOIN ("
+    " SELECT id, total FROM ("
+    "  SELECT id, ROW_NUMBER() OVER up_to AS n, SUM(size) OVER up_to AS running,"
+    "   COUNT(*) OVER () AS total FROM ("
+    "   SELECT id, length(body) + :overhead AS size FROM jobs WHERE state = 'accepted'"
+    "   AND id NOT IN (SELECT value FROM json_each(:exclude)) ORDER BY id LIMIT :ask)"
+    "  WINDOW up_to AS (ORDER BY id))"
+    " WHERE n <= :limit OR running <= :room"
+    ") USING (id) ORDER BY id"
 )
 SELECT_SUBMITTED = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'submitted' ORDER BY id"
 SELECT_STATE = f"SELECT state FROM jobs WHERE id = :id AND {VISIBLE}"

@@ -51,7 +51,7 @@ from storage import rows, schema, sql
 from storage.errors import CapacityExceeded, StoreError
 from storage.folder import DataFolder
 from storage.limits import SizeLimit
-from storage.memory import READ_AHEAD, Fresh, Ready
+from storage.memory import JOB_OVERHEAD, READ_AHEAD, Fresh, Ready
 from storage.records import Job, JobMode, JobState, NewJob, Removed, StoredResponse
 from storage.rows import valid_id
 from storage.writer import OnCommit, Result, Statement, Want, Writer
@@ -264,19 +264,27 @@ class JobStore:
         taken = self._ready.take(limit, exclude)
         if len(taken) == limit or self._ready.complete:
             return taken
-        asked = min(max(limit, min(READ_AHEAD, self._ready.room)), rows.MAX_ID)
+        limit = min(limit, rows.MAX_ID)
+        asked = max(limit, min(READ_AHEAD, self._ready.room))
         self._ready.begin_read()
         try:
-            # Bound as one JSON array: the claimed set can be large and varies every call.
             found = await self._read(
                 sql.SELECT_ACCEPTED,
-                {"exclude": f"[{','.join(str(int(i)) for i in exclude)}]", "limit": asked},
+                {
+                    # one JSON array: the claimed set can be large and varies every call
+                    "exclude": f"[{','.join(str(int(i)) for i in exclude)}]",
+                    "limit": limit,
+                    "ask": asked,
+                    "room": self._ready.room_bytes,
+                    "overhead": JOB_OVERHEAD,
+                },
             )
         except BaseException:
             self._ready.abort_read()
             raise
-        jobs = [rows.job_from_row(row) for row in found]
-        return self._ready.end_read(jobs, all_of_them=len(jobs) < asked, limit=limit)
+        jobs = [rows.job_from_row(row[:-1]) for row in found]
+        all_of_them = not found or (found[0][-1] < asked and len(found) == found[0][-1])
+        return self._ready.end_read(jobs, all_of_them=all_of_them, limit=limit)
 
     async def submitted(self) -> list[Job]:
         """Every job in state submitted, oldest first (the harvester's start-up list)."""

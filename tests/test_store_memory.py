@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from storage import Job, JobMode, JobState, JobStore, StoredResponse
-from storage.memory import JOB_OVERHEAD, READ_AHEAD, Fresh, Ready
+from storage.memory import JOB_OVERHEAD, READ_AHEAD, READY_MAX_BYTES, Fresh, Ready
 from tests.test_store import RESULT, new_job, raw_rows
 
 USERS = ("alice", "bob")
@@ -289,6 +289,35 @@ async def test_a_backlog_is_read_a_read_ahead_at_a_time(
         assert reads == 2
         assert await store.next_accepted(1, ()) == []
         assert reads == 2  # the second read found them all: the list is complete
+    finally:
+        await store.close()
+
+
+async def test_a_read_ahead_stops_at_the_byte_budget(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large bodies: a read brings what the dispatcher asked for, and of the rest only
+    what fits in the copy's bytes (not READ_AHEAD bodies of any size)."""
+    store = await JobStore.open(data)
+    body = b"x" * (READY_MAX_BYTES // 10)
+    ids = [await store.accept(new_job(body=body)) for _ in range(30)]
+    await store.close()
+    store = await JobStore.open(data)
+    rows_read: list[int] = []
+    read = store._read
+
+    async def counted(*args: Any) -> list[Any]:
+        found = await read(*args)
+        rows_read.append(len(found))
+        return found
+
+    monkeypatch.setattr(store, "_read", counted)
+    try:
+        assert [job.id for job in await store.next_accepted(2, ())] == ids[:2]
+        assert rows_read == [9]  # nine fit in the budget with their overhead; ten do not
+        handed_out = [job.id for job in await store.next_accepted(30, ids[:2])]
+        assert handed_out == ids[2:]  # more than fit: what was asked for, all the same
+        assert rows_read == [9, 28]
     finally:
         await store.close()
 
