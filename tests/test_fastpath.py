@@ -496,6 +496,22 @@ async def test_a_stop_closes_idle_connections_and_lets_requests_under_way_finish
     busy.close()
 
 
+def hold_writer(app: web.Application) -> tuple[threading.Event, asyncio.Future[bool]]:
+    """Keep the store's writer thread busy until the event is set (then the future is
+    done): writes queue meanwhile."""
+    release = threading.Event()
+    return release, app[STORE]._writer.call(lambda _conn: release.wait())
+
+
+async def a_write_waits(app: web.Application) -> None:
+    """Until a write waits in the store's writer queue (behind `hold_writer`)."""
+    for _ in range(500):
+        if app[STORE]._writer._queue:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no write was queued")
+
+
 async def test_a_202_leaves_once_its_job_is_on_disk_even_while_the_loop_is_busy(
     proxy: tuple[web.Application, str],
 ) -> None:
@@ -503,17 +519,11 @@ async def test_a_202_leaves_once_its_job_is_on_disk_even_while_the_loop_is_busy(
     event loop is blocked from the commit until the answer has arrived."""
     app, base = proxy
     assert (await exchange(base, req(VERSION, AUTH, STORE_MODE))).status == 202  # verified
-    writer = app[STORE]._writer
-    release = threading.Event()
-    held = writer.call(lambda _conn: release.wait())  # the writer's thread is busy...
+    release, held = hold_writer(app)
     url = URL(base)
     with socket.create_connection((url.host, url.port), timeout=5) as client:
         client.sendall(req(VERSION, AUTH, STORE_MODE))
-        for _ in range(500):  # ...until the job waits in its queue
-            if writer._queue:
-                break
-            await asyncio.sleep(0.01)
-        assert writer._queue
+        await a_write_waits(app)
         release.set()
         answer = client.recv(4096)  # (blocking: no callback runs on the loop meanwhile)
     assert answer.startswith(b"HTTP/1.1 202 Accepted\r\n")
@@ -589,15 +599,10 @@ async def test_the_socket_copies_for_early_202s_are_closed(
     for _ in range(3):
         assert (await exchange(base, req(VERSION, AUTH, STORE_MODE))).status == 202
     # one leaves while its job commits: the copy stays open until the 202 went out
-    writer = app[STORE]._writer
-    release = threading.Event()
-    held = writer.call(lambda _conn: release.wait())
+    release, held = hold_writer(app)
     leaving = await Connection.open(base)
     await leaving.send(req(VERSION, AUTH, STORE_MODE))
-    for _ in range(500):
-        if writer._queue:
-            break
-        await asyncio.sleep(0.01)
+    await a_write_waits(app)
     leaving.close()
     for _ in range(500):
         if all(connection._closed for connection in connections):
