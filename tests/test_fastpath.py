@@ -122,6 +122,33 @@ async def exchange(base: str, data: bytes, *, aiohttp_first: bool = False) -> An
         connection.close()
 
 
+def hold_writer(app: web.Application) -> tuple[threading.Event, asyncio.Future[bool]]:
+    """Keep the store's writer thread busy until the event is set (then the future is
+    done): writes queue meanwhile."""
+    release = threading.Event()
+    return release, app[STORE]._writer.call(lambda _conn: release.wait())
+
+
+async def jobs_accepted(app: web.Application, count: int) -> None:
+    """Until the intake has counted `count` jobs (an early 202 can reach the client
+    before the event loop hears of the commit)."""
+    for _ in range(500):
+        if app[METRICS]["jobs_accepted_total"] == count:
+            return
+        await asyncio.sleep(0.01)
+    assert app[METRICS]["jobs_accepted_total"] == count
+
+
+async def an_accept_waits(app: web.Application) -> None:
+    """Until a new job's write waits in the store's writer queue (behind `hold_writer`;
+    other writes, of jobs sent or harvested, may be queued too)."""
+    for _ in range(500):
+        if app[STORE]._queued_accepts:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no new job was queued")
+
+
 @pytest.fixture
 async def proxy(
     standin: StandIn, serve_proxy: Serve, tmp_path: Path
@@ -393,11 +420,7 @@ async def test_a_client_that_leaves_still_has_its_job_stored(
     connection = await Connection.open(base)
     await connection.send(req(VERSION, AUTH, FORGET_MODE))
     connection.close()
-    for _ in range(500):
-        if app[METRICS]["jobs_accepted_total"] == 1:
-            break
-        await asyncio.sleep(0.01)
-    assert app[METRICS]["jobs_accepted_total"] == 1
+    await jobs_accepted(app, 1)
     assert app[METRICS]["fast_path_requests_total"] == 1
 
 
@@ -436,7 +459,7 @@ async def test_a_pipelined_flood_is_answered_in_full_and_in_order(
     assert ids == sorted(set(ids))
     assert ids[0] > 0
     assert app[METRICS]["fast_path_requests_total"] >= 1
-    assert app[METRICS]["jobs_accepted_total"] == count
+    await jobs_accepted(app, count)
 
 
 async def test_a_failing_request_gets_a_500_and_the_connection_closes(
@@ -496,22 +519,6 @@ async def test_a_stop_closes_idle_connections_and_lets_requests_under_way_finish
     busy.close()
 
 
-def hold_writer(app: web.Application) -> tuple[threading.Event, asyncio.Future[bool]]:
-    """Keep the store's writer thread busy until the event is set (then the future is
-    done): writes queue meanwhile."""
-    release = threading.Event()
-    return release, app[STORE]._writer.call(lambda _conn: release.wait())
-
-
-async def a_write_waits(app: web.Application) -> None:
-    """Until a write waits in the store's writer queue (behind `hold_writer`)."""
-    for _ in range(500):
-        if app[STORE]._writer._queue:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("no write was queued")
-
-
 async def test_a_202_leaves_once_its_job_is_on_disk_even_while_the_loop_is_busy(
     proxy: tuple[web.Application, str],
 ) -> None:
@@ -519,11 +526,12 @@ async def test_a_202_leaves_once_its_job_is_on_disk_even_while_the_loop_is_busy(
     event loop is blocked from the commit until the answer has arrived."""
     app, base = proxy
     assert (await exchange(base, req(VERSION, AUTH, STORE_MODE))).status == 202  # verified
+    await jobs_accepted(app, 1)
     release, held = hold_writer(app)
     url = URL(base)
     with socket.create_connection((url.host, url.port), timeout=5) as client:
         client.sendall(req(VERSION, AUTH, STORE_MODE))
-        await a_write_waits(app)
+        await an_accept_waits(app)
         release.set()
         answer = client.recv(4096)  # (blocking: no callback runs on the loop meanwhile)
     assert answer.startswith(b"HTTP/1.1 202 Accepted\r\n")
@@ -598,11 +606,12 @@ async def test_the_socket_copies_for_early_202s_are_closed(
     monkeypatch.setattr(FastPath, "_early_202", noting)
     for _ in range(3):
         assert (await exchange(base, req(VERSION, AUTH, STORE_MODE))).status == 202
+    await jobs_accepted(app, 3)
     # one leaves while its job commits: the copy stays open until the 202 went out
     release, held = hold_writer(app)
     leaving = await Connection.open(base)
     await leaving.send(req(VERSION, AUTH, STORE_MODE))
-    await a_write_waits(app)
+    await an_accept_waits(app)
     leaving.close()
     for _ in range(500):
         if all(connection._closed for connection in connections):
@@ -611,11 +620,7 @@ async def test_the_socket_copies_for_early_202s_are_closed(
     assert connections[-1]._fd >= 0  # closed, but its early 202 may still be under way
     release.set()
     assert await held
-    for _ in range(500):
-        if app[METRICS]["jobs_accepted_total"] == 4:
-            break
-        await asyncio.sleep(0.01)
-    assert app[METRICS]["jobs_accepted_total"] == 4
+    await jobs_accepted(app, 4)
     assert len(connections) == 4
     assert all(connection._closed and connection._fd == -1 for connection in connections)
     assert len(copies - {-1}) >= 1
