@@ -106,6 +106,8 @@ class _Early:
         close = self._close or self._front.closing  # (a stop may have begun meanwhile)
         data = accepted_head(job_id if self._store else None, self._date, close=close)
         try:
+            # (non-blocking, as the transport set the socket: a client that does not
+            # read never holds up the writer's thread, or the commits behind it)
             sent = os.write(self._fd, data)
         except BlockingIOError:
             sent = 0
