@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -20,6 +21,8 @@ from proxy.tls import server_context
 from storage import StoreError
 
 log = logging.getLogger("arango_async_proxy")
+
+GC_THRESHOLD = (10_000, 10, 10)  # gc.set_threshold: see tune_gc
 
 _FLAGS = {
     "listen": "server.listen",
@@ -129,13 +132,24 @@ def _config_error(exc: ConfigError) -> int:
 
 
 def run(main_coroutine: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop when it is installed (the `speed` extra)."""
+    """Run on uvloop when it is installed (the `speed` extra), the collector tuned."""
+    tune_gc()
     try:
         import uvloop  # type: ignore[import-not-found, unused-ignore]  # noqa: PLC0415
     except ImportError:  # pragma: no cover - uvloop is in the test extra
         asyncio.run(main_coroutine)
     else:
         uvloop.run(main_coroutine)
+
+
+def tune_gc() -> None:
+    """Python's cycle collector, set for a long-running server: what exists by now
+    (modules, classes: most of the heap, alive until exit) is frozen out of its
+    sight, and it runs after GC_THRESHOLD[0] new objects instead of 700. Measured
+    under bench/accept.py, the proxy's loop spent 0.44 s in collections in 7 s
+    (ten full ones of 20 ms, each scanning every imported module); 0.04 s so."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 if __name__ == "__main__":  # pragma: no cover

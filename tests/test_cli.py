@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 import sqlite3
@@ -14,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.cli import GC_THRESHOLD, run
 from tests.processes import ProxyProcess, free_port
 
 
@@ -163,3 +165,22 @@ def test_a_damaged_or_foreign_database_stops_the_start_with_one_line(
     assert "ERROR" in lines[0]
     assert message.format(db=db) in lines[0]
     assert db.read_bytes() == before  # never reset, never touched
+
+
+def test_the_proxy_runs_with_the_collector_tuned_for_a_server() -> None:
+    """Both processes (the worker process too) start their loop through run()."""
+    seen: list[tuple[tuple[int, int, int], int]] = []
+
+    async def look() -> None:
+        seen.append((gc.get_threshold(), gc.get_freeze_count()))
+
+    before = gc.get_threshold()
+    assert gc.get_freeze_count() == 0
+    try:
+        run(look())
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+    [(threshold, frozen)] = seen
+    assert threshold == GC_THRESHOLD != before
+    assert frozen > 10_000  # the imported modules' objects, out of the collector's sight
