@@ -7,7 +7,9 @@ over, before the proxy's writes about that job (state submitted, the result)
 have committed: those wait for the store, not for ArangoDB. What a
 submission can meet::
 
-    202 + x-arango-async-id ─▶ submitted (the harvester takes over)
+    202 + x-arango-async-id ─▶ the harvester takes over: submitted, or done at
+                               once when its first look finds the result
+                               (harvester.Submission)
     503 (queue full 21003, shutting down 30, maintenance 503),
     connection error, timeout ─▶ stays accepted; back off and retry
     any other reply (401, 404/1228, 400, ...) ─▶ done, that reply is the result
@@ -30,7 +32,7 @@ from multidict import CIMultiDict
 
 from proxy import jobs_api
 from proxy.errors import UpstreamFailure
-from proxy.harvester import Harvester, record, stored_response
+from proxy.harvester import MARK_AFTER, Harvester, Submission, record, stored_response
 from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream
@@ -162,21 +164,30 @@ class Dispatcher:
             result = stored_response(reply)
             await record(f"the reply to job {job.id}", lambda: self._store.finish(job.id, result))
             return
-        # Watched from now, while the mark commits: a short job's first look need not
-        # wait for that fsync (the harvester stores no result before the mark is in).
-        marked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._harvester.track(job, upstream_id, marked)
+        # Watched from now: its first look may find the result, and then no mark is
+        # needed (see Submission).
+        submission = Submission()
+        self._harvester.track(job, upstream_id, submission)
         self._handed.add(job.id)
         try:
-            marked.set_result(
+            await asyncio.wait([submission.looked], timeout=MARK_AFTER)
+            if submission.storing is not None:
+                # The claim holds until the result's write takes the job out of state
+                # accepted: the next look must not send it again.
+                await asyncio.wait([submission.storing])
+                self._metrics["jobs_submitted_total"] += 1
+                return
+            submission.marking = True
+            submission.marked.set_result(
                 await record(
                     f"job {job.id} as submitted",
                     lambda: self._store.mark_submitted(job.id, upstream_id),
                 )
             )
         finally:
-            marked.cancel()  # (no-op once set) shutdown: the harvester must not wait
-        if marked.result():
+            # (no-op once set) shutdown: the harvester must not wait
+            submission.marked.cancel()
+        if submission.marked.result():
             self._metrics["jobs_submitted_total"] += 1
         else:
             # Cancelled while we were sending it: ArangoDB must not keep it either.

@@ -46,7 +46,8 @@ T = TypeVar("T")
 
 POLL_MIN = 0.005
 POLL_MAX = 0.5
-NEW_JOB_DELAY = 0.001  # a new job's first look: it has been at ArangoDB for a commit already
+NEW_JOB_DELAY = 0.001  # a new job's first look
+MARK_AFTER = 0.02  # seconds a job just sent waits for its first look before its mark
 LOST_CHECK_INTERVAL = 1.0
 LIST_SLACK = 1000  # other clients of the same user may have results waiting too
 FETCH_CONCURRENCY = 32
@@ -75,6 +76,12 @@ def lost_response(upstream_id: str, policy: str) -> StoredResponse:
     )
 
 
+def _is_final(reply: Reply) -> bool:
+    """A result, or ArangoDB no longer accepts the job's credentials: either way
+    the answer the client gets."""
+    return "x-arango-async-id" in reply.headers or reply.status in (401, 403)
+
+
 class _Refused(Exception):
     """ArangoDB refused the credentials a job list was asked with (401/403)."""
 
@@ -101,6 +108,34 @@ async def record(what: str, write: Callable[[], Awaitable[T]]) -> T:
         delay = min(RECORD_RETRY_MAX, delay * 2)
 
 
+class Submission:
+    """A job just sent, between ArangoDB's 202 and the store's record of it.
+
+    Most jobs are short: the harvester's first look, a millisecond after the 202,
+    finds the result, which is then stored straight from state accepted: one write
+    instead of two (submitted, then done), and the result does not wait for the
+    other's commit. A job still running at its first look, or not looked at within
+    MARK_AFTER, is marked submitted by the dispatcher; a result fetched after the
+    mark began waits for it. Until one of the two writes commits, the store says
+    accepted, and a proxy killed then sends the job again on its next start (as
+    when it dies between the 202 and the mark; README, Guarantees)."""
+
+    __slots__ = ("looked", "marked", "marking", "storing")
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        # set at the harvester's first answer about the job (result or not)
+        self.looked: asyncio.Future[None] = loop.create_future()
+        self.marking = False  # the dispatcher began the mark: results wait for it
+        # the mark's outcome: False if the job was cancelled while being sent
+        self.marked: asyncio.Future[bool] = loop.create_future()
+        self.storing: asyncio.Task[None] | None = None  # the result came first: its write
+
+    def answered(self) -> None:
+        if not self.looked.done():
+            self.looked.set_result(None)
+
+
 @dataclass(frozen=True, slots=True)
 class Tracked:
     job_id: int
@@ -108,18 +143,19 @@ class Tracked:
     user: str
     auth: str | None
     method: str
-    # the dispatcher's write of state submitted; None when read back as submitted
-    marked: asyncio.Future[bool] | None = None
+    # just sent by the dispatcher; None when read back as submitted
+    submission: Submission | None = None
 
     async def submitted(self) -> bool:
         """Waits for the mark: False if the job was cancelled while being sent (the
         dispatcher abandons it). A mark cancelled by a shutdown may or may not have
         committed: True, and the write that follows checks the state itself."""
-        if self.marked is None:
+        if self.submission is None:
             return True
-        if not self.marked.done():
-            await asyncio.wait([self.marked])  # never cancels the mark, nor raises its cancel
-        return self.marked.cancelled() or self.marked.result()
+        marked = self.submission.marked
+        if not marked.done():
+            await asyncio.wait([marked])  # never cancels the mark, nor raises its cancel
+        return marked.cancelled() or marked.result()
 
 
 class Harvester:
@@ -154,9 +190,9 @@ class Harvester:
         """Jobs at ArangoDB: sent, their results not fetched yet."""
         return len(self._jobs)
 
-    def track(self, job: Job, upstream_id: str, marked: asyncio.Future[bool] | None = None) -> None:
-        """Watch a job at ArangoDB; `marked`: its write of state submitted, if under way."""
-        tracked = Tracked(job.id, upstream_id, job.user, job.auth, job.method, marked)
+    def track(self, job: Job, upstream_id: str, submission: Submission | None = None) -> None:
+        """Watch a job at ArangoDB; `submission`: it was just sent (not yet recorded)."""
+        tracked = Tracked(job.id, upstream_id, job.user, job.auth, job.method, submission)
         self._jobs[upstream_id] = tracked
         self._fresh.append(tracked)
         self._youngest = time.monotonic()
@@ -303,31 +339,41 @@ class Harvester:
                 )
             except UpstreamFailure as failure:
                 log.debug("cannot fetch job %d: %s", tracked.job_id, failure.message)
-                return
-        if "x-arango-async-id" in reply.headers or reply.status in (401, 403):
-            # A result, or ArangoDB no longer accepts the job's credentials:
-            # either way this is the answer the client gets. ArangoDB has handed the
-            # result over and forgotten the job: its slot is free at once (and no
-            # fetch must ask for it again: that would be a 404, "lost"). Storing the
-            # result goes on beside the next ticks, which need not wait for commits.
+                reply = None
+        submission = tracked.submission
+        if reply is not None and _is_final(reply):
+            # ArangoDB has handed the result over and forgotten the job: its slot is
+            # free at once (and no fetch must ask for it again: that would be a 404,
+            # "lost"). Storing the result goes on beside the next ticks, which need
+            # not wait for commits.
             self._untrack(tracked)
-            storing = asyncio.create_task(self._store_result(tracked, stored_response(reply)))
+            first = submission is not None and not submission.marking
+            storing = asyncio.create_task(
+                self._store_result(tracked, stored_response(reply), first=first)
+            )
             self._storing.add(storing)
             storing.add_done_callback(self._storing.discard)
-        elif reply.status == 404 and await tracked.submitted():
+            if submission is not None and first:
+                submission.storing = storing
+        if submission is not None:
+            submission.answered()  # result or not, the dispatcher need wait no longer
+        if reply is not None and reply.status == 404 and await tracked.submitted():
             # (not submitted: cancelled while being sent, the dispatcher deals with it)
             await self._lost(tracked)
 
-    async def _store_result(self, tracked: Tracked, result: StoredResponse) -> None:
-        """ArangoDB no longer has it: store it or it is gone."""
+    async def _store_result(self, tracked: Tracked, result: StoredResponse, *, first: bool) -> None:
+        """ArangoDB no longer has it: store it or it is gone. `first`: before any mark
+        (see Submission), so the job is still accepted in the store."""
         try:
-            if not await tracked.submitted():
+            if first:
+                states = (JobState.ACCEPTED,)
+            elif await tracked.submitted():
+                states = (JobState.SUBMITTED,)
+            else:
                 return  # cancelled while being sent: the dispatcher deals with it
             await record(
                 f"the result of job {tracked.job_id}",
-                lambda: self._store.finish(
-                    tracked.job_id, result, from_states=(JobState.SUBMITTED,)
-                ),
+                lambda: self._store.finish(tracked.job_id, result, from_states=states),
             )
         except Exception:
             log.exception("storing the result of job %d failed", tracked.job_id)

@@ -165,11 +165,16 @@ async def test_bare_503_is_retried(
     assert refusals == 0
 
 
-async def test_cancelled_while_being_submitted_is_abandoned_upstream(
+async def test_cancelled_while_being_submitted_and_still_running_is_abandoned_upstream(
     fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
     upstream, url = fake
     upstream.release.clear()  # the 202 hangs until the job is cancelled here
+
+    async def running(upstream_id: str) -> web.Response:
+        return web.Response(status=204)
+
+    upstream.fetch_reply = running  # the first look finds it running: it is marked
     jobs = Client(http, await start_proxy(url))
     job_id = await jobs.submit("GET", "/_api/version")
     await asyncio.sleep(0.1)
@@ -178,12 +183,31 @@ async def test_cancelled_while_being_submitted_is_abandoned_upstream(
     upstream.release.set()
     answer = await jobs.result(job_id)
     assert (answer.status, answer.json["errorNum"]) == (410, 21)
-    for _ in range(100):
-        if ("DELETE", "/_api/job/901") in upstream.seen:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: ("DELETE", "/_api/job/901") in upstream.seen)
     assert ("PUT", "/_api/job/901/cancel") in upstream.seen
-    assert ("DELETE", "/_api/job/901") in upstream.seen
+
+
+async def test_cancelled_while_being_submitted_and_done_at_once_keeps_the_cancel(
+    fake: tuple[FakeArango, str],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first look fetches the result (ArangoDB forgets the job then): the
+    cancellation stands, the result goes nowhere, and there is nothing to abandon."""
+    upstream, url = fake
+    upstream.release.clear()
+    jobs = Client(http, await start_proxy(url))
+    job_id = await jobs.submit("GET", "/_api/version")
+    await asyncio.sleep(0.1)
+    assert (await jobs.call("PUT", f"/_api/job/{job_id}/cancel")).json == {"result": True}
+    upstream.release.set()
+    await eventually(lambda: ("PUT", "/_api/job/901") in upstream.seen)
+    await asyncio.sleep(harvester.MARK_AFTER * 5)  # a mark, or a late write, would be in
+    answer = await jobs.result(job_id)
+    assert (answer.status, answer.json["errorNum"]) == (410, 21)
+    assert ("PUT", "/_api/job/901/cancel") not in upstream.seen
+    assert ("DELETE", "/_api/job/901") not in upstream.seen
 
 
 async def test_refused_harvest_becomes_the_result(
@@ -298,8 +322,10 @@ class FailFirst:
         self.method = method
         self.left = left
         self.error = error
+        self.calls = 0
 
     async def __call__(self, *args: Any) -> Any:
+        self.calls += 1
         if self.left:
             self.left -= 1
             raise StoreError(f"{self.error} (injected)")
@@ -312,8 +338,10 @@ class HeldBack:
     def __init__(self, method: Callable[..., Awaitable[Any]], release: asyncio.Event) -> None:
         self.method = method
         self.release = release
+        self.calls = 0
 
     async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
         await self.release.wait()
         return await self.method(*args, **kwargs)
 
@@ -357,41 +385,64 @@ async def test_recording_a_submission_is_retried_not_sent_again(
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """ArangoDB took the job, then the store fails to record it (mocked: SQLite cannot
-    be made to fail one statement on demand): the write is retried, the job is not
-    sent a second time."""
+    """ArangoDB took the job, still running at its first look, then the store fails
+    to record it (mocked: SQLite cannot be made to fail one statement on demand): the
+    write is retried, the job is not sent a second time."""
     app, base = proxy_app
     failing = FailFirst(app[STORE].mark_submitted, 2, "database or disk is full")
     monkeypatch.setattr(app[STORE], "mark_submitted", failing)
     jobs = Client(http, base)
-    answer = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN 1"})
+    answer = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.2)"})
     assert (await jobs.result(answer)).status == 201
     assert failing.left == 0
     assert standin.executed[("POST", "/_api/cursor")] == 1
 
 
-async def test_a_new_job_is_looked_at_while_its_submission_commits(
+async def test_a_job_done_at_its_first_look_is_never_marked_submitted(
     standin: StandIn,
     proxy_app: tuple[web.Application, str],
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The first look need not wait for the write of state submitted; the result is
-    stored only after that write (the store's states never go backwards)."""
+    """Its result is stored straight from state accepted: one write, not two."""
+    app, base = proxy_app
+    store = app[STORE]
+    marks = FailFirst(store.mark_submitted, 0, "")  # (fails none: counts the calls)
+    monkeypatch.setattr(store, "mark_submitted", marks)
+    jobs = Client(http, base)
+    ids = [await jobs.submit("GET", "/_api/version") for _ in range(5)]
+    for job_id in ids:
+        assert (await jobs.result(job_id)).status == 200
+    assert marks.calls == 0
+    assert standin.executed[("GET", "/_api/version")] == len(ids)
+    # (counted in the worker process, when there is one: its counts arrive every 0.1 s)
+    await eventually(lambda: app[METRICS]["jobs_submitted_total"] == len(ids))
+
+
+async def test_a_result_after_the_mark_began_waits_for_it(
+    standin: StandIn,
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job still running at its first look is marked submitted; its result, fetched
+    while that write is held, is stored only after it (states never go backwards)."""
     app, base = proxy_app
     store = app[STORE]
     held = asyncio.Event()
-    monkeypatch.setattr(store, "mark_submitted", HeldBack(store.mark_submitted, held))
+    marks = HeldBack(store.mark_submitted, held)
+    monkeypatch.setattr(store, "mark_submitted", marks)
     jobs = Client(http, base)
-    job_id = await jobs.submit("GET", "/_api/version")
+    job_id = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.2)"})
     # fetched from the stand-in (which then forgets it) while still accepted here
-    await eventually(lambda: standin.executed[("GET", "/_api/version")] == 1)
+    await eventually(lambda: standin.executed[("POST", "/_api/cursor")] == 1)
+    await eventually(lambda: marks.calls == 1)
     await eventually(lambda: not standin.jobs.entries)
     assert await store.state(int(job_id), None) is JobState.ACCEPTED
     held.set()
     answer = await jobs.result(job_id)
-    assert answer.status == 200
-    assert standin.executed[("GET", "/_api/version")] == 1
+    assert answer.status == 201
+    assert standin.executed[("POST", "/_api/cursor")] == 1
 
 
 async def test_new_job_is_harvested_without_waiting_out_a_long_poll(
