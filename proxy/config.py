@@ -104,10 +104,6 @@ class JobsConfig:
     # its own interpreter (they do not take turns with the requests for
     # Python's one lock), or "inline", in the proxy's own process.
     workers: str = "process"
-    # How much lower the worker process's CPU priority is than the proxy's
-    # (a nice increment, 0-19): higher favours accepting a burst over
-    # dispatching (see README, Configuration).
-    worker_nice: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,7 +124,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SYNCHRONOUS = ("FULL", "NORMAL")
 LOST_JOB_POLICIES = ("rerun", "rerun-safe", "fail")
 WORKERS = ("process", "inline")
-MAX_NICE = 19  # Linux's lowest priority
 
 
 def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -215,10 +210,6 @@ def _validate(config: Config) -> None:
     _one_of("storage.synchronous", config.storage.synchronous, SYNCHRONOUS)
     _one_of("jobs.lost_job_policy", config.jobs.lost_job_policy, LOST_JOB_POLICIES)
     _one_of("jobs.workers", config.jobs.workers, WORKERS)
-    if not 0 <= config.jobs.worker_nice <= MAX_NICE:
-        raise ConfigError(
-            f"jobs.worker_nice: expected 0 to {MAX_NICE}, got {config.jobs.worker_nice}"
-        )
     server = config.server
     if bool(server.tls_cert) != bool(server.tls_key):
         have, missing = ("tls_cert", "tls_key") if server.tls_cert else ("tls_key", "tls_cert")

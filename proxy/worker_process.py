@@ -344,7 +344,6 @@ class _Child:
         kind, config, credentials = await self._inbox.get()
         assert kind == "start"
         _configure(config)
-        os.nice(config.jobs.worker_nice)  # relative to the proxy's; see JobsConfig
         upstream = Upstream(config.upstream)
         await upstream.start()
         workers = Workers(

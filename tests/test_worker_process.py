@@ -82,25 +82,6 @@ async def test_jobs_run_and_are_counted_as_in_one_process(
     assert int(status(child_of(app))[1]) == os.getpid()
 
 
-@pytest.mark.parametrize("nice", [0, 7])
-async def test_the_worker_process_runs_at_the_configured_lower_priority(
-    standin: StandIn,
-    serve_proxy: Callable[..., Awaitable[str]],
-    tmp_path: Path,
-    http: aiohttp.ClientSession,
-    nice: int,
-) -> None:
-    jobs = {"workers": "process", "worker_nice": nice}
-    app = create_app(proxy_config(standin.url, tmp_path / "data", jobs=jobs))
-    client = Client(http, await serve_proxy(app))
-    # a job done: the child has taken its configuration (and its priority) by then
-    job_id = await client.submit("GET", "/_api/version")
-    await client.wait_done(job_id)
-    ours = os.getpriority(os.PRIO_PROCESS, 0)
-    assert os.getpriority(os.PRIO_PROCESS, child_of(app)) == min(19, ours + nice)
-    assert os.getpriority(os.PRIO_PROCESS, 0) == ours  # the proxy's own is left alone
-
-
 async def test_a_job_for_the_job_api_is_run_by_the_proxy(
     proxy_app: tuple[web.Application, str], http: aiohttp.ClientSession
 ) -> None:
