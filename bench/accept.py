@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from common import (
+    CpuMeter,
     Load,
     ServerProcess,
     StandInProcess,
@@ -51,7 +52,7 @@ def single_commit_rate(folder: Path, seconds: float) -> float:
     return commits / elapsed
 
 
-async def accepts(url: str, clients: int, seconds: float) -> Load:
+async def accepts(url: str, clients: int, seconds: float, meter: CpuMeter | None = None) -> Load:
     return await load(
         url + "/_api/version",
         method="PUT",
@@ -59,6 +60,7 @@ async def accepts(url: str, clients: int, seconds: float) -> Load:
         expect=202,
         clients=clients,
         seconds=seconds,
+        meter=meter,
     )
 
 
@@ -80,8 +82,10 @@ async def main() -> None:
             bare_server.stop()
         standin = StandInProcess.start("--no-auth", "--workers", "4", "--queue-size", "4096")
         proxy = start_proxy(standin.url, folder, args.workers)
+        meter = CpuMeter(proxy, standin)
         try:
-            durable = await accepts(proxy.url, args.clients, args.seconds)
+            durable = await accepts(proxy.url, args.clients, args.seconds, meter)
+            cpu = meter.per_job(durable.requests, durable.seconds)
         finally:
             proxy.stop()
             standin.stop()
@@ -95,6 +99,7 @@ async def main() -> None:
     print(f"ratio accepts / single-commit rate: {durable.rate / fsync_rate:.2f}")
     print(f"ratio bare aiohttp / single-commit rate (ceiling): {bare.rate / fsync_rate:.2f}")
     print(f"ratio accepts / bare aiohttp: {durable.rate / bare.rate:.2f}")
+    print(cpu)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -121,6 +123,58 @@ def wrk(
     return Load(int(requests[1]), elapsed, _seconds(p50[1]), _seconds(p99[1]), "wrk")
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(stat: Path) -> float:
+    """User + system CPU of a process or thread, from its /proc stat file."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+class CpuMeter:
+    """CPU seconds spent during a load, by part: the proxy's loop (its main thread),
+    its SQLite threads (writer, reader), its worker process, the stand-in, and the
+    load generator (this process, and wrk as its child). Read from /proc (Linux).
+
+    What it is for: on two cores every part takes from the others, so the figure
+    that explains a rate is the CPU per job of each part (README, Benchmarks)."""
+
+    def __init__(self, proxy: ProxyProcess, standin: ServerProcess) -> None:
+        self._proxy = proxy.proc.pid
+        self._standin = standin.proc.pid
+        self._start: dict[str, float] = {}
+
+    def _read(self) -> dict[str, float]:
+        proxy = Path(f"/proc/{self._proxy}")
+        threads = {int(t.name): _cpu_seconds(t / "stat") for t in (proxy / "task").iterdir()}
+        loop = threads.pop(self._proxy)
+        children = (proxy / "task" / str(self._proxy) / "children").read_text().split()
+        mine, waited = (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+        return {
+            "proxy loop": loop,
+            "proxy SQLite threads": sum(threads.values()),
+            "worker process": sum(_cpu_seconds(Path(f"/proc/{c}/stat")) for c in children),
+            "stand-in": _cpu_seconds(Path(f"/proc/{self._standin}/stat")),
+            "load generator": mine.ru_utime + mine.ru_stime + waited.ru_utime + waited.ru_stime,
+        }
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def per_job(self, jobs: int, seconds: float) -> str:
+        """Since start(): each part's CPU per job (us) and share of a core (%)."""
+        now = self._read()
+        parts = []
+        for name, cpu in now.items():
+            used = cpu - self._start[name]
+            parts.append(f"{name} {used / jobs * 1e6:.0f} us ({used / seconds * 100:.0f} %)")
+        return "CPU per job (share of one core): " + ", ".join(parts)
+
+
 def start_proxy(upstream: str, folder: Path, workers: str = "process") -> ProxyProcess:
     """The proxy's command on `folder`, with dispatcher and harvester where `workers` says
     (jobs.workers: "process" or "inline")."""
@@ -142,11 +196,21 @@ def add_workers_option(parser: argparse.ArgumentParser) -> None:
 
 
 async def load(
-    url: str, *, method: str, headers: dict[str, str], expect: int, clients: int, seconds: float
+    url: str,
+    *,
+    method: str,
+    headers: dict[str, str],
+    expect: int,
+    clients: int,
+    seconds: float,
+    meter: CpuMeter | None = None,
 ) -> Load:
-    """The same fixed request from `clients` connections for `seconds`, after a warm-up."""
+    """The same fixed request from `clients` connections for `seconds`, after a warm-up
+    (`meter` starts after it)."""
     measured = wrk(url, method=method, headers=headers, clients=clients, seconds=1)
     if measured is not None:
+        if meter is not None:
+            meter.start()
         measured = wrk(url, method=method, headers=headers, clients=clients, seconds=seconds)
         assert measured is not None
         return measured
@@ -157,10 +221,13 @@ async def load(
             assert resp.status == expect, resp.status
 
     await closed_loop(call, clients=clients, seconds=1.0)
+    if meter is not None:
+        meter.start()
     return await closed_loop(call, clients=clients, seconds=seconds)
 
 
 __all__ = [
+    "CpuMeter",
     "Load",
     "ProxyProcess",
     "ServerProcess",

@@ -25,7 +25,14 @@ import tempfile
 from pathlib import Path
 
 import aiohttp
-from common import Load, StandInProcess, add_workers_option, closed_loop, start_proxy
+from common import (
+    CpuMeter,
+    Load,
+    StandInProcess,
+    add_workers_option,
+    closed_loop,
+    start_proxy,
+)
 
 
 async def submit(session: aiohttp.ClientSession, base: str) -> str:
@@ -46,7 +53,12 @@ async def fetch(session: aiohttp.ClientSession, base: str, job_id: str) -> None:
         await asyncio.sleep(0.002)
 
 
-async def jobs_per_second(base: str, clients: int, batch: int, seconds: float) -> Load:
+async def jobs_per_second(
+    base: str, clients: int, batch: int, seconds: float, meter: CpuMeter | None = None
+) -> tuple[Load, str]:
+    """The batch load's jobs/s with the latency of one job at a time; with `meter`, the
+    CPU per job of each part during the batch load."""
+
     async def one_batch(session: aiohttp.ClientSession) -> None:
         job_ids = [await submit(session, base) for _ in range(batch)]
         for job_id in job_ids:
@@ -56,9 +68,13 @@ async def jobs_per_second(base: str, clients: int, batch: int, seconds: float) -
         await fetch(session, base, await submit(session, base))
 
     await closed_loop(one_batch, clients=clients, seconds=1.0)  # warm-up
+    if meter is not None:
+        meter.start()
     batches = await closed_loop(one_batch, clients=clients, seconds=seconds)
+    jobs = batches.requests * batch
+    cpu = "" if meter is None else meter.per_job(jobs, batches.seconds)
     latency = await closed_loop(one_job, clients=1, seconds=min(seconds, 2.0))
-    return Load(batches.requests * batch, batches.seconds, latency.p50, latency.p99, "aiohttp")
+    return Load(jobs, batches.seconds, latency.p50, latency.p99, "aiohttp"), cpu
 
 
 async def main() -> None:
@@ -72,9 +88,12 @@ async def main() -> None:
         standin = StandInProcess.start("--no-auth", "--workers", "4", "--queue-size", "4096")
         proxy = start_proxy(standin.url, Path(tmp), args.workers)
         try:
+            meter = CpuMeter(proxy, standin)
             for clients in args.clients:
-                direct = await jobs_per_second(standin.url, clients, args.batch, args.seconds)
-                through = await jobs_per_second(proxy.url, clients, args.batch, args.seconds)
+                direct, _ = await jobs_per_second(standin.url, clients, args.batch, args.seconds)
+                through, cpu = await jobs_per_second(
+                    proxy.url, clients, args.batch, args.seconds, meter
+                )
                 print(
                     f"end-to-end store jobs, {clients} clients x batches of {args.batch}, "
                     f"{args.seconds:.0f} s each, jobs.workers = {args.workers}; "
@@ -88,6 +107,7 @@ async def main() -> None:
                     "median latency the proxy adds per job (dispatch, harvest, fsyncs): "
                     f"{added:.1f} ms"
                 )
+                print(cpu)
         finally:
             proxy.stop()
             standin.stop()
