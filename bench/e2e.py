@@ -54,10 +54,10 @@ async def fetch(session: aiohttp.ClientSession, base: str, job_id: str) -> None:
 
 
 async def jobs_per_second(
-    base: str, clients: int, batch: int, seconds: float, meter: CpuMeter | None = None
+    base: str, clients: int, batch: int, seconds: float, meter: CpuMeter
 ) -> tuple[Load, str]:
-    """The batch load's jobs/s with the latency of one job at a time; with `meter`, the
-    CPU per job of each part during the batch load."""
+    """The batch load's jobs/s with the latency of one job at a time, and the CPU per
+    job of each part during the batch load."""
 
     async def one_batch(session: aiohttp.ClientSession) -> None:
         job_ids = [await submit(session, base) for _ in range(batch)]
@@ -68,11 +68,10 @@ async def jobs_per_second(
         await fetch(session, base, await submit(session, base))
 
     await closed_loop(one_batch, clients=clients, seconds=1.0)  # warm-up
-    if meter is not None:
-        meter.start()
+    meter.start()
     batches = await closed_loop(one_batch, clients=clients, seconds=seconds)
     jobs = batches.requests * batch
-    cpu = "" if meter is None else meter.per_job(jobs, batches.seconds)
+    cpu = meter.per_job(jobs, batches.seconds)
     latency = await closed_loop(one_job, clients=1, seconds=min(seconds, 2.0))
     return Load(jobs, batches.seconds, latency.p50, latency.p99, "aiohttp"), cpu
 
@@ -90,7 +89,9 @@ async def main() -> None:
         try:
             meter = CpuMeter(proxy, standin)
             for clients in args.clients:
-                direct, _ = await jobs_per_second(standin.url, clients, args.batch, args.seconds)
+                direct, direct_cpu = await jobs_per_second(
+                    standin.url, clients, args.batch, args.seconds, meter
+                )
                 through, cpu = await jobs_per_second(
                     proxy.url, clients, args.batch, args.seconds, meter
                 )
@@ -107,7 +108,8 @@ async def main() -> None:
                     "median latency the proxy adds per job (dispatch, harvest, fsyncs): "
                     f"{added:.1f} ms"
                 )
-                print(cpu)
+                print(f"direct: {direct_cpu}")
+                print(f"through the proxy: {cpu}")
         finally:
             proxy.stop()
             standin.stop()
