@@ -188,10 +188,7 @@ async def test_cancelled_while_being_submitted_and_still_running_is_abandoned_up
 
 
 async def test_cancelled_while_being_submitted_and_done_at_once_keeps_the_cancel(
-    fake: tuple[FakeArango, str],
-    start_proxy: ProxyFactory,
-    http: aiohttp.ClientSession,
-    monkeypatch: pytest.MonkeyPatch,
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
     """The first look fetches the result (ArangoDB forgets the job then): the
     cancellation stands, the result goes nowhere, and there is nothing to abandon."""
