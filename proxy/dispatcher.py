@@ -164,6 +164,7 @@ class Dispatcher:
             result = stored_response(reply)
             await record(f"the reply to job {job.id}", lambda: self._store.finish(job.id, result))
             return
+        self._metrics["jobs_submitted_total"] += 1
         # Watched from now: its first look may find the result, and then no mark is
         # needed (see Submission).
         submission = Submission()
@@ -175,7 +176,6 @@ class Dispatcher:
                 # The claim holds until the result's write takes the job out of state
                 # accepted: the next look must not send it again.
                 await asyncio.wait([submission.storing])
-                self._metrics["jobs_submitted_total"] += 1
                 return
             submission.marking = True
             submission.marked.set_result(
@@ -187,9 +187,7 @@ class Dispatcher:
         finally:
             # (no-op once set) shutdown: the harvester must not wait
             submission.marked.cancel()
-        if submission.marked.result():
-            self._metrics["jobs_submitted_total"] += 1
-        else:
+        if not submission.marked.result():
             # Cancelled while we were sending it: ArangoDB must not keep it either.
             self._harvester.forget(upstream_id)
             await self._abandon(job, upstream_id)
