@@ -13,8 +13,10 @@ when it finishes, exactly like a fire-and-forget job.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
+from operator import attrgetter
+from typing import Any
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -89,6 +91,25 @@ class StoredResponse:
     status: int
     headers: Headers
     body: bytes
+
+
+def _pickled_as_fields(cls: type[Any]) -> None:
+    """Pickle instances of the dataclass `cls` as (cls, field values).
+
+    Jobs and responses cross the socket to the worker process by the thousand a
+    second; a slots dataclass pickles through Python-level __getstate__ and
+    __setstate__ (a dict of fields per object), which took about three times as long.
+    """
+    values = attrgetter(*(field.name for field in fields(cls)))
+
+    def reduce(self: Any) -> tuple[type[Any], tuple[Any, ...]]:
+        return cls, values(self)
+
+    cls.__reduce__ = reduce  # type: ignore[assignment]
+
+
+_pickled_as_fields(Job)
+_pickled_as_fields(StoredResponse)
 
 
 @dataclass(frozen=True, slots=True)
