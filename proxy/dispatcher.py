@@ -171,7 +171,7 @@ class Dispatcher:
         self._harvester.track(job, upstream_id, submission)
         self._handed.add(job.id)
         try:
-            await asyncio.wait([submission.looked], timeout=MARK_AFTER)
+            await submission.first_look(MARK_AFTER)
             if submission.storing is not None:
                 # The claim holds until the result's write takes the job out of state
                 # accepted: the next look must not send it again.

@@ -442,6 +442,38 @@ async def test_a_result_after_the_mark_began_waits_for_it(
     assert standin.executed[("POST", "/_api/cursor")] == 1
 
 
+async def test_a_job_whose_first_look_is_late_is_marked_submitted_meanwhile(
+    fake: tuple[FakeArango, str],
+    serve_proxy: Callable[[web.Application], Awaitable[str]],
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """The first look's fetch hangs: the dispatcher does not wait for it longer than
+    MARK_AFTER, and records the job as submitted (a restart would then harvest it,
+    not send it again); the result, when it comes, is stored after that."""
+    upstream, url = fake
+    held = asyncio.Event()
+
+    async def late(upstream_id: str) -> web.Response:
+        await held.wait()
+        return web.json_response({"late": upstream_id}, headers={"x-arango-async-id": upstream_id})
+
+    upstream.fetch_reply = late
+    app = create_app(proxy_config(url, tmp_path / "data"))
+    jobs = Client(http, await serve_proxy(app))
+    job_id = int(await jobs.submit("GET", "/_api/version"))
+    await eventually(lambda: ("PUT", "/_api/job/901") in upstream.seen)  # the look began
+    store = app[STORE]
+    for _ in range(100):
+        if await store.state(job_id, None) is JobState.SUBMITTED:
+            break
+        await asyncio.sleep(harvester.MARK_AFTER / 4)
+    else:
+        pytest.fail("not marked submitted while its first look was under way")
+    held.set()
+    assert (await jobs.result(str(job_id))).json == {"late": "901"}
+
+
 async def test_new_job_is_harvested_without_waiting_out_a_long_poll(
     fake: tuple[FakeArango, str],
     start_proxy: ProxyFactory,
