@@ -92,26 +92,29 @@ def _seconds(text: str) -> float:
     return float(match[1]) * _UNITS[match[2]]
 
 
+def run_wrk(*args: str) -> str | None:
+    """wrk's report for `args`, or None when wrk is not installed. Any answer other
+    than 2xx or 3xx fails the benchmark."""
+    if shutil.which("wrk") is None:
+        return None
+    out = subprocess.run(["wrk", *args], capture_output=True, text=True, check=True).stdout
+    assert "Non-2xx or 3xx responses" not in out, f"wrk saw failed requests:\n{out}"
+    return out
+
+
 def wrk(
     url: str, *, method: str, headers: dict[str, str], clients: int, seconds: float
 ) -> Load | None:
     """Load from wrk, or None when wrk is not installed."""
-    if shutil.which("wrk") is None:
-        return None
     script = f'wrk.method = "{method}"\n' + "".join(
         f'wrk.headers["{name}"] = "{value}"\n' for name, value in headers.items()
     )
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as lua:
         lua.write(script)
         lua.flush()
-        out = subprocess.run(
-            ["wrk", "-t1", f"-c{clients}", f"-d{seconds:.0f}s", "--latency", "-s", lua.name, url],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    assert errors is None, f"wrk saw failed requests:\n{out}"
+        out = run_wrk("-t1", f"-c{clients}", f"-d{seconds:.0f}s", "--latency", "-s", lua.name, url)
+    if out is None:
+        return None
     requests = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s)", out)
     # at a line's start: the stats table above has percentages too ("+/- Stdev 68.50%")
     p50 = re.search(r"^\s*50%\s+(\S+)", out, re.MULTILINE)
@@ -236,6 +239,7 @@ __all__ = [
     "closed_loop",
     "free_port",
     "load",
+    "run_wrk",
     "start_proxy",
     "wrk",
 ]
