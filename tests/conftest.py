@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,40 @@ from tests.processes import ProxyProcess
 pytest_plugins = ["tests.standin.pytest_plugin"]
 
 ProxyFactory = Callable[..., Awaitable[str]]
+
+STACKS_BEFORE_TIMEOUT = 5.0  # seconds before pytest-timeout fails a test
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    """Shortly before pytest-timeout stops a test, print the stack of every asyncio
+    task of the test's loop. Its own dump shows the threads only: a hung async test
+    is an idle loop in select(), and the task stacks show which await never ended."""
+    seconds = float(item.config.getini("timeout") or 0) - STACKS_BEFORE_TIMEOUT
+    timer = threading.Timer(seconds, _print_task_stacks, (threading.main_thread().ident,))
+    timer.daemon = True
+    if seconds > 0:
+        timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _print_task_stacks(thread_id: int | None) -> None:
+    frame = sys._current_frames().get(thread_id or 0)
+    while frame is not None:
+        loop = frame.f_locals.get("self")
+        if isinstance(loop, asyncio.AbstractEventLoop):
+            loop.call_soon_threadsafe(_print_stacks, loop)
+            return
+        frame = frame.f_back
+
+
+def _print_stacks(loop: asyncio.AbstractEventLoop) -> None:
+    for task in asyncio.all_tasks(loop):
+        print(f"--- {task!r}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
 
 
 @pytest.fixture
