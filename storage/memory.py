@@ -13,6 +13,10 @@ store keeps, next to what it commits:
   one read per few hundred jobs, not one per look.
 - ``Fresh``: results stored and not fetched yet, up to a byte budget, for the
   job facade. An id missing here may still be in the file; one here always is.
+- ``Pending``: the owner and state of unfinished ``store`` jobs, up to a number
+  of jobs, for the job facade: a client polling ``GET``/``PUT /_api/job/{id}``
+  until its job is done gets its 204s without a read. Only jobs accepted since
+  the store opened; an id missing here may still be pending in the file.
 
 Both change only in the writer's commit callbacks (and in the store's reads),
 on the event loop's thread: they follow what is committed, never what is
@@ -25,7 +29,7 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Collection, Iterable
 
-from storage.records import Job, JobMode, StoredResponse
+from storage.records import Job, JobMode, JobState, StoredResponse
 
 # Small on purpose: the copies serve jobs that pass straight through. A backlog
 # (ArangoDB down, results nobody fetches yet) waits in the file, not in memory.
@@ -34,6 +38,7 @@ READY_MAX_BYTES = 4 * 1024 * 1024  # request bodies of the jobs kept, plus JOB_O
 READ_AHEAD = 256  # jobs a read of a backlog brings, room (jobs, bytes) allowing
 FRESH_MAX_BYTES = 4 * 1024 * 1024  # results kept for fetching (headers and bodies)
 FRESH_MAX_ONE = 64 * 1024  # a larger result is read from the file when fetched
+PENDING_MAX_JOBS = 32 * 1024  # about 4 MiB: an id, its owner (shared) and state each
 
 
 JOB_OVERHEAD = 1024  # bytes counted per job beside its body: headers, strings, the record
@@ -197,3 +202,34 @@ class Fresh:
         found = self._results.pop(job_id, None)
         if found is not None:
             self._bytes -= found.size
+
+
+class Pending:
+    """Owner and state of unfinished ``store`` jobs; past ``max_jobs`` new ones are
+    left to the file. Every way out of accepted and submitted removes the job here:
+    done (finish) and forgotten (a delete while unfinished)."""
+
+    def __init__(self, *, max_jobs: int = PENDING_MAX_JOBS) -> None:
+        self._jobs: dict[int, tuple[str, JobState]] = {}
+        self._max_jobs = max_jobs
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, job: Job) -> None:
+        """A job now accepted in the file."""
+        if job.mode is JobMode.STORE and len(self._jobs) < self._max_jobs:
+            self._jobs[job.id] = (job.user, JobState.ACCEPTED)
+
+    def get(self, job_id: int) -> tuple[str, JobState] | None:
+        return self._jobs.get(job_id)
+
+    def move(self, job_id: int, state: JobState) -> None:
+        """The job went from one unfinished state to the other."""
+        found = self._jobs.get(job_id)
+        if found is not None:
+            self._jobs[job_id] = (found[0], state)
+
+    def remove(self, job_id: int) -> None:
+        """The job is done, or forgotten."""
+        self._jobs.pop(job_id, None)

@@ -24,10 +24,10 @@ per million stored results), then changed by the sizes that the writes which
 store or remove results return. Summing it again per question would cost that
 55 ms every time the byte cap is checked, i.e. after every harvest.
 
-The dispatcher's accepted jobs and the facade's unfetched results are also kept in
-memory, within small budgets (``storage.memory``), updated by the commit callbacks:
-``next_accepted``, ``state`` and ``take_result`` read the file only for what those
-copies do not hold.
+The dispatcher's accepted jobs, the facade's unfetched results and the owners and
+states of unfinished jobs are also kept in memory, within small budgets
+(``storage.memory``), updated by the commit callbacks: ``next_accepted``, ``state``
+and ``take_result`` read the file only for what those copies do not hold.
 
 Retention (``expire_results``, ``evict_results``) removes done jobs only, oldest
 finished first, through the partial index on their finish time: a sweep that
@@ -51,7 +51,7 @@ from storage import rows, schema, sql
 from storage.errors import CapacityExceeded, StoreError
 from storage.folder import DataFolder
 from storage.limits import SizeLimit
-from storage.memory import JOB_OVERHEAD, READ_AHEAD, Fresh, Ready
+from storage.memory import JOB_OVERHEAD, READ_AHEAD, Fresh, Pending, Ready
 from storage.records import Job, JobMode, JobState, NewJob, Removed, StoredResponse
 from storage.rows import valid_id
 from storage.writer import OnCommit, Result, Statement, Want, Writer
@@ -105,6 +105,7 @@ class JobStore:
         self._ready = Ready()  # accepted jobs, for the dispatcher (storage.memory)
         self._ready.complete = unfinished == 0  # else the dispatcher's first look reads
         self._fresh = Fresh()  # results not fetched yet, for the facade
+        self._pending = Pending()  # unfinished jobs' owners and states, for the facade
         self._capacity = capacity
         self._closed = False
 
@@ -251,6 +252,7 @@ class JobStore:
         self._queued_accepts -= 1
         self._unfinished += 1
         self._ready.add((job,))
+        self._pending.add(job)
 
     def _accept_aborted(self) -> None:
         self._queued_accepts -= 1
@@ -296,20 +298,28 @@ class JobStore:
         if not valid_id(job_id):
             return False
         statement = Statement(sql.MARK_SUBMITTED, (rows.text_param(upstream_id), job_id))
-        # not accepted (any more), whatever the outcome
-        left = await self._write_count(statement, on_commit=lambda _: self._ready.remove(job_id))
+        left = await self._write_count(
+            statement, on_commit=lambda changed: self._submitted(job_id, changed)
+        )
         return left == 1
+
+    def _submitted(self, job_id: int, changed: Result) -> None:
+        self._ready.remove(job_id)  # not accepted (any more), whatever the outcome
+        if changed:
+            self._pending.move(job_id, JobState.SUBMITTED)
 
     async def requeue(self, job_id: int) -> bool:
         """submitted -> accepted (ArangoDB lost it), counting one more attempt."""
         if not valid_id(job_id):
             return False
         statement = Statement(sql.REQUEUE, (job_id,))
-        return await self._write_count(statement, on_commit=self._requeued) == 1
+        requeued = functools.partial(self._requeued, job_id)
+        return await self._write_count(statement, on_commit=requeued) == 1
 
-    def _requeued(self, changed: Result) -> None:
+    def _requeued(self, job_id: int, changed: Result) -> None:
         if changed:
             self._ready.complete = False  # read it back: the dispatcher has no copy
+            self._pending.move(job_id, JobState.ACCEPTED)
 
     async def finish(
         self,
@@ -353,6 +363,7 @@ class JobStore:
             return
         self._unfinished -= 1
         self._ready.remove(job_id)
+        self._pending.remove(job_id)
         [(mode, user)] = cast(list[Any], changed)
         if mode == JobMode.STORE:  # a forgotten job's row is gone with its result
             self._result_bytes += size
@@ -365,13 +376,24 @@ class JobStore:
 
     async def state(self, job_id: int, viewer: str | None) -> JobState | None:
         """The state of a visible job, None if there is none."""
+        self._check_open()  # (answers from memory too: not once closed)
         if not valid_id(job_id) or job_id in self._taken:
             return None
         fresh = self._fresh.get(job_id)
         if fresh is not None:
             return JobState.DONE if viewer is None or viewer == fresh.user else None
+        pending = self._pending.get(job_id)
+        if pending is not None:
+            return pending[1] if viewer is None or viewer == pending[0] else None
         found = await self._read(sql.SELECT_STATE, _by_id(job_id, viewer))
-        return JobState(found[0][0]) if found else None
+        if not found:
+            return None
+        state = JobState(found[0][0])
+        if state is JobState.DONE:
+            # (the read may have seen the finish commit before its callback ran: the
+            # copy in memory must not then answer "pending" to a later look)
+            self._pending.remove(job_id)
+        return state
 
     async def get(self, job_id: int, viewer: str | None) -> Job | None:
         """A visible job that is not done yet, else None."""
@@ -394,6 +416,7 @@ class JobStore:
         no row. A failed delete is retried until it commits; should the process die
         first, the job is back as done: a delivered result can reappear, none is lost.
         """
+        self._check_open()
         if not valid_id(job_id) or job_id in self._taken:
             return None
         fresh = self._fresh.get(job_id)
@@ -402,6 +425,8 @@ class JobStore:
                 return None
             self._taken.add(job_id)
             found: StoredResponse | JobState | None = fresh.response
+        elif (pending := self._pending.get(job_id)) is not None:
+            return pending[1] if viewer is None or viewer == pending[0] else None
         else:
             found = await self._reader_call(_claim_result, self._taken, _by_id(job_id, viewer))
             if found is None or isinstance(found, JobState):
@@ -528,6 +553,7 @@ class JobStore:
                 self._fresh.remove(job_id)
             else:
                 self._ready.forget(job_id)
+                self._pending.remove(job_id)  # forgotten: no one's to see any more
 
     # -- plumbing ----------------------------------------------------------------------
 
@@ -537,13 +563,16 @@ class JobStore:
     async def _reader_call(self, function: Callable[..., T], *args: Any) -> T:
         """`function(connection, *args)` on the reader's thread (aiosqlite has no public
         call for it; see storage.writer)."""
-        if self._closed:
-            raise StoreError("the job store is closed")
+        self._check_open()
         db = self._reader
         try:
             return cast(T, await db._execute(function, db._conn, *args))  # type: ignore[no-untyped-call]
         except sqlite3.Error as exc:
             raise StoreError(f"the job store could not read: {exc}") from exc
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("the job store is closed")
 
     async def _write_count(self, *statements: Statement, on_commit: OnCommit | None = None) -> int:
         future = self._writer.enqueue(*statements, want=Want.ROWCOUNT, on_commit=on_commit)

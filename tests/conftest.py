@@ -27,6 +27,7 @@ pytest_plugins = ["tests.standin.pytest_plugin"]
 ProxyFactory = Callable[..., Awaitable[str]]
 
 STACKS_BEFORE_TIMEOUT = 5.0  # seconds before pytest-timeout fails a test
+CALL_TIMEOUT = 30.0  # seconds: the longest one HTTP call of a test may take
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -154,8 +155,11 @@ async def store(data: Path) -> AsyncIterator[JobStore]:
 
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    """A client that changes nothing: no redirects followed, no decompression."""
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
+    """A client that changes nothing: no redirects followed, no decompression. A call
+    that hangs fails after CALL_TIMEOUT with its own traceback, well before the test's
+    timeout (aiohttp's default would wait 300 s)."""
+    timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT)
+    async with aiohttp.ClientSession(auto_decompress=False, timeout=timeout) as session:
         yield session
 
 

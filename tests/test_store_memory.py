@@ -4,12 +4,14 @@ The dispatcher's list of accepted jobs and the fetchable results kept in memory
 must always say what a read of the file says. Random rounds of concurrent
 operations (so writes share batches, and reads run while batches commit), then
 after each round: ``next_accepted`` equals the accepted rows of the file,
-``state`` of every job equals its row, and no result is handed out twice.
+``state`` of every job, for each viewer, equals its row, and no result is
+handed out twice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +21,7 @@ from typing import Any
 import pytest
 
 from storage import Job, JobMode, JobState, JobStore, StoredResponse
-from storage.memory import JOB_OVERHEAD, READ_AHEAD, READY_MAX_BYTES, Fresh, Ready
+from storage.memory import JOB_OVERHEAD, READ_AHEAD, READY_MAX_BYTES, Fresh, Pending, Ready
 from tests.test_store import RESULT, new_job, raw_rows
 
 USERS = ("alice", "bob")
@@ -32,10 +34,14 @@ def accepted_rows(data: Path) -> list[tuple[int, str]]:
 async def check_against_file(store: JobStore, data: Path, ids: list[int]) -> None:
     listed = [(job.id, job.mode.value) for job in await store.next_accepted(10**6)]
     assert listed == accepted_rows(data)
-    rows = dict(raw_rows(data, "SELECT id, CASE mode WHEN 'store' THEN state END FROM jobs"))
+    query = "SELECT id, user, CASE mode WHEN 'store' THEN state END FROM jobs"
+    rows = {job_id: (user, state) for job_id, user, state in raw_rows(data, query)}
     for job_id in ids:
-        expected = rows.get(job_id)
-        assert await store.state(job_id, None) == (None if expected is None else JobState(expected))
+        owner, state = rows.get(job_id, (None, None))
+        expected = None if state is None else JobState(state)
+        assert await store.state(job_id, None) == expected
+        for viewer in USERS:
+            assert await store.state(job_id, viewer) == (expected if viewer == owner else None)
 
 
 class Model:
@@ -149,6 +155,86 @@ async def test_a_fetch_served_from_memory_reads_nothing(
     assert await store.take_result(job_id, "alice") == RESULT
     assert await store.state(job_id, "alice") is None
     assert await store.take_result(job_id, "alice") is None
+
+
+async def test_polling_an_unfinished_job_reads_nothing(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[Any] = []
+    read = store._reader_call
+
+    async def counted(*args: Any) -> Any:
+        reads.append(args)
+        return await read(*args)
+
+    monkeypatch.setattr(store, "_reader_call", counted)
+    mine = await store.accept(new_job(user="alice"))
+    theirs = await store.accept(new_job(user="bob"))
+    forgotten = await store.accept(new_job(user="alice"))
+    seen_by = {None: JobState.ACCEPTED, "alice": JobState.ACCEPTED, "bob": None}
+    for viewer, expected in seen_by.items():
+        assert await store.state(mine, viewer) is expected
+        assert await store.take_result(mine, viewer) is expected
+    assert await store.mark_submitted(mine, "u1")
+    assert await store.state(mine, "alice") is JobState.SUBMITTED
+    assert await store.take_result(theirs, "alice") is None
+    assert await store.requeue(mine)
+    assert await store.take_result(mine, "alice") is JobState.ACCEPTED
+    assert reads == []
+    assert await store.delete(forgotten, "alice")  # forgotten: runs on, no one's any more
+    assert await store.state(forgotten, None) is None  # (read: the copy no longer has it)
+    reads.clear()
+    assert await store.finish(mine, RESULT)
+    assert await store.state(mine, "alice") is JobState.DONE
+    assert await store.take_result(mine, "alice") == RESULT
+    assert reads == []
+    assert await store.state(mine, "alice") is None  # fetched: gone
+
+
+async def test_unfinished_jobs_past_the_budget_or_from_before_a_restart_are_read(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await JobStore.open(data)
+    before = await store.accept(new_job())
+    await store.close()
+    monkeypatch.setattr("storage.store.Pending", functools.partial(Pending, max_jobs=1))
+    store = await JobStore.open(data)
+    try:
+        kept, past = await store.accept(new_job()), await store.accept(new_job())
+        reads = 0
+        read = store._reader_call
+
+        async def counted(*args: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await read(*args)
+
+        monkeypatch.setattr(store, "_reader_call", counted)
+        assert [await store.state(i, "alice") for i in (before, kept, past)] == [
+            JobState.ACCEPTED
+        ] * 3
+        assert reads == 2  # the one kept in memory needed none
+        assert await store.finish(past, RESULT)
+        assert await store.state(past, "alice") is JobState.DONE
+    finally:
+        await store.close()
+
+
+def test_pending_keeps_store_jobs_within_its_budget() -> None:
+    pending = Pending(max_jobs=2)
+    jobs = [new_job(mode=mode).accepted(i) for i, mode in enumerate(JobMode, start=1)]
+    for job in jobs:
+        pending.add(job)
+    assert [pending.get(job.id) for job in jobs] == [("alice", JobState.ACCEPTED), None]
+    pending.add(new_job().accepted(3))
+    pending.add(new_job().accepted(4))  # past the budget: left to the file
+    assert (len(pending), pending.get(4)) == (2, None)
+    pending.move(3, JobState.SUBMITTED)
+    pending.move(4, JobState.SUBMITTED)  # not here: stays so
+    assert (pending.get(3), pending.get(4)) == (("alice", JobState.SUBMITTED), None)
+    pending.remove(1)
+    pending.add(new_job().accepted(4))
+    assert pending.get(4) == ("alice", JobState.ACCEPTED)
 
 
 async def test_jobs_left_from_before_a_restart_are_read_from_the_file(data: Path) -> None:
