@@ -119,7 +119,7 @@ async def test_a_read_that_fails_raises_store_error(
     # Real damage from outside: someone drops the table under the running store.
     other_writer.execute("DROP TABLE jobs")
     with pytest.raises(StoreError, match="could not read: no such table: jobs") as failure:
-        await store.state(1, None)
+        await store.list_ids(done=False, viewer=None, limit=10)  # (state(1) is in memory)
     assert isinstance(failure.value.__cause__, sqlite3.OperationalError)
 
 
