@@ -381,10 +381,10 @@ class JobStore:
             return None
         fresh = self._fresh.get(job_id)
         if fresh is not None:
-            return JobState.DONE if viewer is None or viewer == fresh.user else None
+            return JobState.DONE if _sees(viewer, fresh.user) else None
         pending = self._pending.get(job_id)
         if pending is not None:
-            return pending[1] if viewer is None or viewer == pending[0] else None
+            return pending[1] if _sees(viewer, pending[0]) else None
         found = await self._read(sql.SELECT_STATE, _by_id(job_id, viewer))
         if not found:
             return None
@@ -421,12 +421,12 @@ class JobStore:
             return None
         fresh = self._fresh.get(job_id)
         if fresh is not None:
-            if viewer is not None and viewer != fresh.user:
+            if not _sees(viewer, fresh.user):
                 return None
             self._taken.add(job_id)
             found: StoredResponse | JobState | None = fresh.response
         elif (pending := self._pending.get(job_id)) is not None:
-            return pending[1] if viewer is None or viewer == pending[0] else None
+            return pending[1] if _sees(viewer, pending[0]) else None
         else:
             found = await self._reader_call(_claim_result, self._taken, _by_id(job_id, viewer))
             if found is None or isinstance(found, JobState):
@@ -586,6 +586,11 @@ class JobStore:
             *statements, want=Want.ROWS, on_commit=on_commit, scrubs=scrubs
         )
         return cast(list[Any], await future)
+
+
+def _sees(viewer: str | None, owner: str) -> bool:
+    """Whether `viewer` (None: the superuser) sees a job of `owner` (as VISIBLE)."""
+    return viewer is None or viewer == owner
 
 
 def _viewer(viewer: str | None) -> str | bytes | None:

@@ -157,9 +157,8 @@ async def test_a_fetch_served_from_memory_reads_nothing(
     assert await store.take_result(job_id, "alice") is None
 
 
-async def test_polling_an_unfinished_job_reads_nothing(
-    store: JobStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def count_reads(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The store's reads from now on (each call's arguments), as they happen."""
     reads: list[Any] = []
     read = store._reader_call
 
@@ -168,6 +167,13 @@ async def test_polling_an_unfinished_job_reads_nothing(
         return await read(*args)
 
     monkeypatch.setattr(store, "_reader_call", counted)
+    return reads
+
+
+async def test_polling_an_unfinished_job_reads_nothing(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = count_reads(store, monkeypatch)
     mine = await store.accept(new_job(user="alice"))
     theirs = await store.accept(new_job(user="bob"))
     forgotten = await store.accept(new_job(user="alice"))
@@ -201,19 +207,11 @@ async def test_unfinished_jobs_past_the_budget_or_from_before_a_restart_are_read
     store = await JobStore.open(data)
     try:
         kept, past = await store.accept(new_job()), await store.accept(new_job())
-        reads = 0
-        read = store._reader_call
-
-        async def counted(*args: Any) -> Any:
-            nonlocal reads
-            reads += 1
-            return await read(*args)
-
-        monkeypatch.setattr(store, "_reader_call", counted)
+        reads = count_reads(store, monkeypatch)
         assert [await store.state(i, "alice") for i in (before, kept, past)] == [
             JobState.ACCEPTED
         ] * 3
-        assert reads == 2  # the one kept in memory needed none
+        assert len(reads) == 2  # the one kept in memory needed none
         assert await store.finish(past, RESULT)
         assert await store.state(past, "alice") is JobState.DONE
     finally:
