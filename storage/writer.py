@@ -382,12 +382,16 @@ def _durable(live: list[_Write]) -> None:
 
 
 def _settle(skipped: list[_Write], live: list[_Write], results: list[Result]) -> None:
-    """On the loop: a batch committed."""
+    """On the loop: a batch committed. A callback that fails is logged and the rest
+    go on: every future of the batch is resolved, each write did commit."""
     for write in skipped:
         _abort(write)
     for write, result in zip(live, results, strict=True):
         if write.on_commit is not None:
-            write.on_commit(result)
+            try:
+                write.on_commit(result)
+            except Exception:
+                log.exception("a commit's on_commit failed")
         if not write.future.done():
             write.future.set_result(result)
 
@@ -404,7 +408,10 @@ def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
 
 def _abort(write: _Write) -> None:
     if write.on_abort is not None:
-        write.on_abort()
+        try:
+            write.on_abort()
+        except Exception:
+            log.exception("a write's on_abort failed")
 
 
 def _fail(writes: list[_Write], message: str, cause: BaseException | None) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from storage import JobState, JobStore, StoreError, StoreFull
+from storage.writer import Statement, Want
 from tests.test_store import RESULT, new_job
 
 
@@ -243,3 +244,33 @@ async def test_an_on_durable_that_fails_does_not_fail_the_write(
     assert await store.state(job_id, None) is JobState.ACCEPTED
     assert "a commit's on_durable failed" in caplog.text
     assert await store.accept(new_job()) == job_id + 1
+
+
+async def test_a_failing_callback_leaves_no_write_of_its_batch_unanswered(
+    store: JobStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """on_commit and on_abort are the store's own bookkeeping; a bug in one must not
+    strand the callers of the other writes committed (or skipped) in the same batch."""
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("bookkeeping bug")
+
+    writer = store._writer
+    await writer.execute_fetchall("CREATE TABLE scratch (key TEXT)")
+    insert = Statement("INSERT INTO scratch (key) VALUES (?)", ("k1",))
+    release = threading.Event()
+    held = writer.call(lambda _conn: release.wait())  # one batch for everything below
+    gave_up = writer.enqueue(insert, on_abort=broken)
+    first = writer.enqueue(insert, want=Want.ROWCOUNT, on_commit=broken)
+    second = writer.enqueue(Statement(insert.sql, ("k2",)), want=Want.ROWCOUNT)
+    gave_up.cancel()
+    release.set()
+    assert await held
+    # both committed: the failing callback is logged, its write and the next answered
+    assert list(await asyncio.wait_for(asyncio.gather(first, second), 5)) == [1, 1]
+    rows = await writer.execute_fetchall("SELECT key FROM scratch")
+    assert sorted(key for (key,) in rows) == ["k1", "k2"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        "a write's on_abort failed",
+        "a commit's on_commit failed",
+    ]
