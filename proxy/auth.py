@@ -117,10 +117,20 @@ class Verifier:
             return refusal
         return Caller(user_of(authorization), authorization, database)
 
+    def known_caller(self, authorization: str | None, raw_target: str) -> Caller | None:
+        """`caller_of`, when its credentials are remembered as verified; else None."""
+        database, raw_database = database_of(raw_target)
+        if not self._known(self._digest(authorization, raw_database)):
+            return None
+        return Caller(user_of(authorization), authorization, database)
+
+    def _known(self, digest: bytes) -> bool:
+        expiry = self._verified.get(digest)
+        return expiry is not None and expiry > time.monotonic()
+
     async def verify(self, authorization: str | None, raw_database: str) -> web.Response | None:
         digest = self._digest(authorization, raw_database)
-        expiry = self._verified.get(digest)
-        if expiry is not None and expiry > time.monotonic():
+        if self._known(digest):
             return None
         pending = self._checking.get(digest)
         if pending is not None:

@@ -172,36 +172,81 @@ class FastPath(asyncio.Protocol):
             self.transport.close()
 
     def _next(self) -> None:
-        """Serve the request at the start of the buffer, wait for the rest of its body,
-        or hand over."""
-        if not self._buffer:
-            return
+        """Serve the requests at the start of the buffer: here, those that need nothing
+        awaited (`_answer_now`); the first other one in a task of its own, which calls
+        this again when it is done. Or wait for the rest of a body, or hand over."""
+        while self._buffer and not self._closed:
+            submission = self._take()
+            if submission is None:
+                return
+            if not self._answer_now(submission):
+                self._busy = True
+                self._loop.create_task(self._serve(submission))
+                return
+
+    def _take(self) -> Submission | None:
+        """The whole request at the start of the buffer, taken out of it; None when
+        there is none yet, or the connection was handed over or closed instead."""
         if self._awaited is not None:
             submission, start = self._awaited
         elif self._front.closing:
             self.close()  # no new request once a stop began
-            return
+            return None
         else:
             end = self._buffer.find(HEAD_END)
             if end < 0:
                 self._hand_over()  # a head in parts: aiohttp reads it, with its timeouts
-                return
+                return None
             config = self._front.config
             parsed = parse(bytes(self._buffer[:end]), config.max_header_size, config.max_body_size)
             if parsed is None:
                 self._hand_over()
-                return
+                return None
             submission, start = parsed, end + len(HEAD_END)
         if len(self._buffer) - start < submission.length:
             self._await_body(submission, start)
-            return
+            return None
         self._stop_awaiting()
         if submission.length:
             submission.body = bytes(self._buffer[start : start + submission.length])
         del self._buffer[: start + submission.length]
         self._front.metrics["fast_path_requests_total"] += 1
-        self._busy = True
-        self._loop.create_task(self._serve(submission))
+        return submission
+
+    def _answer_now(self, submission: Submission) -> bool:
+        """Answer at once a request for a job's status or result when nothing needs to
+        be awaited: its credentials are known (verified lately) and the store's copies
+        in memory have the job (`jobs_api.answer_now`). No task, no coroutines: a
+        client polling for its job costs the loop a third of what a task costs.
+        False if the request must be served by `_serve`."""
+        if not submission.job_api:
+            return False
+        app = self._front.app
+        caller = app[VERIFIER].known_caller(submission.authorization, submission.target)
+        if caller is None:
+            return False
+        suffixes = jobs_api.suffixes_of(submission.target)
+        assert suffixes is not None  # parse() took it as the job API
+        close = submission.close or self._front.closing
+        try:
+            response = jobs_api.answer_now(app, submission.method, suffixes, caller.viewer)
+            if response is None:
+                return False
+            self._write(encode(response, close=close, head=submission.head))
+        except Exception:
+            self._failed(submission)
+            close = True
+        if close:
+            self.close()
+        self._idle()
+        return True
+
+    def _failed(self, submission: Submission) -> None:
+        """A bug while serving `submission`: logged, and a 500 if nothing was sent yet
+        (the connection must then close)."""
+        log.exception("error serving %s %s", submission.method, submission.target)
+        if not self._head_sent:
+            self._write(encode(web.Response(status=500), close=True, head=submission.head))
 
     def _await_body(self, submission: Submission, start: int) -> None:
         """A body still coming: awaited here up to _AWAITED_BODY bytes, for at most
@@ -246,9 +291,7 @@ class FastPath(asyncio.Protocol):
                     closing = close or self._front.closing
                     self._write(encode(response, close=closing, head=submission.head))
         except Exception:
-            log.exception("error serving %s %s", submission.method, submission.target)
-            if not self._head_sent:
-                self._write(encode(web.Response(status=500), close=True, head=submission.head))
+            self._failed(submission)
             close = True
         self._head_sent = False
         if close or self._front.closing:

@@ -42,6 +42,7 @@ from proxy.passthrough import passthrough
 from proxy.state import CREDENTIALS, STORE, UPSTREAM, VERIFIER
 from storage import JobState, StoredResponse, StoreError
 from storage.records import Job
+from storage.store import UNKNOWN
 
 JOB_PATH = re.compile(r"^(?:/_db/[^/?]+)?/_(?:api|admin)/job(?=/|$)")
 ROUTES = tuple(
@@ -170,8 +171,57 @@ async def answer(
         if method == "DELETE":
             return await _delete(app, suffixes, query, viewer)
     except StoreError as exc:
-        return arango_error(503, ERROR_SERVICE_UNAVAILABLE, f"the proxy's job store failed: {exc}")
+        return _store_failed(exc)
     return arango_error(405, ERROR_METHOD_NOT_ALLOWED, "method not supported")
+
+
+def answer_now(
+    app: web.Application, method: str, suffixes: list[str], viewer: str | None
+) -> web.Response | None:
+    """`answer` to a job's status (GET /{id}) or result (PUT /{id}) when the store's
+    copies in memory have it, without awaiting anything (the fast path answers a
+    client that polls for its job at once, with no task); None: await `answer`."""
+    if len(suffixes) != 1:
+        return None
+    store = app[STORE]
+    try:
+        if method == "GET" and _is_id(suffixes[0]):
+            state = store.state_now(parse_uint64(suffixes[0]), viewer)
+            return None if state is UNKNOWN else _state_answer(state)
+        if method == "PUT":
+            outcome = store.take_result_now(parse_uint64(suffixes[0]), viewer)
+            return None if outcome is UNKNOWN else _result_answer(outcome, suffixes[0])
+    except StoreError as exc:
+        return _store_failed(exc)
+    return None
+
+
+def _store_failed(exc: StoreError) -> web.Response:
+    return arango_error(503, ERROR_SERVICE_UNAVAILABLE, f"the proxy's job store failed: {exc}")
+
+
+def _is_id(suffix: str) -> bool:
+    """GET /{suffix} asks for a job's state (else: a list, or a bad parameter)."""
+    return suffix[:1] in _ID_START
+
+
+_ID_START = frozenset("123456789")
+
+
+def _state_answer(state: JobState | None) -> web.Response:
+    if state is None:
+        return _not_found()
+    return _empty(200 if state is JobState.DONE else 204)
+
+
+def _result_answer(outcome: StoredResponse | JobState | None, raw_id: str) -> web.Response:
+    if outcome is None:
+        return _not_found()
+    if isinstance(outcome, JobState):
+        return _empty(204)
+    headers = CIMultiDict(outcome.headers)
+    headers[ASYNC_ID_HEADER] = raw_id
+    return web.Response(status=outcome.status, headers=headers, body=outcome.body)
 
 
 async def _get(
@@ -181,11 +231,8 @@ async def _get(
         return _bad_parameter()
     what = suffixes[0]
     store = app[STORE]
-    if what[:1] in tuple("123456789"):
-        state = await store.state(parse_uint64(what), viewer)
-        if state is None:
-            return _not_found()
-        return _empty(200 if state is JobState.DONE else 204)
+    if _is_id(what):
+        return _state_answer(await store.state(parse_uint64(what), viewer))
     if what not in ("done", "pending"):
         return _bad_parameter()
     text = _param(query, "count")
@@ -208,13 +255,7 @@ async def _put(app: web.Application, suffixes: list[str], viewer: str | None) ->
     if len(suffixes) != 1:
         return _bad_parameter()
     outcome = await app[STORE].take_result(parse_uint64(suffixes[0]), viewer)
-    if outcome is None:
-        return _not_found()
-    if isinstance(outcome, JobState):
-        return _empty(204)
-    headers = CIMultiDict(outcome.headers)
-    headers[ASYNC_ID_HEADER] = suffixes[0]
-    return web.Response(status=outcome.status, headers=headers, body=outcome.body)
+    return _result_answer(outcome, suffixes[0])
 
 
 async def _cancel(app: web.Application, job_id: int, viewer: str | None) -> web.Response:

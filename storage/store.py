@@ -42,6 +42,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Collection
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -65,6 +66,16 @@ TAKE_RETRY_MAX = 2.0
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class Unknown(Enum):
+    """What the copies in memory cannot tell (`state_now`, `take_result_now`): the
+    file must be read."""
+
+    UNKNOWN = "unknown"
+
+
+UNKNOWN = Unknown.UNKNOWN
 
 
 async def _connect(path: Path) -> aiosqlite.Connection:
@@ -376,15 +387,9 @@ class JobStore:
 
     async def state(self, job_id: int, viewer: str | None) -> JobState | None:
         """The state of a visible job, None if there is none."""
-        self._check_open()  # (answers from memory too: not once closed)
-        if not valid_id(job_id) or job_id in self._taken:
-            return None
-        fresh = self._fresh.get(job_id)
-        if fresh is not None:
-            return JobState.DONE if _sees(viewer, fresh.user) else None
-        pending = self._pending.get(job_id)
-        if pending is not None:
-            return pending[1] if _sees(viewer, pending[0]) else None
+        known = self.state_now(job_id, viewer)
+        if known is not UNKNOWN:
+            return known
         found = await self._read(sql.SELECT_STATE, _by_id(job_id, viewer))
         if not found:
             return None
@@ -394,6 +399,19 @@ class JobStore:
             # copy in memory must not then answer "pending" to a later look)
             self._pending.remove(job_id)
         return state
+
+    def state_now(self, job_id: int, viewer: str | None) -> JobState | Unknown | None:
+        """`state`, when the copies in memory can answer without a read; else UNKNOWN."""
+        self._check_open()  # (answers from memory too: not once closed)
+        if not valid_id(job_id) or job_id in self._taken:
+            return None
+        fresh = self._fresh.get(job_id)
+        if fresh is not None:
+            return JobState.DONE if _sees(viewer, fresh.user) else None
+        pending = self._pending.get(job_id)
+        if pending is not None:
+            return pending[1] if _sees(viewer, pending[0]) else None
+        return UNKNOWN
 
     async def get(self, job_id: int, viewer: str | None) -> Job | None:
         """A visible job that is not done yet, else None."""
@@ -416,6 +434,19 @@ class JobStore:
         no row. A failed delete is retried until it commits; should the process die
         first, the job is back as done: a delivered result can reappear, none is lost.
         """
+        known = self.take_result_now(job_id, viewer)
+        if known is not UNKNOWN:
+            return known
+        found = await self._reader_call(_claim_result, self._taken, _by_id(job_id, viewer))
+        if isinstance(found, StoredResponse):
+            self._handed_out(job_id, viewer)
+        return found
+
+    def take_result_now(
+        self, job_id: int, viewer: str | None
+    ) -> StoredResponse | JobState | Unknown | None:
+        """`take_result`, when the copies in memory can answer without a read; else
+        UNKNOWN."""
         self._check_open()
         if not valid_id(job_id) or job_id in self._taken:
             return None
@@ -424,16 +455,17 @@ class JobStore:
             if not _sees(viewer, fresh.user):
                 return None
             self._taken.add(job_id)
-            found: StoredResponse | JobState | None = fresh.response
-        elif (pending := self._pending.get(job_id)) is not None:
+            self._handed_out(job_id, viewer)
+            return fresh.response
+        pending = self._pending.get(job_id)
+        if pending is not None:
             return pending[1] if _sees(viewer, pending[0]) else None
-        else:
-            found = await self._reader_call(_claim_result, self._taken, _by_id(job_id, viewer))
-            if found is None or isinstance(found, JobState):
-                return found
+        return UNKNOWN
+
+    def _handed_out(self, job_id: int, viewer: str | None) -> None:
+        """A result was claimed (its id is in ``_taken``): its copy goes, its row too."""
         self._fresh.remove(job_id)
         self._delete_taken(_by_id(job_id, viewer), TAKE_RETRY_MIN)
-        return found
 
     def _delete_taken(self, params: dict[str, Any], retry: float) -> None:
         """Delete a taken result; a failed delete is tried again (doubling `retry`) until

@@ -29,7 +29,7 @@ from proxy.app import create_app
 from proxy.fastpath import FastFront, FastPath, Listener, _Early
 from proxy.fastpath_http import Submission, accepted_head, http_date
 from proxy.state import METRICS, STORE
-from storage import JobMode, NewJob
+from storage import JobMode, JobState, NewJob, StoreError
 from tests.conftest import proxy_config
 from tests.standin import StandIn
 from tests.test_passthrough import TRICKLE_PARTS, TRICKLED, echo_app
@@ -694,3 +694,129 @@ async def test_a_client_that_leaves_mid_stream_stops_it(
     await asyncio.sleep(TRICKLE_PARTS * 0.01 + 0.5)
     assert 0 < upstream[TRICKLED][0] < TRICKLE_PARTS  # the proxy read no further
     assert (await exchange(base, req(b"GET /chunked HTTP/1.1"))).status == 200
+
+
+def count_served(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The targets of the requests the fast path serves in a task (`FastPath._serve`)
+    rather than at once."""
+    served: list[str] = []
+    serve = FastPath._serve
+
+    async def counting(self: FastPath, submission: Submission) -> None:
+        served.append(submission.target)
+        await serve(self, submission)
+
+    monkeypatch.setattr(FastPath, "_serve", counting)
+    return served
+
+
+def polls(sleeping: str, quick: str) -> list[bytes]:
+    """Status and result of a job still running and of one done, in that order."""
+    return [
+        req(b"GET /_api/job/%s HTTP/1.1" % sleeping.encode(), AUTH),
+        req(b"PUT /_api/job/%s HTTP/1.1" % sleeping.encode(), AUTH),
+        req(b"GET /_api/job/%s HTTP/1.1" % quick.encode(), AUTH),
+        req(b"PUT /_db/_system/_api/job/%s HTTP/1.1" % quick.encode(), AUTH),
+        req(b"PUT /_api/job/%s HTTP/1.1" % quick.encode(), AUTH),  # fetched: gone
+        req(b"GET /_api/job/%s HTTP/1.1" % sleeping.encode(), WRONG),  # not verified
+    ]
+
+
+async def done_job(connection: Connection, app: web.Application) -> str:
+    """A job sent on `connection`, once it is done."""
+    await connection.send(req(VERSION, AUTH, STORE_MODE))
+    job_id = (await connection.answer()).header("x-arango-async-id")
+    assert job_id is not None
+    for _ in range(500):
+        if await app[STORE].state(int(job_id), None) is JobState.DONE:
+            return job_id
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+async def test_polls_for_a_job_in_memory_are_answered_at_once_and_alike(
+    proxy: tuple[web.Application, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Status and result of a job the store holds in memory, for known credentials,
+    need no task: pipelined polls come back in order, as aiohttp answers them. Unknown
+    credentials take the task (and get the same answer)."""
+    app, base = proxy
+    served = count_served(monkeypatch)
+    connection = await Connection.open(base)
+    await connection.send(req(b"POST /_api/cursor HTTP/1.1", AUTH, STORE_MODE, body=SLEEPY))
+    sleeping = (await connection.answer()).header("x-arango-async-id")
+    assert sleeping is not None
+    quick = await done_job(connection, app)
+    assert served == ["/_api/cursor", "/_api/version"]  # submissions are tasks
+    asked = polls(sleeping, quick)
+    await connection.send(b"".join(asked))
+    fast = [await connection.answer() for _ in asked]
+    connection.close()
+    assert [a.status for a in fast] == [204, 204, 200, 200, 404, 401]
+    assert fast[3].header("x-arango-async-id") == quick
+    assert served == ["/_api/cursor", "/_api/version", "/_api/job/" + sleeping]
+    # the same questions about jobs in the same states, through aiohttp
+    connection = await Connection.open(base)
+    await connection.send(HEALTH)
+    await connection.answer()
+    through_aiohttp = []
+    for poll in polls(sleeping, await done_job(connection, app)):
+        await connection.send(poll)
+        through_aiohttp.append(await connection.answer())
+    connection.close()
+    assert [a.comparable() for a in through_aiohttp] == [a.comparable() for a in fast]
+
+
+async def test_a_poll_for_a_job_memory_does_not_hold_reads_the_store(
+    proxy: tuple[web.Application, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, base = proxy
+    served = count_served(monkeypatch)
+    connection = await Connection.open(base)
+    job_id = await done_job(connection, app)
+    app[STORE]._fresh.remove(int(job_id))  # as for a result stored before a restart
+    await connection.send(req(b"PUT /_api/job/" + job_id.encode() + b" HTTP/1.1", AUTH))
+    answer = await connection.answer()
+    connection.close()
+    assert answer.status == 200
+    assert answer.header("x-arango-async-id") == job_id
+    assert served == ["/_api/version", "/_api/job/" + job_id]
+
+
+async def test_a_poll_answered_at_once_reports_a_failing_store_and_a_bug(
+    proxy: tuple[web.Application, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store error is ArangoDB's 503, as on the task's path; anything else is a
+    bug: a 500, and the connection closes."""
+    app, base = proxy
+    store = app[STORE]
+    connection = await Connection.open(base)
+    await connection.send(req(b"POST /_api/cursor HTTP/1.1", AUTH, STORE_MODE, body=SLEEPY))
+    job_id = (await connection.answer()).header("x-arango-async-id")
+    assert job_id is not None
+    poll = req(b"GET /_api/job/" + job_id.encode() + b" HTTP/1.1", AUTH)
+
+    def failing(*_args: object) -> None:
+        raise StoreError("disk gone")
+
+    monkeypatch.setattr(store, "state_now", failing)
+    await connection.send(poll)
+    answer = await connection.answer()
+    assert answer.status == 503
+    assert json.loads(answer.body) == {
+        "error": True,
+        "code": 503,
+        "errorNum": 503,
+        "errorMessage": "the proxy's job store failed: disk gone",
+    }
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(store, "state_now", broken)
+    await connection.send(poll)
+    answer = await connection.answer()
+    assert answer.status == 500
+    assert answer.header("connection") == "close"
+    assert await connection.closed()
+    connection.close()

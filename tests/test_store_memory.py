@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from storage import Job, JobMode, JobState, JobStore, StoredResponse
+from storage import Job, JobMode, JobState, JobStore, StoredResponse, StoreError
 from storage.memory import JOB_OVERHEAD, READ_AHEAD, READY_MAX_BYTES, Fresh, Pending, Ready
+from storage.store import UNKNOWN
 from tests.test_store import RESULT, new_job, raw_rows
 
 USERS = ("alice", "bob")
@@ -216,6 +217,35 @@ async def test_unfinished_jobs_past_the_budget_or_from_before_a_restart_are_read
         assert await store.state(past, "alice") is JobState.DONE
     finally:
         await store.close()
+
+
+async def test_the_memory_only_answers_say_unknown_where_a_read_is_needed(data: Path) -> None:
+    """state_now and take_result_now (the fast path's, without awaiting) answer what
+    the copies in memory hold, as state and take_result; of a job from before a
+    restart they say UNKNOWN and claim nothing, so the read can still hand it out."""
+    store = await JobStore.open(data)
+    before = await store.accept(new_job())
+    assert await store.finish(before, RESULT)
+    await store.close()
+    store = await JobStore.open(data)
+    try:
+        assert store.state_now(before, "alice") is UNKNOWN
+        assert store.take_result_now(before, "alice") is UNKNOWN
+        assert await store.take_result(before, "alice") == RESULT
+        assert store.state_now(before, "alice") is None  # taken: gone
+        job_id = await store.accept(new_job())
+        assert store.state_now(job_id, "bob") is None
+        assert store.take_result_now(job_id, "alice") is JobState.ACCEPTED
+        assert await store.finish(job_id, RESULT)
+        assert store.state_now(job_id, None) is JobState.DONE
+        assert store.take_result_now(job_id, "bob") is None
+        assert store.take_result_now(job_id, "alice") == RESULT
+        assert store.take_result_now(job_id, "alice") is None  # handed out once
+        assert store.state_now(0, None) is None
+    finally:
+        await store.close()
+    with pytest.raises(StoreError):
+        store.state_now(job_id, None)
 
 
 def test_pending_keeps_store_jobs_within_its_budget() -> None:
