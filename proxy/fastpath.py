@@ -175,7 +175,9 @@ class FastPath(asyncio.Protocol):
         """Serve the requests at the start of the buffer: here, those that need nothing
         awaited (`_answer_now`); the first other one in a task of its own, which calls
         this again when it is done. Or wait for the rest of a body, or hand over."""
-        while self._buffer and not self._closed:
+        assert self.transport is not None
+        # (closing: after a Connection: close, what follows is never served)
+        while self._buffer and not self._closed and not self.transport.is_closing():
             submission = self._take()
             if submission is None:
                 return
@@ -401,6 +403,8 @@ class FastPath(asyncio.Protocol):
             raise
         except BaseException:
             self._early = None
+            # a bug after the commit: if the 202 left, no 500 can follow it
+            self._head_sent = early is not None and early.unsent is not None
             raise
         self._early = None
         if early is None or early.unsent is None:

@@ -820,3 +820,50 @@ async def test_a_poll_answered_at_once_reports_a_failing_store_and_a_bug(
     assert answer.header("connection") == "close"
     assert await connection.closed()
     connection.close()
+
+
+async def test_a_bug_after_the_commit_closes_the_connection_after_its_202(
+    proxy: tuple[web.Application, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job is stored; if its 202 left from the writer's thread, no 500 follows it
+    (one answer per request); otherwise the 500 is the answer. Either way the
+    connection closes."""
+    app, base = proxy
+
+    def broken(*_args: object) -> web.Response:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("proxy.intake.accepted", broken)
+    for raw, status in [
+        (req(VERSION, AUTH, STORE_MODE), 202),  # the 202 left from the writer's thread
+        (req(b"HEAD /_api/version HTTP/1.1", AUTH, STORE_MODE), 500),  # the loop sends it
+    ]:
+        connection = await Connection.open(base)
+        await connection.send(raw)
+        assert (await connection.answer(head=raw.startswith(b"HEAD"))).status == status
+        assert await connection.closed()
+        connection.close()
+    store = app[STORE]
+    # pending first: a job that finishes between the two reads is in one of them
+    pending = await store.list_ids(done=False, viewer=None, limit=10)
+    done = await store.list_ids(done=True, viewer=None, limit=10)
+    assert len(set(pending) | set(done)) == 2  # both stored
+
+
+async def test_polls_after_connection_close_are_not_answered(
+    proxy: tuple[web.Application, str],
+) -> None:
+    """A poll answered at once with Connection: close ends the connection: the
+    requests pipelined behind it are not served."""
+    app, base = proxy
+    connection = await Connection.open(base)
+    await connection.send(req(b"POST /_api/cursor HTTP/1.1", AUTH, STORE_MODE, body=SLEEPY))
+    job_id = (await connection.answer()).header("x-arango-async-id")
+    assert job_id is not None
+    poll = req(b"GET /_api/job/%s HTTP/1.1" % job_id.encode(), AUTH)
+    closing = req(b"GET /_api/job/%s HTTP/1.1" % job_id.encode(), AUTH, b"Connection: close\r\n")
+    await connection.send(poll + closing + poll)
+    assert [(await connection.answer()).status for _ in range(2)] == [204, 204]
+    assert await connection.closed()
+    connection.close()
+    assert app[METRICS]["fast_path_requests_total"] == 3  # the last poll was not taken
