@@ -219,8 +219,8 @@ class FastPath(asyncio.Protocol):
         """Answer at once a request for a job's status or result when nothing needs to
         be awaited: its credentials are known (verified lately) and the store's copies
         in memory have the job (`jobs_api.answer_now`). No task, no coroutines: a
-        client polling for its job costs the loop a third of what a task costs.
-        False if the request must be served by `_serve`."""
+        client polling for its job costs the loop about a third less (30 against
+        40-53 us a poll, measured alone). False if `_serve` must serve the request."""
         if not submission.job_api:
             return False
         app = self._front.app
