@@ -8,7 +8,9 @@ from typing import Any
 import pytest
 
 from tests.standin import StandIn
+from tests.standin.aql import Query
 from tests.standin.client import Client
+from tests.standin.data import Store, Ticks
 
 
 async def query(client: Client, text: str, **options: Any) -> Any:
@@ -198,3 +200,22 @@ async def test_async_query_result_is_a_live_cursor(standin_client: Client, docs:
     # an invalid query is accepted; its error is the result
     bad = await standin_client.submit("POST", "/_api/cursor", {"query": "NOPE"})
     assert (await standin_client.result(bad)).json["errorNum"] == 1501
+
+
+async def test_a_killed_sleep_never_swallows_a_cancel() -> None:
+    """A restart cancels the stand-in's workers while a cancelled job's SLEEP wakes on
+    its kill. Whatever the order of the two, the cancel must end the worker (with
+    Python 3.11's wait_for it could be lost at one turn, and the restart then waited
+    for that worker forever)."""
+    store = Store(Ticks())
+    for turns in range(8):
+        killed = asyncio.Event()
+        running = asyncio.create_task(Query("RETURN SLEEP(60)", {}).run(store, "_system", killed))
+        await asyncio.sleep(0)  # asleep
+        killed.set()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        if not running.cancel():
+            continue  # it had ended already, killed: nothing to lose
+        with pytest.raises(asyncio.CancelledError):
+            await running

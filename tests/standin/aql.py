@@ -154,8 +154,11 @@ class Query:
                 {"code": 1542, "message": "invalid argument type in call to function 'SLEEP()'"}
             )
             return outcome
+        # (asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result
+        # when a cancel of its task meets the kill, and the cancel is lost)
         try:
-            await asyncio.wait_for(killed.wait(), timeout=max(float(seconds), 0.0))
+            async with asyncio.timeout(max(float(seconds), 0.0)):
+                await killed.wait()
         except TimeoutError:
             return outcome
         raise AqlError(410, 1500, "query killed")
