@@ -155,7 +155,7 @@ class FastPath(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        if not self._busy:
+        if not self._busy and self._writable is None:
             self._next()
         elif len(self._buffer) > _PAUSE_AT and not self._paused:
             assert self.transport is not None
@@ -176,8 +176,15 @@ class FastPath(asyncio.Protocol):
         awaited (`_answer_now`); the first other one in a task of its own, which calls
         this again when it is done. Or wait for the rest of a body, or hand over."""
         assert self.transport is not None
-        # (closing: after a Connection: close, what follows is never served)
-        while self._buffer and not self._closed and not self.transport.is_closing():
+        # Not while the client leaves its answers unread (writing paused: past the
+        # transport's high-water mark), as aiohttp's own path drains; nor once closing
+        # (after a Connection: close, what follows is never served).
+        while (
+            self._buffer
+            and self._writable is None
+            and not self._closed
+            and not self.transport.is_closing()
+        ):
             submission = self._take()
             if submission is None:
                 return
@@ -303,6 +310,10 @@ class FastPath(asyncio.Protocol):
         if self._closed:
             self._close_fd()
             return
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """Read and serve again (nothing under way, or the client read its answers)."""
         if self._paused:
             self._paused = False
             assert self.transport is not None
@@ -368,6 +379,12 @@ class FastPath(asyncio.Protocol):
         writable, self._writable = self._writable, None
         if writable is not None and not writable.done():
             writable.set_result(None)
+        if not self._busy and not self._closed:
+            self._loop.call_soon(self._resumed)
+
+    def _resumed(self) -> None:
+        if not self._busy and not self._closed and self._writable is None:
+            self._go_on()
 
     async def _answer(self, submission: Submission) -> web.Response | None:
         """The answer to write; None if it is written already (an early 202)."""

@@ -867,3 +867,55 @@ async def test_polls_after_connection_close_are_not_answered(
     assert await connection.closed()
     connection.close()
     assert app[METRICS]["fast_path_requests_total"] == 3  # the last poll was not taken
+
+
+async def test_a_client_that_leaves_its_answers_unread_is_no_longer_served(
+    standin: StandIn, tmp_path: Path
+) -> None:
+    """Requests pipelined one by one by a client that reads none of its answers: the
+    unsent answers stay near the transport's high-water mark (64 KiB), as aiohttp's
+    own path drains, instead of piling up for as long as the client sends; once it
+    reads, every answer comes, in order."""
+    app = create_app(proxy_config(standin.url, tmp_path / "data"))
+    listener = Listener(app, None)
+    await listener.start()
+    host, port = listener.addresses[0]
+    try:
+        connection = await Connection.open(f"http://{host}:{port}")
+        body = SLEEPY
+        await connection.send(req(b"POST /_api/cursor HTTP/1.1", AUTH, STORE_MODE, body=body))
+        job_id = (await connection.answer()).header("x-arango-async-id")
+        assert job_id is not None
+        connection.close()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        await asyncio.sleep(0.05)  # accepted
+        assert listener._front is not None
+        [fast] = [
+            c
+            for c in listener._front.connections
+            if c.transport is not None
+            and c.transport.get_extra_info("peername")[1] == sock.getsockname()[1]
+        ]
+        assert fast.transport is not None
+        # a small send buffer on the proxy's side too: the kernel holds ~12 KB of
+        # answers, not megabytes (loopback's autotuning), so what piles up is seen
+        fast.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        poll = req(b"GET /_api/job/%s HTTP/1.1" % job_id.encode(), AUTH)
+        count = 4000
+        unsent = 0
+        for _ in range(count):
+            writer.write(poll)  # each request whole: the fast path keeps the connection
+            await asyncio.sleep(0)
+            unsent = max(unsent, fast.transport.get_write_buffer_size())
+        assert unsent < 80 * 1024
+        stream = Connection(reader, writer)
+        assert [(await stream.answer()).status for _ in range(count)] == [204] * count
+        stream.close()
+    finally:
+        await listener.stop()
