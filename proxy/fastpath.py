@@ -116,6 +116,11 @@ class _Early:
         self.unsent = data[sent:]
 
 
+def _left(early: _Early | None) -> bool:
+    """Whether the 202 left from the writer's thread (whole, or what the kernel took)."""
+    return early is not None and early.unsent is not None
+
+
 class FastPath(asyncio.Protocol):
     """One client connection, served here until a request needs aiohttp."""
 
@@ -379,10 +384,12 @@ class FastPath(asyncio.Protocol):
         writable, self._writable = self._writable, None
         if writable is not None and not writable.done():
             writable.set_result(None)
-        if not self._busy and not self._closed:
+        if not self._closed:
             self._loop.call_soon(self._resumed)
 
     def _resumed(self) -> None:
+        """Writing resumed a moment ago: go on, unless a request is under way (it goes
+        on itself) or writing paused again."""
         if not self._busy and not self._closed and self._writable is None:
             self._go_on()
 
@@ -420,12 +427,12 @@ class FastPath(asyncio.Protocol):
             raise
         except BaseException:
             self._early = None
-            # a bug after the commit: if the 202 left, no 500 can follow it
-            self._head_sent = early is not None and early.unsent is not None
+            self._head_sent = _left(early)  # a bug after the commit: no 500 after a 202
             raise
         self._early = None
-        if early is None or early.unsent is None:
+        if not _left(early):
             return response
+        assert early is not None
         if early.unsent:
             self._write(early.unsent)
         return None
