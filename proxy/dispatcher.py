@@ -36,7 +36,7 @@ from proxy.harvester import MARK_AFTER, Harvester, Submission, record, stored_re
 from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream
-from storage import Job, StoredResponse, StoreError
+from storage import Job, Mark, StoredResponse, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -178,29 +178,35 @@ class Dispatcher:
                 await asyncio.wait([submission.storing])
                 return
             submission.marking = True
-            submission.marked.set_result(
-                await record(
-                    f"job {job.id} as submitted",
-                    lambda: self._store.mark_submitted(job.id, upstream_id),
-                )
+            mark = await record(
+                f"job {job.id} as submitted",
+                lambda: self._store.mark_submitted(job.id, upstream_id),
             )
+            submission.marked.set_result(mark is not Mark.GONE)
         finally:
             # (no-op once set) shutdown: the harvester must not wait
             submission.marked.cancel()
-        if not submission.marked.result():
-            # Cancelled while we were sending it: ArangoDB must not keep it either.
+        if mark is Mark.CANCEL:
+            # Its owner cancelled it while we were sending it: ArangoDB's result (410
+            # if it had not started) is harvested as any other.
+            await self._tell(job, ("PUT", f"/_api/job/{upstream_id}/cancel"))
+        elif mark is Mark.GONE:
+            # No longer in the store: ArangoDB must not keep it either.
             self._harvester.forget(upstream_id)
-            await self._abandon(job, upstream_id)
+            await self._tell(
+                job,
+                ("PUT", f"/_api/job/{upstream_id}/cancel"),
+                ("DELETE", f"/_api/job/{upstream_id}"),
+            )
 
-    async def _abandon(self, job: Job, upstream_id: str) -> None:
+    async def _tell(self, job: Job, *calls: tuple[str, str]) -> None:
+        """Best effort, as the job's user: a failure leaves the job to run its course."""
         headers = self._credentials.headers(job.user, job.auth)
-        calls: list[Callable[[], Awaitable[Reply]]] = [
-            lambda: self._upstream.call("PUT", f"/_api/job/{upstream_id}/cancel", headers),
-            lambda: self._upstream.call("DELETE", f"/_api/job/{upstream_id}", headers),
-        ]
-        for call in calls:
-            with contextlib.suppress(UpstreamFailure):
-                await call()
+        for method, path in calls:
+            try:
+                await self._upstream.call(method, path, headers)
+            except UpstreamFailure as failure:
+                log.warning("%s %s for job %d failed: %s", method, path, job.id, failure.message)
 
     def _slow_down(self) -> None:
         self._metrics["submit_retries_total"] += 1

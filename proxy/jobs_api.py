@@ -262,12 +262,12 @@ async def _cancel(app: web.Application, job_id: int, viewer: str | None) -> web.
     store = app[STORE]
     job = await store.get(job_id, viewer)
     if job is not None and job.state is JobState.ACCEPTED:
-        if await store.finish(job_id, CANCELED, from_states=(JobState.ACCEPTED,)):
+        if await store.cancel_accepted(job_id, CANCELED):
             return _result_true()
         job = await store.get(job_id, viewer)  # the dispatcher submitted it meanwhile
-    if job is not None:
+    if job is not None and job.state is JobState.SUBMITTED:
         return await _cancel_upstream(app, job)
-    if await store.state(job_id, viewer) is JobState.DONE:
+    if job is not None or await store.state(job_id, viewer) is JobState.DONE:
         return _result_true()  # as ArangoDB: cancelling a finished job does nothing
     return arango_error(
         404,

@@ -13,7 +13,7 @@ from proxy.auth import Verifier
 from proxy.config import Config
 from proxy.tokens import JobCredentials
 from proxy.upstream import Upstream
-from storage import Job, JobState, JobStore, StoredResponse
+from storage import Job, JobState, JobStore, Mark, StoredResponse
 
 
 class Waker(Protocol):
@@ -31,7 +31,7 @@ class JobQueue(Protocol):
 
     async def submitted(self) -> list[Job]: ...
 
-    async def mark_submitted(self, job_id: int, upstream_id: str) -> bool: ...
+    async def mark_submitted(self, job_id: int, upstream_id: str) -> Mark: ...
 
     async def requeue(self, job_id: int) -> bool: ...
 

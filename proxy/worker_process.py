@@ -57,7 +57,7 @@ from proxy.state import CONFIG, CREDENTIALS, METRICS, STORE
 from proxy.tokens import JobCredentials
 from proxy.upstream import Upstream
 from proxy.workers import Workers
-from storage import Job, JobState, StoredResponse, StoreError
+from storage import Job, JobState, Mark, StoredResponse, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +299,8 @@ class RemoteStore:
     async def submitted(self) -> list[Job]:
         return cast(list[Job], await self._call("submitted"))
 
-    async def mark_submitted(self, job_id: int, upstream_id: str) -> bool:
-        return cast(bool, await self._call("mark_submitted", job_id, upstream_id))
+    async def mark_submitted(self, job_id: int, upstream_id: str) -> Mark:
+        return cast(Mark, await self._call("mark_submitted", job_id, upstream_id))
 
     async def requeue(self, job_id: int) -> bool:
         return cast(bool, await self._call("requeue", job_id))

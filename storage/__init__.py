@@ -5,7 +5,16 @@
 """
 
 from storage.errors import CapacityExceeded, StoreError, StoreFull
-from storage.records import Headers, Job, JobMode, JobState, NewJob, Removed, StoredResponse
+from storage.records import (
+    Headers,
+    Job,
+    JobMode,
+    JobState,
+    Mark,
+    NewJob,
+    Removed,
+    StoredResponse,
+)
 from storage.store import JobStore
 
 __all__ = [
@@ -15,6 +24,7 @@ __all__ = [
     "JobMode",
     "JobState",
     "JobStore",
+    "Mark",
     "NewJob",
     "Removed",
     "StoreError",

@@ -27,6 +27,16 @@ class JobState(StrEnum):
     DONE = "done"
 
 
+class Mark(StrEnum):
+    """What recording a job as submitted (``JobStore.mark_submitted``) found."""
+
+    SUBMITTED = "submitted"  # recorded
+    # recorded; its owner cancelled it while it was being sent: cancel it at ArangoDB,
+    # whose result (410 if it had not started, else its own) becomes the job's
+    CANCEL = "cancel"
+    GONE = "gone"  # not recorded: the job is not in state accepted any more
+
+
 class JobMode(StrEnum):
     STORE = "store"  # keep the result for the client (x-arango-async: store)
     FORGET = "true"  # fire and forget (x-arango-async: true), or deleted while unfinished

@@ -53,7 +53,7 @@ from storage.errors import CapacityExceeded, StoreError
 from storage.folder import DataFolder
 from storage.limits import SizeLimit
 from storage.memory import JOB_OVERHEAD, READ_AHEAD, Fresh, Pending, Ready
-from storage.records import Job, JobMode, JobState, NewJob, Removed, StoredResponse
+from storage.records import Job, JobMode, JobState, Mark, NewJob, Removed, StoredResponse
 from storage.rows import valid_id
 from storage.writer import OnCommit, Result, Statement, Want, Writer
 
@@ -117,6 +117,13 @@ class JobStore:
         self._ready.complete = unfinished == 0  # else the dispatcher's first look reads
         self._fresh = Fresh()  # results not fetched yet, for the facade
         self._pending = Pending()  # unfinished jobs' owners and states, for the facade
+        # Cancels of accepted jobs (`cancel_accepted`): the ids the dispatcher holds
+        # that have not left state accepted, the cancels that wait for one of those to
+        # be marked submitted or given back, and the jobs whose cancel is being written
+        # (not handed out meanwhile).
+        self._sending: set[int] = set()
+        self._cancels: dict[int, StoredResponse] = {}
+        self._withheld: set[int] = set()
         self._capacity = capacity
         self._closed = False
 
@@ -271,7 +278,45 @@ class JobStore:
     # -- dispatcher and harvester --------------------------------------------------------
 
     async def next_accepted(self, limit: int, exclude: Collection[int] = ()) -> list[Job]:
-        """Up to `limit` jobs in state accepted, oldest first, skipping the ids in `exclude`."""
+        """Up to `limit` jobs in state accepted, oldest first, skipping the ids in `exclude`
+        (the dispatcher's: those it is sending). A job cancelled while it was being sent
+        and given back (not sent after all) is cancelled here instead of handed out."""
+        found = await self._accepted(limit, exclude)
+        jobs = [
+            job for job in found if job.id not in self._withheld and job.id not in self._cancels
+        ]
+        self._sending = (self._sending & set(exclude)) | {job.id for job in jobs}
+        for job in found:
+            result = self._cancels.pop(job.id, None)
+            if result is not None:
+                try:
+                    await self._cancel_here(job.id, result)
+                except StoreError:
+                    self._cancels.setdefault(job.id, result)  # at the next offer, then
+        return jobs
+
+    async def cancel_accepted(self, job_id: int, result: StoredResponse) -> bool:
+        """Cancel a job in state accepted, as ArangoDB cancels one still queued; False if
+        it is not in state accepted (any more).
+
+        Not handed to the dispatcher: done with `result` (410) now. Being sent: ArangoDB
+        may have it already, and may run it, so it stays pending; the cancel goes to
+        ArangoDB once the job is marked submitted (``Mark.CANCEL``), and ArangoDB's
+        result becomes the job's. Given back unsent, it is done with `result` then.
+        """
+        if job_id in self._sending:
+            self._cancels[job_id] = result
+            return True
+        return await self._cancel_here(job_id, result)
+
+    async def _cancel_here(self, job_id: int, result: StoredResponse) -> bool:
+        self._withheld.add(job_id)
+        try:
+            return await self.finish(job_id, result, from_states=(JobState.ACCEPTED,))
+        finally:
+            self._withheld.discard(job_id)
+
+    async def _accepted(self, limit: int, exclude: Collection[int]) -> list[Job]:
         if limit <= 0:
             return []
         taken = self._ready.take(limit, exclude)
@@ -304,18 +349,22 @@ class JobStore:
         found = await self._read(sql.SELECT_SUBMITTED, {})
         return [rows.job_from_row(row) for row in found]
 
-    async def mark_submitted(self, job_id: int, upstream_id: str) -> bool:
-        """accepted -> submitted, recording ArangoDB's job id; False if not accepted."""
+    async def mark_submitted(self, job_id: int, upstream_id: str) -> Mark:
+        """accepted -> submitted, recording ArangoDB's job id (see `Mark`)."""
         if not valid_id(job_id):
-            return False
+            return Mark.GONE
         statement = Statement(sql.MARK_SUBMITTED, (rows.text_param(upstream_id), job_id))
         left = await self._write_count(
             statement, on_commit=lambda changed: self._submitted(job_id, changed)
         )
-        return left == 1
+        cancel = self._cancels.pop(job_id, None) is not None
+        if left != 1:
+            return Mark.GONE
+        return Mark.CANCEL if cancel else Mark.SUBMITTED
 
     def _submitted(self, job_id: int, changed: Result) -> None:
         self._ready.remove(job_id)  # not accepted (any more), whatever the outcome
+        self._sending.discard(job_id)
         if changed:
             self._pending.move(job_id, JobState.SUBMITTED)
 
@@ -374,6 +423,8 @@ class JobStore:
             return
         self._unfinished -= 1
         self._ready.remove(job_id)
+        self._sending.discard(job_id)
+        self._cancels.pop(job_id, None)  # too late: it is done
         self._pending.remove(job_id)
         [(mode, user)] = cast(list[Any], changed)
         if mode == JobMode.STORE:  # a forgotten job's row is gone with its result

@@ -165,33 +165,41 @@ async def test_bare_503_is_retried(
     assert refusals == 0
 
 
-async def test_cancelled_while_being_submitted_and_still_running_is_abandoned_upstream(
+async def test_cancelled_while_being_sent_and_running_is_cancelled_by_arangodb(
     fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
+    """ArangoDB may have the job by then: it stays pending, the cancel goes to
+    ArangoDB once its id is known, and ArangoDB's result (here its 410) is the job's."""
     upstream, url = fake
     upstream.release.clear()  # the 202 hangs until the job is cancelled here
 
-    async def running(upstream_id: str) -> web.Response:
-        return web.Response(status=204)
+    async def running_until_cancelled(upstream_id: str) -> web.Response:
+        if ("PUT", f"/_api/job/{upstream_id}/cancel") not in upstream.seen:
+            return web.Response(status=204)
+        canceled = {"code": 410, "error": True, "errorMessage": "canceled request", "errorNum": 21}
+        headers = {"x-arango-async-id": upstream_id, "x-told-by": "arangodb"}
+        return web.json_response(canceled, status=410, headers=headers)
 
-    upstream.fetch_reply = running  # the first look finds it running: it is marked
+    upstream.fetch_reply = running_until_cancelled
     jobs = Client(http, await start_proxy(url))
     job_id = await jobs.submit("GET", "/_api/version")
     await asyncio.sleep(0.1)
     cancel = await jobs.call("PUT", f"/_api/job/{job_id}/cancel")
     assert cancel.json == {"result": True}
+    assert (await jobs.call("GET", f"/_api/job/{job_id}")).status == 204  # still pending
     upstream.release.set()
     answer = await jobs.result(job_id)
     assert (answer.status, answer.json["errorNum"]) == (410, 21)
-    await eventually(lambda: ("DELETE", "/_api/job/901") in upstream.seen)
+    assert answer.headers["x-told-by"] == "arangodb"
     assert ("PUT", "/_api/job/901/cancel") in upstream.seen
+    assert ("DELETE", "/_api/job/901") not in upstream.seen
 
 
-async def test_cancelled_while_being_submitted_and_done_at_once_keeps_the_cancel(
+async def test_cancelled_while_being_sent_and_done_at_once_keeps_its_result(
     fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
-    """The first look fetches the result (ArangoDB forgets the job then): the
-    cancellation stands, the result goes nowhere, and there is nothing to abandon."""
+    """The first look fetches the result: the job ran, and its result is the job's
+    (a 410 "canceled request" would tell the client it had not run)."""
     upstream, url = fake
     upstream.release.clear()
     jobs = Client(http, await start_proxy(url))
@@ -199,12 +207,33 @@ async def test_cancelled_while_being_submitted_and_done_at_once_keeps_the_cancel
     await asyncio.sleep(0.1)
     assert (await jobs.call("PUT", f"/_api/job/{job_id}/cancel")).json == {"result": True}
     upstream.release.set()
-    await eventually(lambda: ("PUT", "/_api/job/901") in upstream.seen)
-    await asyncio.sleep(harvester.MARK_AFTER * 5)  # a mark, or a late write, would be in
+    answer = await jobs.result(job_id)
+    assert (answer.status, answer.json) == (200, {"ok": "901"})
+    await asyncio.sleep(harvester.MARK_AFTER * 5)  # a mark, or a late cancel, would be in
+    assert ("PUT", "/_api/job/901/cancel") not in upstream.seen
+
+
+async def test_cancelled_while_being_sent_and_refused_for_now_is_cancelled_here(
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """ArangoDB did not take it (503): the job is not sent again but ends as
+    ArangoDB ends a job cancelled in its queue."""
+    upstream, url = fake
+    upstream.release.clear()
+
+    async def busy() -> web.Response:
+        await upstream.release.wait()
+        return web.Response(status=503, text="busy")
+
+    upstream.submit_reply = busy
+    jobs = Client(http, await start_proxy(url))
+    job_id = await jobs.submit("GET", "/_api/version")
+    await asyncio.sleep(0.1)
+    assert (await jobs.call("PUT", f"/_api/job/{job_id}/cancel")).json == {"result": True}
+    upstream.release.set()
     answer = await jobs.result(job_id)
     assert (answer.status, answer.json["errorNum"]) == (410, 21)
-    assert ("PUT", "/_api/job/901/cancel") not in upstream.seen
-    assert ("DELETE", "/_api/job/901") not in upstream.seen
+    assert upstream.seen.count(("GET", "/_api/version")) == 1
 
 
 async def test_refused_harvest_becomes_the_result(

@@ -18,6 +18,7 @@ from storage import (
     JobMode,
     JobState,
     JobStore,
+    Mark,
     NewJob,
     StoredResponse,
     StoreError,
@@ -96,7 +97,7 @@ async def test_text_that_is_not_utf8_round_trips_and_does_not_poison_the_batch(
     )
     assert await store.list_ids(done=False, viewer="b\udcffb", limit=10) == [odd_id]
     assert await store.list_ids(done=False, viewer="d\u00e9sir\u00e9e", limit=10) == [plain_id]
-    assert await store.mark_submitted(odd_id, "up\udcff")
+    assert await store.mark_submitted(odd_id, "up\udcff") is Mark.SUBMITTED
     [submitted] = await store.submitted()
     assert submitted.upstream_id == "up\udcff"
     # Valid UTF-8 stays plain TEXT in the file.
@@ -115,7 +116,7 @@ async def test_next_accepted_orders_limits_and_excludes(store: JobStore) -> None
     assert await store.next_accepted(-1) == []
     # fire-and-forget jobs run too
     assert (await store.next_accepted(1, [ids[0]]))[0].mode is JobMode.FORGET
-    assert await store.mark_submitted(ids[0], "u1")
+    assert await store.mark_submitted(ids[0], "u1") is Mark.SUBMITTED
     assert [j.id for j in await store.next_accepted(10)] == ids[1:]
 
 
@@ -123,8 +124,8 @@ async def test_mark_submitted_and_requeue(store: JobStore) -> None:
     job_id = await store.accept(new_job())
     assert await store.submitted() == []
     assert not await store.requeue(job_id)  # not submitted yet
-    assert await store.mark_submitted(job_id, "700123")
-    assert not await store.mark_submitted(job_id, "700124")  # only from accepted
+    assert await store.mark_submitted(job_id, "700123") is Mark.SUBMITTED
+    assert await store.mark_submitted(job_id, "700124") is Mark.GONE  # only from accepted
     [job] = await store.submitted()
     assert (job.id, job.state, job.upstream_id, job.attempts) == (
         job_id,
@@ -141,13 +142,58 @@ async def test_mark_submitted_and_requeue(store: JobStore) -> None:
     assert store.unfinished == 1
 
 
+CANCELED = StoredResponse(status=410, headers=(), body=b'{"errorNum":21}')
+
+
+async def test_cancel_of_a_job_not_handed_out_is_its_result_at_once(store: JobStore) -> None:
+    job_id = await store.accept(new_job())
+    assert await store.cancel_accepted(job_id, CANCELED)
+    assert await store.next_accepted(10) == []
+    assert await store.take_result(job_id, None) == CANCELED
+    assert not await store.cancel_accepted(job_id, CANCELED)  # not accepted any more
+
+
+async def test_a_job_whose_cancel_is_being_written_is_not_handed_out(store: JobStore) -> None:
+    job_id = await store.accept(new_job())
+    cancelling = asyncio.create_task(store.cancel_accepted(job_id, CANCELED))
+    await asyncio.sleep(0)  # its write is queued; the commit's callback has not run
+    assert await store.next_accepted(10) == []
+    assert await cancelling
+    assert await store.take_result(job_id, None) == CANCELED
+
+
+async def test_a_job_cancelled_while_being_sent_waits_for_arangodb_or_its_return(
+    store: JobStore,
+) -> None:
+    """ArangoDB may have it (and run it): it stays pending, and the mark says to
+    cancel it there. One given back unsent is cancelled here instead of handed out."""
+    sent, returned = await store.accept(new_job()), await store.accept(new_job())
+    assert [job.id for job in await store.next_accepted(10)] == [sent, returned]
+    assert await store.cancel_accepted(sent, CANCELED)
+    assert await store.cancel_accepted(returned, CANCELED)
+    assert await store.state(sent, None) is JobState.ACCEPTED
+    assert await store.state(returned, None) is JobState.ACCEPTED
+    assert await store.mark_submitted(sent, "7") is Mark.CANCEL
+    assert await store.state(sent, None) is JobState.SUBMITTED
+    assert not await store.cancel_accepted(sent, CANCELED)  # the facade asks ArangoDB
+    # the dispatcher gave `returned` back (a refusal): it is not sent again
+    assert await store.next_accepted(10) == []
+    assert await store.take_result(returned, None) == CANCELED
+    # a cancel that came too late for a job done at once leaves its result alone
+    late = await store.accept(new_job())
+    await store.next_accepted(10)
+    assert await store.cancel_accepted(late, CANCELED)
+    assert await store.finish(late, RESULT, from_states=(JobState.ACCEPTED,))
+    assert await store.take_result(late, None) == RESULT
+
+
 @pytest.mark.parametrize("submit", [False, True])
 async def test_finish_stores_the_result_and_wipes_the_request(
     store: JobStore, data: Path, submit: bool
 ) -> None:
     job_id = await store.accept(new_job())
     if submit:
-        assert await store.mark_submitted(job_id, "9")
+        assert await store.mark_submitted(job_id, "9") is Mark.SUBMITTED
     before = time.time()
     assert await store.finish(job_id, RESULT)
     assert store.unfinished == 0
@@ -165,7 +211,7 @@ async def test_finish_stores_the_result_and_wipes_the_request(
 
 async def test_finish_only_from_the_given_states(store: JobStore) -> None:
     job_id = await store.accept(new_job())
-    assert await store.mark_submitted(job_id, "9")
+    assert await store.mark_submitted(job_id, "9") is Mark.SUBMITTED
     assert not await store.finish(job_id, RESULT, from_states=(JobState.ACCEPTED,))
     assert not await store.finish(job_id, RESULT, from_states=())
     with pytest.raises(ValueError, match="DONE"):
@@ -213,7 +259,7 @@ async def test_visibility_by_viewer(store: JobStore) -> None:
 async def test_take_result_of_unfinished_done_and_missing_jobs(store: JobStore) -> None:
     job_id = await store.accept(new_job())
     assert await store.take_result(job_id, "alice") is JobState.ACCEPTED
-    assert await store.mark_submitted(job_id, "1")
+    assert await store.mark_submitted(job_id, "1") is Mark.SUBMITTED
     assert await store.take_result(job_id, "alice") is JobState.SUBMITTED
     assert await store.finish(job_id, RESULT)
     assert await store.take_result(job_id, "alice") == RESULT
@@ -243,7 +289,7 @@ async def test_list_ids_done_and_pending(store: JobStore) -> None:
     ids = [await store.accept(new_job(user=user)) for user in ("alice", "bob") * 3]
     for job_id in ids[:4]:
         assert await store.finish(job_id, RESULT)
-    assert await store.mark_submitted(ids[4], "1")
+    assert await store.mark_submitted(ids[4], "1") is Mark.SUBMITTED
     assert await store.list_ids(done=True, viewer=None, limit=100) == ids[:4]
     assert await store.list_ids(done=True, viewer=None, limit=3) == ids[:3]
     assert await store.list_ids(done=True, viewer="bob", limit=100) == [ids[1], ids[3]]
@@ -269,7 +315,7 @@ async def test_delete_removes_done_jobs_and_forgets_unfinished_ones(
     assert store.unfinished == 1  # forgotten, but it still runs
     [job] = await store.next_accepted(10)
     assert (job.id, job.mode) == (pending, JobMode.FORGET)
-    assert await store.mark_submitted(pending, "5")
+    assert await store.mark_submitted(pending, "5") is Mark.SUBMITTED
     assert await store.finish(pending, RESULT)
     assert store.unfinished == 0
     assert raw_rows(data, "SELECT count(*) FROM jobs") == [(0,)]
@@ -316,7 +362,7 @@ async def test_ids_outside_the_table_range_are_not_found(store: JobStore, job_id
     assert await store.get(job_id, None) is None
     assert await store.take_result(job_id, None) is None
     assert not await store.delete(job_id, None)
-    assert not await store.mark_submitted(job_id, "1")
+    assert await store.mark_submitted(job_id, "1") is Mark.GONE
     assert not await store.requeue(job_id)
     assert not await store.finish(job_id, RESULT)
     assert store.unfinished == 1
@@ -347,7 +393,7 @@ async def test_ids_are_never_reused_after_reopen_even_when_the_newest_rows_are_g
 async def test_unfinished_is_exact_and_survives_reopen(data: Path) -> None:
     store = await JobStore.open(data)
     ids = [await store.accept(new_job()) for _ in range(4)]
-    assert await store.mark_submitted(ids[0], "1")
+    assert await store.mark_submitted(ids[0], "1") is Mark.SUBMITTED
     assert await store.finish(ids[1], RESULT)
     assert await store.delete(ids[2], None)  # forgotten: still unfinished
     assert await store.delete(ids[1], None)  # a done row: not counted anyway
@@ -396,7 +442,7 @@ async def test_a_batch_of_mixed_writes_commits_once_and_in_order(store: JobStore
         store.delete(first, None),
         store.accept(new_job()),
     )
-    assert outcomes == [2, 3, True, True, 4, True, 5]
+    assert outcomes == [2, 3, Mark.SUBMITTED, True, 4, True, 5]
     assert store.commits - before == 1
     assert store.unfinished == 4
 

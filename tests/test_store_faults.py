@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import JobState, JobStore, StoreError, StoreFull
+from storage import JobState, JobStore, Mark, StoreError, StoreFull
 from storage.writer import Statement, Want
 from tests.test_store import RESULT, new_job
 
@@ -73,7 +73,7 @@ async def test_a_full_disk_fails_only_its_batch_and_the_store_recovers(store: Jo
     await db.execute_fetchall("PRAGMA max_page_count = 1073741823")
     job_id = await store.accept(big)
     assert job_id > first + 3  # ids of failed batches are burnt, never reused
-    assert await store.mark_submitted(first, "1")
+    assert await store.mark_submitted(first, "1") is Mark.SUBMITTED
     assert store.unfinished == 2
     # Failed accepts gave back their capacity: 8 more fit, the 9th does not.
     for _ in range(8):

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from storage import Job, JobMode, JobState, JobStore, StoredResponse, StoreError
+from storage import Job, JobMode, JobState, JobStore, Mark, StoredResponse, StoreError
 from storage.memory import JOB_OVERHEAD, READ_AHEAD, READY_MAX_BYTES, Fresh, Pending, Ready
 from storage.store import UNKNOWN
 from tests.test_store import RESULT, new_job, raw_rows
@@ -70,7 +70,7 @@ class Model:
     async def dispatch(self) -> None:
         for job in await self.store.next_accepted(self.rng.randint(1, 4)):
             if self.rng.random() < 0.8:
-                if await self.store.mark_submitted(job.id, f"u{job.id}"):
+                if await self.store.mark_submitted(job.id, f"u{job.id}") is not Mark.GONE:
                     self.submitted.append(job.id)
             elif await self.store.finish(job.id, RESULT, from_states=(JobState.ACCEPTED,)):
                 self.finished.append(job.id)  # an immediate reply from ArangoDB
@@ -142,7 +142,7 @@ async def test_a_fetch_served_from_memory_reads_nothing(
 ) -> None:
     job_id = await store.accept(new_job())
     [job] = await store.next_accepted(1)
-    assert await store.mark_submitted(job.id, "u1")
+    assert await store.mark_submitted(job.id, "u1") is Mark.SUBMITTED
     assert await store.finish(job_id, RESULT)
 
     async def no_reads(*_: Any) -> Any:
@@ -182,7 +182,7 @@ async def test_polling_an_unfinished_job_reads_nothing(
     for viewer, expected in seen_by.items():
         assert await store.state(mine, viewer) is expected
         assert await store.take_result(mine, viewer) is expected
-    assert await store.mark_submitted(mine, "u1")
+    assert await store.mark_submitted(mine, "u1") is Mark.SUBMITTED
     assert await store.state(mine, "alice") is JobState.SUBMITTED
     assert await store.take_result(theirs, "alice") is None
     assert await store.requeue(mine)
@@ -275,7 +275,7 @@ async def test_jobs_left_from_before_a_restart_are_read_from_the_file(data: Path
         later = await store.accept(new_job())
         assert [job.id for job in await store.next_accepted(10)] == [*ids, later]
         assert await store.requeue(ids[0]) is False  # not submitted: nothing to requeue
-        assert await store.mark_submitted(ids[0], "u")
+        assert await store.mark_submitted(ids[0], "u") is Mark.SUBMITTED
         assert await store.requeue(ids[0])
         # read back from the file, in id order, with the attempt counted
         [again, *_] = await store.next_accepted(10)
@@ -398,7 +398,7 @@ async def test_a_backlog_is_read_a_read_ahead_at_a_time(
         for _ in range(len(ids)):
             [job] = await store.next_accepted(1, ())
             handed_out.append(job.id)
-            assert await store.mark_submitted(job.id, str(job.id))
+            assert await store.mark_submitted(job.id, str(job.id)) is Mark.SUBMITTED
         assert handed_out == ids
         assert reads == 2
         assert await store.next_accepted(1, ()) == []

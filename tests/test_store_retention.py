@@ -15,7 +15,7 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from storage import JobState, JobStore, Removed, StoredResponse, schema, sql
+from storage import JobState, JobStore, Mark, Removed, StoredResponse, schema, sql
 from tests.test_store import new_job, raw_rows
 
 
@@ -100,7 +100,7 @@ async def test_expire_removes_only_done_jobs_finished_before_the_stamp(
     # Unfinished jobs created long ago are never expired, whatever their state or mode.
     accepted = await store.accept(new_job(created=1.0))
     submitted = await store.accept(new_job(created=1.0))
-    assert await store.mark_submitted(submitted, "u1")
+    assert await store.mark_submitted(submitted, "u1") is Mark.SUBMITTED
     forgotten = await store.accept(new_job(created=1.0))
     assert await store.delete(forgotten, None)
     old = [await finished_job(store, 100), await finished_job(store, 200, user="bob")]
