@@ -2,7 +2,12 @@
 
 The user name is read from the Authorization header (Basic user, or a JWT's
 ``preferred_username``); no header, or a JWT without a user, is the
-superuser ``""`` that sees every job, as in ArangoDB. The header itself is
+superuser ``""`` that sees every job, as in ArangoDB. Credentials the proxy
+cannot read (no ``user:password``, not base64, not a JWT, another scheme) are
+refused by an ArangoDB with authentication on; one with authentication off
+ignores them and treats the request as one without credentials (the
+superuser), so the proxy does the same once ArangoDB has accepted a request
+without credentials too. The header itself is
 trusted only after ArangoDB accepted it for the database: the proxy asks
 ``GET /_db/{db}/_api/version`` (ArangoDB answers 401/11 or 404/1228 before
 running any handler) and remembers a positive answer for ``auth_cache_ttl``
@@ -34,7 +39,10 @@ from proxy.upstream import Upstream
 SYSTEM_DB = "_system"
 
 # Headers of ArangoDB's refusal that the client should see unchanged.
-_RELAYED = ("Content-Type", "WWW-Authenticate")
+_CHALLENGE = "WWW-Authenticate"
+_RELAYED = ("Content-Type", _CHALLENGE)
+# A request with this header (any value) gets no WWW-Authenticate with a 401.
+OMIT_CHALLENGE = "x-omit-www-authenticate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +79,9 @@ def database_of(raw_target: str) -> tuple[str, str]:
     return SYSTEM_DB, SYSTEM_DB
 
 
+UNREADABLE = "\x00unreadable"  # the user of credentials the proxy cannot read
+
+
 def user_of(authorization: str | None) -> str:
     """The user name an Authorization header claims (not yet verified)."""
     if not authorization:
@@ -79,7 +90,9 @@ def user_of(authorization: str | None) -> str:
     credentials = credentials.strip()
     try:
         if scheme.lower() == "basic":
-            return base64.b64decode(credentials, validate=True).decode().partition(":")[0]
+            user, colon, _ = base64.b64decode(credentials, validate=True).decode().partition(":")
+            if colon:
+                return user
         if scheme.lower() == "bearer":
             payload = credentials.split(".")[1]
             claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -87,8 +100,7 @@ def user_of(authorization: str | None) -> str:
             return name if isinstance(name, str) else ""
     except (ValueError, IndexError, UnicodeDecodeError, binascii.Error):
         pass
-    # Unreadable credentials: ArangoDB refuses them, so verification fails first.
-    return "\x00unreadable"
+    return UNREADABLE
 
 
 class Verifier:
@@ -107,22 +119,40 @@ class Verifier:
 
     async def caller(self, request: web.Request) -> Caller | web.Response:
         """The verified caller of `request`, or the refusal to send back."""
-        return await self.caller_of(request.headers.get("Authorization"), request.raw_path)
+        return await self.caller_of(
+            request.headers.get("Authorization"),
+            request.raw_path,
+            omit_challenge=OMIT_CHALLENGE in request.headers,
+        )
 
-    async def caller_of(self, authorization: str | None, raw_target: str) -> Caller | web.Response:
-        """The verified caller of a request to `raw_target`, or the refusal to send back."""
+    async def caller_of(
+        self, authorization: str | None, raw_target: str, *, omit_challenge: bool = False
+    ) -> Caller | web.Response:
+        """The verified caller of a request to `raw_target`, or the refusal to send back
+        (`omit_challenge`: the request has ``x-omit-www-authenticate``, so the refusal
+        has no ``WWW-Authenticate``, as ArangoDB's)."""
         database, raw_database = database_of(raw_target)
         refusal = await self.verify(authorization, raw_database)
         if refusal is not None:
+            if omit_challenge and _CHALLENGE in refusal.headers:
+                kept = CIMultiDict(refusal.headers)
+                kept.popall(_CHALLENGE)
+                refusal = web.Response(status=refusal.status, body=refusal.body, headers=kept)
             return refusal
-        return Caller(user_of(authorization), authorization, database)
+        user = user_of(authorization)
+        if user == UNREADABLE and await self.verify(None, raw_database) is None:
+            user = ""  # authentication is off: ArangoDB ignored them (see the module's doc)
+        return Caller(user, authorization, database)
 
     def known_caller(self, authorization: str | None, raw_target: str) -> Caller | None:
         """`caller_of`, when its credentials are remembered as verified; else None."""
         database, raw_database = database_of(raw_target)
         if not self._known(self._digest(authorization, raw_database)):
             return None
-        return Caller(user_of(authorization), authorization, database)
+        user = user_of(authorization)
+        if user == UNREADABLE:
+            return None  # (rare) caller_of tells
+        return Caller(user, authorization, database)
 
     def _known(self, digest: bytes) -> bool:
         expiry = self._verified.get(digest)

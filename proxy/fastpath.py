@@ -398,7 +398,12 @@ class FastPath(asyncio.Protocol):
         app = self._front.app
         if submission.mode is None:
             return await self._job_api(submission)
-        verified = await admit(app, submission.authorization, submission.target)
+        verified = await admit(
+            app,
+            submission.authorization,
+            submission.target,
+            omit_challenge=submission.omit_challenge,
+        )
         if isinstance(verified, web.Response):
             return verified
         headers = forwarded(
@@ -466,7 +471,9 @@ class FastPath(asyncio.Protocol):
         app = self._front.app
         suffixes = jobs_api.suffixes_of(submission.target)
         assert suffixes is not None  # parse() took it as the job API
-        verified = await app[VERIFIER].caller_of(submission.authorization, submission.target)
+        verified = await app[VERIFIER].caller_of(
+            submission.authorization, submission.target, omit_challenge=submission.omit_challenge
+        )
         if isinstance(verified, web.Response):
             return verified
         query = URL(submission.target, encoded=True).query  # as aiohttp's request.query

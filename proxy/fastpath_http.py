@@ -28,6 +28,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 
 from proxy import jobs_api
+from proxy.auth import OMIT_CHALLENGE
 from proxy.intake import ASYNC_HEADER
 from storage import JobMode
 
@@ -43,7 +44,7 @@ _EACH_FIELD = re.compile(_FIELD)
 # the fields the fast path looks at, found in the block (checked by _FIELDS) at once
 _NOTED = re.compile(
     r"^(host|x-arango-async|content-length|connection|authorization|transfer-encoding|expect"
-    r"|upgrade):[ \t]*(.*?)[ \t]*\r$",
+    r"|upgrade|x-omit-www-authenticate):[ \t]*(.*?)[ \t]*\r$",
     re.IGNORECASE | re.MULTILINE,
 )
 _ODD_PATH = re.compile(r"%|//|/\.\.?(?:/|$)")
@@ -65,6 +66,7 @@ class Submission:
         "length",
         "method",
         "mode",
+        "omit_challenge",
         "target",
     )
 
@@ -74,6 +76,7 @@ class Submission:
         self.headers: list[tuple[str, str]] = []
         self.host = ""
         self.authorization: str | None = None  # the first Authorization field
+        self.omit_challenge = False  # x-omit-www-authenticate: a 401 without WWW-Authenticate
         self.mode: JobMode | None = None  # None: no x-arango-async
         self.job_api = False  # (without x-arango-async) for the job API; else pass-through
         self.length = 0  # of the body, from Content-Length
@@ -154,6 +157,8 @@ def _take(submission: Submission, lower: str, value: str) -> bool:
     elif lower == "authorization":
         if submission.authorization is None:
             submission.authorization = value
+    elif lower == OMIT_CHALLENGE:
+        submission.omit_challenge = True
     elif lower == "connection":
         option = value.lower()
         if option not in ("keep-alive", "close"):

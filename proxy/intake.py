@@ -28,7 +28,7 @@ from collections.abc import Callable
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.auth import Caller
+from proxy.auth import OMIT_CHALLENGE, Caller
 from proxy.errors import ERROR_QUEUE_FULL, ERROR_SERVICE_UNAVAILABLE, arango_error
 from proxy.passthrough import forwarded_headers
 from proxy.state import CONFIG, CREDENTIALS, DISPATCHER, METRICS, STORE, VERIFIER
@@ -91,7 +91,12 @@ def _too_large(limit: int) -> web.Response:
 
 
 async def intake(request: web.Request, mode: JobMode) -> web.Response:
-    verified = await admit(request.app, request.headers.get("Authorization"), request.raw_path)
+    verified = await admit(
+        request.app,
+        request.headers.get("Authorization"),
+        request.raw_path,
+        omit_challenge=OMIT_CHALLENGE in request.headers,
+    )
     if isinstance(verified, web.Response):
         return verified
     body = await read_body(request)
@@ -110,10 +115,12 @@ async def intake(request: web.Request, mode: JobMode) -> web.Response:
 
 
 async def admit(
-    app: web.Application, authorization: str | None, raw_target: str
+    app: web.Application, authorization: str | None, raw_target: str, *, omit_challenge: bool
 ) -> Caller | web.Response:
     """The verified caller whose jobs may be queued, or the refusal to answer."""
-    verified = await app[VERIFIER].caller_of(authorization, raw_target)
+    verified = await app[VERIFIER].caller_of(
+        authorization, raw_target, omit_challenge=omit_challenge
+    )
     if isinstance(verified, web.Response):
         return verified
     if not app[CREDENTIALS].can_act_for(verified.authorization):

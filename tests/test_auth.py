@@ -17,6 +17,7 @@ from proxy.config import UpstreamConfig
 from proxy.upstream import Upstream
 from tests.conftest import ProxyFactory
 from tests.standin import StandIn, make_jwt
+from tests.standin.call import Identity
 from tests.standin.client import ALICE, BOB, ROOT, Client, basic
 from tests.standin.pytest_plugin import StandInFactory
 
@@ -38,6 +39,7 @@ def jwt(claims: dict[str, object]) -> str:
         ("Bearer " + jwt({"preferred_username": "bob", "iss": "arangodb"}), "bob"),
         ("bearer " + jwt({"iss": "arangodb", "server_id": "x"}), ""),  # superuser token
         ("bearer " + jwt({"preferred_username": 7}), ""),
+        ("Basic " + base64.b64encode(b"alice").decode(), "\x00unreadable"),  # no password
         ("Basic !!!notbase64", "\x00unreadable"),
         ("Bearer not-a-jwt", "\x00unreadable"),
         ("Negotiate abc", "\x00unreadable"),
@@ -183,6 +185,31 @@ def bearer(claims: dict[str, object]) -> dict[str, str]:
     return {"authorization": "Bearer " + make_jwt(SECRET, {"iss": "arangodb", **claims})}
 
 
+async def test_a_refusal_has_no_challenge_for_a_request_that_asks_so_on_every_path(
+    standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """x-omit-www-authenticate (any value), as ArangoDB: on async submissions and job
+    API requests, on the fast path and on aiohttp's (a %-escape in the path goes there)."""
+    proxy = Client(http, await start_proxy(standin.url))
+    direct = Client(http, standin.url)
+    wrong = basic("alice", "wrong")
+    requests = [
+        ("GET", "/_api/job/done", {}),
+        ("PUT", "/_api/version", {"x-arango-async": "store"}),
+        ("PUT", "/_api/%76ersion", {"x-arango-async": "true"}),
+        ("PUT", "/_api/job/%31", {}),
+    ]
+    for method, path, headers in requests:
+        for omit in ({}, {"X-Omit-WWW-Authenticate": ""}):
+            challenges = []
+            for client in (direct, proxy):
+                answer = await client.call(method, path, headers={**headers, **omit}, user=wrong)
+                assert answer.status == 401
+                challenges.append(answer.headers.getall("WWW-Authenticate", []))
+            assert challenges[0] == challenges[1]
+            assert bool(challenges[0]) == (not omit)
+
+
 async def test_refused_credentials_are_asked_again_each_time_through_the_proxy(
     standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -243,3 +270,53 @@ async def test_without_authentication_everyone_is_the_anonymous_superuser(
     assert (await client.call("GET", "/_api/job/done", user=ROOT)).json == [roots]
     assert (await client.call("GET", f"/_api/job/{anonymous_job}", user=ROOT)).status == 404
     assert (await client.result(roots, user=anonymous)).status == 200
+
+
+@pytest.mark.parametrize(
+    "unreadable",
+    ["Basic !!!notbase64", "Basic " + base64.b64encode(b"alice").decode(), "Bearer x", "Foo bar"],
+)
+async def test_credentials_arangodb_ignores_are_the_anonymous_superuser_as_there(
+    standin_noauth: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession, unreadable: str
+) -> None:
+    """With authentication off, ArangoDB takes credentials it cannot read for none at
+    all; so does the proxy, on both of its paths (the second call is the fast one)."""
+    proxy = Client(http, await start_proxy(standin_noauth.url))
+    direct = Client(http, standin_noauth.url)
+    caller = {"authorization": unreadable}
+    for client in (direct, proxy):
+        roots = await client.submit("GET", "/_api/version", user=ROOT)
+        theirs = await client.submit("GET", "/_api/version", user=caller)
+        await client.wait_done(roots, user=ROOT)
+        await client.wait_done(theirs, user=caller)
+        for _ in range(2):
+            assert (await client.call("GET", f"/_api/job/{roots}", user=caller)).status == 200
+            done = (await client.call("GET", "/_api/job/done", user=caller)).json
+            assert {roots, theirs} <= set(done)
+        assert (await client.result(theirs, user={})).status == 200
+
+
+async def test_credentials_the_proxy_cannot_read_but_arangodb_takes_see_only_their_jobs(
+    standin: StandIn,
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Authentication on: a header the proxy cannot read that ArangoDB accepts anyway
+    (a decoder laxer than Python's, say; here the stand-in is made to) is nobody the
+    proxy knows, never the superuser."""
+    token = "Bearer opaque-token-the-proxy-cannot-read"
+    identify = standin.authenticator.identify
+
+    def also_opaque(header: str | None) -> Identity | None:
+        return Identity("alice", superuser=False) if header == token else identify(header)
+
+    monkeypatch.setattr(standin.authenticator, "identify", also_opaque)
+    client = Client(http, await start_proxy(standin.url))
+    alices = await client.submit("GET", "/_api/version", user=ALICE)
+    await client.wait_done(alices, user=ALICE)
+    caller = {"authorization": token}
+    theirs = await client.submit("GET", "/_api/version", user=caller)
+    await client.wait_done(theirs, user=caller)
+    assert (await client.call("GET", "/_api/job/done", user=caller)).json == [theirs]
+    assert (await client.call("GET", f"/_api/job/{alices}", user=caller)).status == 404
