@@ -131,7 +131,11 @@ class Dispatcher:
         try:
             if jobs_api.is_job_api(job.target):
                 result = await self._execute(job.method, job.target, job.user)
-                await self._store.finish(job.id, result)
+                # It has acted (a fetch took the result it asked for): recording that
+                # must not give up, or the job would run again and find nothing.
+                await record(
+                    f"the result of job {job.id}", lambda: self._store.finish(job.id, result)
+                )
             else:
                 await self._send(job)
         except Exception:

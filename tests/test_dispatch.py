@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy import harvester
 from proxy.app import create_app
 from proxy.state import METRICS, STORE
-from storage import JobState, StoreError
+from storage import JobState, StoredResponse, StoreError
 from tests.conftest import ProxyFactory, proxy_config
 from tests.processes import free_port
 from tests.standin import StandIn
@@ -422,6 +422,35 @@ async def test_recording_a_submission_is_retried_not_sent_again(
     assert (await jobs.result(answer)).status == 201
     assert failing.left == 0
     assert standin.executed[("POST", "/_api/cursor")] == 1
+
+
+async def test_an_async_fetch_keeps_the_result_it_took_when_storing_it_fails(
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An async PUT /_api/job/{id} takes that job's result: storing it as its own
+    result is retried until the store takes it. Run again, it would find nothing."""
+    app, base = proxy_app
+    jobs = Client(http, base)
+    taken = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(taken)
+    store = app[STORE]
+    finish = store.finish
+    failures = 2
+
+    async def failing(job_id: int, response: StoredResponse, **kwargs: Any) -> bool:
+        nonlocal failures
+        if failures and dict(response.headers).get("x-arango-async-id") == taken:
+            failures -= 1
+            raise StoreError("database or disk is full (injected)")
+        return await finish(job_id, response, **kwargs)
+
+    monkeypatch.setattr(store, "finish", failing)
+    fetching = await jobs.submit("PUT", f"/_api/job/{taken}")
+    answer = await jobs.result(fetching)
+    assert failures == 0
+    assert (answer.status, answer.json["server"]) == (200, "arango")
 
 
 async def test_a_job_done_at_its_first_look_is_never_marked_submitted(
