@@ -204,10 +204,24 @@ class Harvester:
     def track(self, job: Job, upstream_id: str, submission: Submission | None = None) -> None:
         """Watch a job at ArangoDB; `submission`: it was just sent (not yet recorded)."""
         tracked = Tracked(job.id, upstream_id, job.user, job.auth, job.method, submission)
+        previous = self._jobs.get(upstream_id)
         self._jobs[upstream_id] = tracked
         self._fresh.append(tracked)
         self._youngest = time.monotonic()
         self._new.set()
+        if previous is not None and previous.job_id != job.id:
+            # ArangoDB gave the id out again: it is a new server (restarted on fresh
+            # data, or replaced), and the job that had the id is lost there.
+            reissued = asyncio.create_task(self._reissued(previous))
+            self._storing.add(reissued)
+            reissued.add_done_callback(self._storing.discard)
+
+    async def _reissued(self, tracked: Tracked) -> None:
+        try:
+            if await tracked.submitted():
+                await self._lost(tracked)
+        except Exception:
+            log.exception("ending job %d, whose ArangoDB id was reused, failed", tracked.job_id)
 
     async def load(self) -> None:
         """Resume watching every job the store says is at ArangoDB."""
@@ -340,7 +354,7 @@ class Harvester:
 
     async def _collect(self, tracked: Tracked) -> None:
         async with self._fetching:
-            if tracked.upstream_id not in self._jobs:
+            if self._jobs.get(tracked.upstream_id) is not tracked:
                 return  # settled while this fetch waited for its turn
             try:
                 reply = await self._upstream.call(
@@ -351,6 +365,14 @@ class Harvester:
             except UpstreamFailure as failure:
                 log.debug("cannot fetch job %d: %s", tracked.job_id, failure.message)
                 reply = None
+        holder = self._jobs.get(tracked.upstream_id)
+        if holder is not None and holder is not tracked:
+            # Its id went to another job meanwhile (see track): the answer is that
+            # one's, which then finds nothing, and ArangoDB's loss rules apply to it.
+            log.warning("job %d: the answer came after its ArangoDB id was reused", tracked.job_id)
+            if tracked.submission is not None:
+                tracked.submission.answered()
+            return
         submission = tracked.submission
         if reply is not None and _is_final(reply):
             # ArangoDB has handed the result over and forgotten the job: its slot is
@@ -417,5 +439,6 @@ class Harvester:
         self._jobs.pop(upstream_id, None)
 
     def _untrack(self, tracked: Tracked) -> None:
-        self._jobs.pop(tracked.upstream_id, None)
+        if self._jobs.get(tracked.upstream_id) is tracked:  # (not a job its id went to)
+            del self._jobs[tracked.upstream_id]
         self._wake_dispatcher()

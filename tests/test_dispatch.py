@@ -236,6 +236,31 @@ async def test_cancelled_while_being_sent_and_refused_for_now_is_cancelled_here(
     assert upstream.seen.count(("GET", "/_api/version")) == 1
 
 
+async def test_an_id_arangodb_gives_out_again_ends_the_job_that_had_it_as_lost(
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A new ArangoDB (restarted on fresh data, or replaced) counts its job ids from
+    the start again: the job that had an id is lost (here: run again), and the job
+    that has it now gets its own result, never the other's."""
+    upstream, url = fake
+    restarted = False
+
+    async def running_until_restart(upstream_id: str) -> web.Response:
+        if upstream_id == "901" and not restarted:
+            return web.Response(status=204)
+        return await upstream._result(upstream_id)
+
+    upstream.fetch_reply = running_until_restart
+    jobs = Client(http, await start_proxy(url))
+    first = await jobs.submit("GET", "/_api/version")
+    await eventually(lambda: ("PUT", "/_api/job/901") in upstream.seen)
+    await asyncio.sleep(harvester.MARK_AFTER * 5)  # marked submitted, still running
+    restarted, upstream._next = True, 900
+    second = await jobs.submit("GET", "/_api/version")
+    assert (await jobs.result(second)).json == {"ok": "901"}
+    assert (await jobs.result(first)).json == {"ok": "902"}  # sent again: ArangoDB's 902
+
+
 async def test_refused_harvest_becomes_the_result(
     fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
