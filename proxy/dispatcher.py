@@ -195,13 +195,15 @@ class Dispatcher:
             # if it had not started) is harvested as any other.
             await self._tell(job, ("PUT", f"/_api/job/{upstream_id}/cancel"))
         elif mark is Mark.GONE:
-            # No longer in the store: ArangoDB must not keep it either.
+            # Not accepted any more: ArangoDB must not keep this copy. (If another copy
+            # is at ArangoDB, sent by a worker process that died, it is watched.)
             self._harvester.forget(upstream_id)
             await self._tell(
                 job,
                 ("PUT", f"/_api/job/{upstream_id}/cancel"),
                 ("DELETE", f"/_api/job/{upstream_id}"),
             )
+            await record(f"job {job.id}'s other copy", lambda: self._harvester.adopt(job.id))
 
     async def _tell(self, job: Job, *calls: tuple[str, str]) -> None:
         """Best effort, as the job's user: a failure leaves the job to run its course."""

@@ -223,6 +223,14 @@ class Harvester:
         except Exception:
             log.exception("ending job %d, whose ArangoDB id was reused, failed", tracked.job_id)
 
+    async def adopt(self, job_id: int) -> None:
+        """Watch `job_id` if the store has it at ArangoDB under an id nobody watches: the
+        mark of a worker process that died committed after this one sent the job again
+        (its own mark then found the job submitted already)."""
+        for job in await self._store.submitted():
+            if job.id == job_id and job.upstream_id and job.upstream_id not in self._jobs:
+                self.track(job, job.upstream_id)
+
     async def load(self) -> None:
         """Resume watching every job the store says is at ArangoDB."""
         for job in await self._store.submitted():

@@ -21,7 +21,7 @@ from aiohttp import web
 from proxy import harvester
 from proxy.app import create_app
 from proxy.state import METRICS, STORE
-from storage import JobState, StoredResponse, StoreError
+from storage import JobState, Mark, StoredResponse, StoreError
 from tests.conftest import ProxyFactory, proxy_config
 from tests.processes import free_port
 from tests.standin import StandIn
@@ -476,6 +476,36 @@ async def test_an_async_fetch_keeps_the_result_it_took_when_storing_it_fails(
     answer = await jobs.result(fetching)
     assert failures == 0
     assert (answer.status, answer.json["server"]) == (200, "arango")
+
+
+async def test_a_job_a_dead_worker_process_marked_after_it_was_sent_again_is_harvested(
+    standin: StandIn,
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker process died while its mark waited in the store's queue; the next one
+    sent the job again, and the old mark commits before the new one: the new copy is
+    abandoned, and the job is harvested under the copy the store has."""
+    app, base = proxy_app
+    store = app[STORE]
+    mark = store.mark_submitted
+    direct = Client(http, standin.url)
+    query = {"query": "RETURN SLEEP(0.3)"}  # still running at its first look: marked
+    others: list[str] = []
+
+    async def marked_first_by_a_dead_worker(job_id: int, upstream_id: str) -> Mark:
+        if not others:
+            others.append(await direct.submit("POST", "/_api/cursor", body=query))
+            await mark(job_id, others[0])
+        return await mark(job_id, upstream_id)
+
+    monkeypatch.setattr(store, "mark_submitted", marked_first_by_a_dead_worker)
+    jobs = Client(http, base)
+    answer = await jobs.result(await jobs.submit("POST", "/_api/cursor", body=query))
+    assert answer.status == 201
+    assert standin.executed[("POST", "/_api/cursor")] == 2
+    assert (await direct.call("GET", f"/_api/job/{others[0]}")).status == 404  # harvested
 
 
 async def test_a_job_done_at_its_first_look_is_never_marked_submitted(
