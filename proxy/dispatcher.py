@@ -32,7 +32,14 @@ from multidict import CIMultiDict
 
 from proxy import jobs_api
 from proxy.errors import UpstreamFailure
-from proxy.harvester import MARK_AFTER, Harvester, Submission, record, stored_response
+from proxy.harvester import (
+    MARK_AFTER,
+    Harvester,
+    Submission,
+    record,
+    record_result,
+    stored_response,
+)
 from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream
@@ -133,9 +140,7 @@ class Dispatcher:
                 result = await self._execute(job.method, job.target, job.user)
                 # It has acted (a fetch took the result it asked for): recording that
                 # must not give up, or the job would run again and find nothing.
-                await record(
-                    f"the result of job {job.id}", lambda: self._store.finish(job.id, result)
-                )
+                await record_result(self._store, job.id, result)
             else:
                 await self._send(job)
         except Exception:
@@ -166,7 +171,7 @@ class Dispatcher:
         # or the job would be sent again.
         if reply.status != 202 or upstream_id is None:
             result = stored_response(reply)
-            await record(f"the reply to job {job.id}", lambda: self._store.finish(job.id, result))
+            await record_result(self._store, job.id, result)
             return
         self._metrics["jobs_submitted_total"] += 1
         # Watched from now: its first look may find the result, and then no mark is

@@ -39,7 +39,7 @@ from proxy.errors import ERROR_INTERNAL, JSON_TYPE, UpstreamFailure, error_body
 from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream, end_to_end
-from storage import Job, JobState, StoredResponse, StoreError
+from storage import Job, JobState, ResultTooLarge, StoredResponse, StoreError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,6 +80,36 @@ def _is_final(reply: Reply) -> bool:
     """A result, or ArangoDB no longer accepts the job's credentials: either way
     the answer the client gets."""
     return "x-arango-async-id" in reply.headers or reply.status in (401, 403)
+
+
+UNFINISHED = (JobState.ACCEPTED, JobState.SUBMITTED)
+
+
+async def record_result(
+    store: JobQueue,
+    job_id: int,
+    result: StoredResponse,
+    *,
+    from_states: Collection[JobState] = UNFINISHED,
+) -> bool:
+    """`record` the job's result; one that can never fit under storage.max_db_size is
+    replaced by an error result that says so (waiting would keep the job pending for
+    ever: ArangoDB has handed the result over, and no one else has it)."""
+    try:
+        return await record(
+            f"the result of job {job_id}",
+            lambda: store.finish(job_id, result, from_states=from_states),
+        )
+    except ResultTooLarge as exc:
+        log.warning("the result of job %d was dropped: %s", job_id, exc)
+        message = f"ArangoDB's answer ({result.status}) to this job was dropped: {exc}"
+        dropped = StoredResponse(
+            500, (("Content-Type", JSON_TYPE),), error_body(500, ERROR_INTERNAL, message)
+        )
+        return await record(
+            f"the result of job {job_id}",
+            lambda: store.finish(job_id, dropped, from_states=from_states),
+        )
 
 
 class _Refused(Exception):
@@ -412,10 +442,7 @@ class Harvester:
                 states = (JobState.SUBMITTED,)
             else:
                 return  # cancelled while being sent: the dispatcher deals with it
-            await record(
-                f"the result of job {tracked.job_id}",
-                lambda: self._store.finish(tracked.job_id, result, from_states=states),
-            )
+            await record_result(self._store, tracked.job_id, result, from_states=states)
         except Exception:
             log.exception("storing the result of job %d failed", tracked.job_id)
             return

@@ -57,7 +57,7 @@ from proxy.state import CONFIG, CREDENTIALS, METRICS, STORE
 from proxy.tokens import JobCredentials
 from proxy.upstream import Upstream
 from proxy.workers import Workers
-from storage import Job, JobState, Mark, StoredResponse, StoreError
+from storage import Job, JobState, Mark, ResultTooLarge, StoredResponse, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class WorkerProcess:
         # the reply goes to the child that asked, never to one started after it
         try:
             value = await call
-        except StoreError as exc:
+        except (StoreError, ResultTooLarge) as exc:
             channel.send(("reply", call_id, None, exc))
         except Exception as exc:
             log.exception("a call from the worker process failed")

@@ -4,7 +4,7 @@
 :class:`JobStore`. The records it speaks in live in :mod:`storage.records`.
 """
 
-from storage.errors import CapacityExceeded, StoreError, StoreFull
+from storage.errors import CapacityExceeded, ResultTooLarge, StoreError, StoreFull
 from storage.records import (
     Headers,
     Job,
@@ -27,6 +27,7 @@ __all__ = [
     "Mark",
     "NewJob",
     "Removed",
+    "ResultTooLarge",
     "StoreError",
     "StoreFull",
     "StoredResponse",

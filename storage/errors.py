@@ -5,6 +5,8 @@ Error tree::
     StoreError            the store cannot do what was asked (I/O, full disk, not our file, closed)
      └─ CapacityExceeded  accept() refused: as many unfinished jobs as the capacity allows
          └─ StoreFull     accept() refused: the database is near its size limit
+    ResultTooLarge        finish() refused a result that can never fit (not a StoreError:
+                          trying again cannot help)
 """
 
 from __future__ import annotations
@@ -20,3 +22,7 @@ class CapacityExceeded(StoreError):
 
 class StoreFull(CapacityExceeded):
     """accept() was called while the database fills its share of ``max_size``."""
+
+
+class ResultTooLarge(Exception):
+    """finish() was given a result larger than a store limited by ``max_size`` can hold."""

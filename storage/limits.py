@@ -42,14 +42,26 @@ class SizeLimit:
         limit = cls(max(1, wanted - reserve), int(hard), int(page_size))
         return limit, int(pages) - int(free)
 
+    @property
+    def largest_row(self) -> int:
+        """Bytes of the largest job or result stored: each must fit in the reserve on
+        its own (see the module's docstring)."""
+        return (self.hard_pages - self.intake_pages) * self.page_size // 2
+
+    def too_large(self, what: str, size: int) -> str | None:
+        """Why `size` bytes of `what` can never be stored, or None if they can."""
+        if size <= self.largest_row:
+            return None
+        return (
+            f"{what} of {size} bytes is too large for a job store limited to "
+            f"{self.hard_pages * self.page_size} bytes (storage.max_db_size)"
+        )
+
     def check_room(self, size: int, used_pages: int) -> None:
         """Raise StoreFull unless a new job of `size` bytes fits beside `used_pages`."""
-        # Each stored job must fit in the reserve on its own (see the module's docstring).
-        if size > (self.hard_pages - self.intake_pages) * self.page_size // 2:
-            raise StoreFull(
-                f"a job of {size} bytes is too large for a job store limited to "
-                f"{self.hard_pages * self.page_size} bytes (storage.max_db_size)"
-            )
+        reason = self.too_large("a job", size)
+        if reason is not None:
+            raise StoreFull(reason)
         if used_pages + size // self.page_size >= self.intake_pages:
             raise StoreFull(
                 "the job store is near its size limit (storage.max_db_size); "

@@ -49,7 +49,7 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from storage import rows, schema, sql
-from storage.errors import CapacityExceeded, StoreError
+from storage.errors import CapacityExceeded, ResultTooLarge, StoreError
 from storage.folder import DataFolder
 from storage.limits import SizeLimit
 from storage.memory import JOB_OVERHEAD, READ_AHEAD, Fresh, Pending, Ready
@@ -391,6 +391,7 @@ class JobStore:
         """-> done with `response`, wiping the request; a forgotten job is deleted instead.
 
         False if the job is not in one of `from_states` (which may not include done).
+        ResultTooLarge if `response` can never fit under the store's size limit.
         """
         if JobState.DONE in from_states:
             raise ValueError("finish() moves unfinished jobs only; DONE is not a from_state")
@@ -399,6 +400,9 @@ class JobStore:
         states = sorted(JobState(state).value for state in from_states)
         headers = rows.headers_param(response.headers)  # ASCII: characters are bytes
         size = len(headers) + len(response.body)
+        reason = self._size_limit and self._size_limit.too_large("a result", size)
+        if reason:
+            raise ResultTooLarge(reason)
         params = (
             time.time(),
             response.status,

@@ -114,6 +114,28 @@ async def test_a_burst_at_the_size_limit_gets_202_only_for_what_committed(
         assert (await jobs.result(job_id)).status == 201
 
 
+async def test_a_result_that_can_never_fit_ends_its_job_with_an_error_that_says_so(
+    standin: StandIn, serve_proxy: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """ArangoDB has handed the result over, and no one else has it: waiting for room
+    that can never come would keep the job pending for ever (and fail every batch
+    its write joins). A small request, a large answer: a large document's read."""
+    direct = Client(http, standin.url)
+    await direct.call("POST", "/_api/collection", {"name": "c"})
+    await direct.call("POST", "/_api/document/c", {"_key": "big", "pad": "y" * 200_000})
+    await direct.call("POST", "/_api/document/c", {"_key": "small"})
+    limit = 256 * 1024
+    _, url = await start(serve_proxy, standin.url, tmp_path / "d", storage={"max_db_size": limit})
+    jobs = Client(http, url)
+    too_big = await jobs.submit("GET", "/_api/document/c/big")
+    fits = await jobs.submit("GET", "/_api/document/c/small")
+    answer = await jobs.result(too_big)
+    assert (answer.status, answer.json["errorNum"]) == (500, 4)
+    assert "ArangoDB's answer (200) to this job was dropped" in answer.json["errorMessage"]
+    assert "too large for a job store limited to 262144 bytes" in answer.json["errorMessage"]
+    assert (await jobs.result(fits)).json["_key"] == "small"
+
+
 def ids_in_file(folder: Path) -> list[int]:
     with contextlib.closing(sqlite3.connect(folder / "jobs.sqlite3")) as db:
         return [row[0] for row in db.execute("SELECT id FROM jobs ORDER BY id")]
