@@ -169,8 +169,9 @@ class FastPath(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        """Between requests: neither serving one nor awaiting its body."""
-        return not self._busy and self._awaited is None
+        """Between requests: neither serving one nor awaiting its body, and none waits
+        to be served (for the client to read its answers)."""
+        return not self._busy and self._awaited is None and not self._buffer
 
     def close(self) -> None:
         if self.transport is not None and not self._closed:
@@ -318,12 +319,17 @@ class FastPath(asyncio.Protocol):
         self._go_on()
 
     def _go_on(self) -> None:
-        """Read and serve again (nothing under way, or the client read its answers)."""
-        if self._paused:
-            self._paused = False
+        """Serve again (nothing under way, or the client read its answers); read again
+        once what waits is below _PAUSE_AT, or a body needs more bytes."""
+        self._next()
+        if self._paused and (self._awaited is not None or len(self._buffer) <= _PAUSE_AT):
+            self._resume_reading()
+
+    def _resume_reading(self) -> None:
+        self._paused = False
+        if not self._closed:
             assert self.transport is not None
             self.transport.resume_reading()
-        self._next()
 
     def _write(self, data: bytes) -> None:
         if not self._closed:
@@ -487,6 +493,8 @@ class FastPath(asyncio.Protocol):
         self._close_fd()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._paused:
+            self._resume_reading()  # aiohttp reads on, and pauses by its own rules
         handler = self._front.aiohttp_protocol()
         self.transport.set_protocol(handler)
         handler.connection_made(self.transport)
@@ -504,13 +512,13 @@ class FastPath(asyncio.Protocol):
         self._idle_timer = None
         if self._closed:
             return
+        if not self.idle:
+            return  # the next _idle() (after an answer) looks again
         due = self._idle_since + self._front.config.idle_timeout
-        if self.idle and self._loop.time() >= due:
+        if self._loop.time() >= due:
             self.close()
         else:
-            self._idle_timer = self._loop.call_at(
-                max(due, self._loop.time() + 0.001), self._check_idle
-            )
+            self._idle_timer = self._loop.call_at(due, self._check_idle)
 
 
 class Listener:

@@ -163,7 +163,7 @@ def _take(submission: Submission, lower: str, value: str) -> bool:
         option = value.lower()
         if option not in ("keep-alive", "close"):
             return False
-        submission.close = option == "close"
+        submission.close = submission.close or option == "close"  # any close line wins
     return lower not in _REFUSED_FIELDS
 
 

@@ -163,6 +163,9 @@ SAME_ANSWERS = {
     "job, unknown database": req(b"PUT /_db/nope/_api/version HTTP/1.1", AUTH, STORE_MODE),
     "job, wrong password": req(VERSION, WRONG, STORE_MODE),
     "job, closing": req(VERSION, AUTH, STORE_MODE, b"Connection: close\r\n"),
+    "job, close then keep-alive": req(
+        VERSION, AUTH, STORE_MODE, b"Connection: close\r\nConnection: keep-alive\r\n"
+    ),
     "job, two credentials, the first valid": req(VERSION, AUTH, WRONG, STORE_MODE),
     "job, two credentials, the first wrong": req(VERSION, WRONG, AUTH, STORE_MODE),
     "job list": req(b"GET /_api/job/pending HTTP/1.1", AUTH),
@@ -177,6 +180,9 @@ SAME_ANSWERS = {
     "pass-through, not found": req(b"DELETE /_api/collection/none HTTP/1.1", AUTH),
     "pass-through, no credentials": req(b"GET /_api/version HTTP/1.1"),
     "pass-through, closing": req(b"GET /_api/version HTTP/1.1", AUTH, b"Connection: close\r\n"),
+    "pass-through, keep-alive then close": req(
+        b"GET /_api/version HTTP/1.1", AUTH, b"Connection: keep-alive\r\nConnection: close\r\n"
+    ),
     "HEAD job": req(b"HEAD /_api/version HTTP/1.1", AUTH, STORE_MODE),
     "HEAD for the job API": req(b"HEAD /_api/job/1 HTTP/1.1", AUTH),
     "HEAD passed through": req(b"HEAD /_api/version HTTP/1.1", AUTH),
@@ -887,35 +893,110 @@ async def test_a_client_that_leaves_its_answers_unread_is_no_longer_served(
         job_id = (await connection.answer()).header("x-arango-async-id")
         assert job_id is not None
         connection.close()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        await asyncio.sleep(0.05)  # accepted
-        assert listener._front is not None
-        [fast] = [
-            c
-            for c in listener._front.connections
-            if c.transport is not None
-            and c.transport.get_extra_info("peername")[1] == sock.getsockname()[1]
-        ]
+        stream, fast = await small_window(listener)
         assert fast.transport is not None
-        # a small send buffer on the proxy's side too: the kernel holds ~12 KB of
-        # answers, not megabytes (loopback's autotuning), so what piles up is seen
-        fast.transport.get_extra_info("socket").setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
-        )
         poll = req(b"GET /_api/job/%s HTTP/1.1" % job_id.encode(), AUTH)
         count = 4000
         unsent = 0
         for _ in range(count):
-            writer.write(poll)  # each request whole: the fast path keeps the connection
+            stream.writer.write(poll)  # each request whole: the fast path keeps the connection
             await asyncio.sleep(0)
             unsent = max(unsent, fast.transport.get_write_buffer_size())
         assert unsent < 80 * 1024
-        stream = Connection(reader, writer)
         assert [(await stream.answer()).status for _ in range(count)] == [204] * count
         stream.close()
     finally:
         await listener.stop()
+
+
+async def small_window(listener: Listener) -> tuple[Connection, FastPath]:
+    """A connection to `listener` with small socket buffers on both ends, and the fast
+    path serving it: the kernel holds ~12 KB of answers, not megabytes (loopback's
+    autotuning), so what piles up in the proxy is seen."""
+    host, port = listener.addresses[0]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    await asyncio.sleep(0.05)  # accepted
+    assert listener._front is not None
+    [fast] = [
+        c
+        for c in listener._front.connections
+        if c.transport is not None
+        and c.transport.get_extra_info("peername")[1] == sock.getsockname()[1]
+    ]
+    assert fast.transport is not None
+    fast.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    return Connection(reader, writer), fast
+
+
+async def test_requests_waiting_for_their_turn_are_bounded_while_the_client_reads(
+    standin: StandIn, tmp_path: Path
+) -> None:
+    """A client that pipelines 3 MB of requests that each take a task (job lists) and
+    reads its answers: the proxy reads on only while less than _PAUSE_AT (256 KiB)
+    waits, so it never holds much more than that plus one read."""
+    app = create_app(proxy_config(standin.url, tmp_path / "data"))
+    listener = Listener(app, None)
+    await listener.start()
+    try:
+        stream, fast = await small_window(listener)
+        listing = req(b"GET /_api/job/pending HTTP/1.1", AUTH, b"X-Pad: " + b"p" * 1000 + b"\r\n")
+        count = 3000
+        stream.writer.write(listing * count)
+        waiting = 0
+        for _ in range(count):
+            assert (await stream.answer()).status == 200
+            waiting = max(waiting, len(fast._buffer))
+        assert waiting < 600 * 1024
+        stream.close()
+    finally:
+        await listener.stop()
+
+
+async def test_requests_that_wait_for_the_client_to_read_are_not_cut_by_idle_timeout(
+    standin: StandIn, tmp_path: Path
+) -> None:
+    """The client reads nothing for longer than server.idle_timeout while its
+    pipelined requests wait (writing paused): the connection is not idle, and every
+    request is answered once it reads."""
+    config = proxy_config(standin.url, tmp_path / "data", server={"idle_timeout": 0.3})
+    listener = Listener(create_app(config), None)
+    await listener.start()
+    try:
+        stream, _ = await small_window(listener)
+        poll = req(b"GET /_api/job/123456 HTTP/1.1", AUTH)
+        count = 3000
+        stream.writer.write(poll * count)
+        await asyncio.sleep(1.0)
+        assert [(await stream.answer()).status for _ in range(count)] == [404] * count
+        stream.close()
+    finally:
+        await listener.stop()
+
+
+async def test_a_long_request_does_not_wake_the_idle_check_again_and_again(
+    standin: StandIn, serve_proxy: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request under way past server.idle_timeout: the idle check looks again after
+    the answer, not every millisecond meanwhile."""
+    config = proxy_config(standin.url, tmp_path / "data", server={"idle_timeout": 0.1})
+    base = await serve_proxy(create_app(config))
+    checks = 0
+    check_idle = FastPath._check_idle
+
+    def counted(self: FastPath) -> None:
+        nonlocal checks
+        checks += 1
+        check_idle(self)
+
+    monkeypatch.setattr(FastPath, "_check_idle", counted)
+    connection = await Connection.open(base)
+    query = json.dumps({"query": "RETURN SLEEP(0.6)"}).encode()
+    await connection.send(req(b"POST /_api/cursor HTTP/1.1", AUTH, body=query))
+    assert (await connection.answer()).status == 201
+    assert await connection.closed()  # idle after the answer: closed 0.1 s later
+    connection.close()
+    assert checks <= 3
