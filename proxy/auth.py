@@ -72,11 +72,22 @@ def arango_path(raw_target: str) -> str:
 
 def database_of(raw_target: str) -> tuple[str, str]:
     """(decoded name, raw segment) of the database a raw target addresses."""
-    path = arango_path(raw_target)
-    if path.startswith("/_db/"):
-        raw = path[len("/_db/") :].split("/", 1)[0]
+    prefix = database_prefix(raw_target)
+    if prefix:
+        raw = prefix[len("/_db/") :]
         return unquote(raw), raw
     return SYSTEM_DB, SYSTEM_DB
+
+
+def database_prefix(raw_target: str) -> str:
+    """The target's ``/_db/{name}`` (raw), or "" without one. A job's own requests to
+    ArangoDB's job API (fetch, lists, cancel) go there: the job API needs read access
+    to the database in the path, which the job's user was verified for, and maybe
+    not for ``_system``."""
+    path = arango_path(raw_target)
+    if path.startswith("/_db/"):
+        return "/_db/" + path[len("/_db/") :].split("/", 1)[0]
+    return ""
 
 
 UNREADABLE = "\x00unreadable"  # the user of credentials the proxy cannot read

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from multidict import CIMultiDict
 
 from proxy import jobs_api
+from proxy.auth import database_prefix
 from proxy.errors import UpstreamFailure
 from proxy.harvester import (
     MARK_AFTER,
@@ -195,19 +196,16 @@ class Dispatcher:
         finally:
             # (no-op once set) shutdown: the harvester must not wait
             submission.marked.cancel()
+        at_arangodb = f"{database_prefix(job.target)}/_api/job/{upstream_id}"
         if mark is Mark.CANCEL:
             # Its owner cancelled it while we were sending it: ArangoDB's result (410
             # if it had not started) is harvested as any other.
-            await self._tell(job, ("PUT", f"/_api/job/{upstream_id}/cancel"))
+            await self._tell(job, ("PUT", f"{at_arangodb}/cancel"))
         elif mark is Mark.GONE:
             # Not accepted any more: ArangoDB must not keep this copy. (If another copy
             # is at ArangoDB, sent by a worker process that died, it is watched.)
             self._harvester.forget(upstream_id)
-            await self._tell(
-                job,
-                ("PUT", f"/_api/job/{upstream_id}/cancel"),
-                ("DELETE", f"/_api/job/{upstream_id}"),
-            )
+            await self._tell(job, ("PUT", f"{at_arangodb}/cancel"), ("DELETE", at_arangodb))
             await record(f"job {job.id}'s other copy", lambda: self._harvester.adopt(job.id))
 
     async def _tell(self, job: Job, *calls: tuple[str, str]) -> None:

@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from proxy.auth import database_prefix
 from proxy.errors import ERROR_INTERNAL, JSON_TYPE, UpstreamFailure, error_body
 from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
@@ -184,6 +185,7 @@ class Tracked:
     user: str
     auth: str | None
     method: str
+    database: str  # its target's /_db/{name}, or "": where its job API calls go
     # just sent by the dispatcher; None when read back as submitted
     submission: Submission | None = None
 
@@ -233,7 +235,15 @@ class Harvester:
 
     def track(self, job: Job, upstream_id: str, submission: Submission | None = None) -> None:
         """Watch a job at ArangoDB; `submission`: it was just sent (not yet recorded)."""
-        tracked = Tracked(job.id, upstream_id, job.user, job.auth, job.method, submission)
+        tracked = Tracked(
+            job.id,
+            upstream_id,
+            job.user,
+            job.auth,
+            job.method,
+            database_prefix(job.target),
+            submission,
+        )
         previous = self._jobs.get(upstream_id)
         self._jobs[upstream_id] = tracked
         self._fresh.append(tracked)
@@ -346,11 +356,12 @@ class Harvester:
                 groups[tracked.user, tracked.auth].append(tracked)
         return groups
 
-    async def _list(self, owner: Owner, which: str, size: int) -> set[str] | None:
+    async def _list(self, owner: Owner, which: str, jobs: list[Tracked]) -> set[str] | None:
         try:
             reply = await self._upstream.call(
                 "GET",
-                f"/_api/job/{which}?count={size + LIST_SLACK}",
+                # (any of its jobs' databases: their user had access to each)
+                f"{jobs[0].database}/_api/job/{which}?count={len(jobs) + LIST_SLACK}",
                 self._credentials.headers(*owner),
             )
         except UpstreamFailure as failure:
@@ -366,7 +377,7 @@ class Harvester:
 
     async def _harvest(self, owner: Owner, jobs: list[Tracked]) -> None:
         try:
-            done = await self._list(owner, "done", len(jobs))
+            done = await self._list(owner, "done", jobs)
         except _Refused:
             # The credentials no longer work (password changed, token expired, user
             # gone): fetching each job gets ArangoDB's refusal, which becomes its result.
@@ -378,8 +389,8 @@ class Harvester:
     async def _find_lost(self, owner: Owner, jobs: list[Tracked]) -> None:
         # pending first: a job that finishes in between then shows up as done
         try:
-            pending = await self._list(owner, "pending", len(jobs))
-            done = await self._list(owner, "done", len(jobs))
+            pending = await self._list(owner, "pending", jobs)
+            done = await self._list(owner, "done", jobs)
         except _Refused:
             return  # _harvest ends these jobs
         if pending is None or done is None:
@@ -397,7 +408,7 @@ class Harvester:
             try:
                 reply = await self._upstream.call(
                     "PUT",
-                    f"/_api/job/{tracked.upstream_id}",
+                    f"{tracked.database}/_api/job/{tracked.upstream_id}",
                     self._credentials.headers(tracked.user, tracked.auth),
                 )
             except UpstreamFailure as failure:

@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict, MultiMapping
 
-from proxy.auth import arango_path
+from proxy.auth import arango_path, database_prefix
 from proxy.errors import (
     ERROR_BAD_PARAMETER,
     ERROR_METHOD_NOT_ALLOWED,
@@ -280,7 +280,8 @@ async def _cancel_upstream(app: web.Application, job: Job) -> web.Response:
     """ArangoDB cancels the job it runs; its (410) result arrives through the harvester."""
     headers = app[CREDENTIALS].headers(job.user, job.auth)
     try:
-        await app[UPSTREAM].call("PUT", f"/_api/job/{job.upstream_id}/cancel", headers)
+        at_arangodb = f"{database_prefix(job.target)}/_api/job/{job.upstream_id}"
+        await app[UPSTREAM].call("PUT", f"{at_arangodb}/cancel", headers)
     except UpstreamFailure as failure:
         return failure.response()
     # Any answer will do: 404 means ArangoDB lost the job, which the harvester handles.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,8 @@ class FakeArango:
     """An upstream that says what a test needs: scripted replies, recorded requests."""
 
     def __init__(self) -> None:
-        self.seen: list[tuple[str, str]] = []
+        self.seen: list[tuple[str, str]] = []  # without a /_db/{name} prefix
+        self.seen_in_full: list[tuple[str, str]] = []
         self.submit_reply: Callable[[], Awaitable[web.Response]] = self._accepted
         self.fetch_reply: Callable[[str], Awaitable[web.Response]] = self._result
         self.list_reply: Callable[[str], web.Response] = self._list
@@ -106,13 +108,15 @@ class FakeArango:
         return web.json_response(done if which == "done" else [])
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.seen.append((request.method, request.path))
-        if request.path.endswith("/_api/version") and "x-arango-async" not in request.headers:
+        self.seen_in_full.append((request.method, request.path))
+        path = re.sub(r"^/_db/[^/]+", "", request.path)  # any database: all alike here
+        self.seen.append((request.method, path))
+        if path.endswith("/_api/version") and "x-arango-async" not in request.headers:
             return web.json_response({"server": "arango", "version": "3.12.4"})
-        if request.path in ("/_api/job/done", "/_api/job/pending"):
-            return self.list_reply(request.path.rsplit("/", 1)[1])
-        if request.method == "PUT" and request.path.startswith("/_api/job/"):
-            return await self.fetch_reply(request.path.split("/")[3])
+        if path in ("/_api/job/done", "/_api/job/pending"):
+            return self.list_reply(path.rsplit("/", 1)[1])
+        if request.method == "PUT" and path.startswith("/_api/job/"):
+            return await self.fetch_reply(path.split("/")[3])
         return await self.submit_reply()
 
     def app(self) -> web.Application:
@@ -195,6 +199,30 @@ async def test_cancelled_while_being_sent_and_running_is_cancelled_by_arangodb(
     assert ("DELETE", "/_api/job/901") not in upstream.seen
 
 
+async def test_a_jobs_calls_to_arangodbs_job_api_go_to_its_own_database(
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """ArangoDB's job API needs read access to the database in the path: the user of
+    a job sent to /_db/shop may have none to _system. Its fetches, lists and cancels
+    go to /_db/shop too."""
+    upstream, url = fake
+
+    async def running_until_cancelled(upstream_id: str) -> web.Response:
+        if ("PUT", f"/_api/job/{upstream_id}/cancel") not in upstream.seen:
+            return web.Response(status=204)
+        return await upstream._result(upstream_id)
+
+    upstream.fetch_reply = running_until_cancelled
+    jobs = Client(http, await start_proxy(url))
+    job_id = await jobs.submit("GET", "/_db/shop/_api/version")
+    await eventually(lambda: ("GET", "/_db/shop/_api/job/done") in upstream.seen_in_full)
+    assert (await jobs.call("PUT", f"/_api/job/{job_id}/cancel")).json == {"result": True}
+    assert (await jobs.result(job_id)).json == {"ok": "901"}
+    job_api = [(method, path) for method, path in upstream.seen_in_full if "/_api/job" in path]
+    assert ("PUT", "/_db/shop/_api/job/901/cancel") in job_api
+    assert all(path.startswith("/_db/shop/_api/job/") for _, path in job_api), job_api
+
+
 async def test_cancelled_while_being_sent_and_done_at_once_keeps_its_result(
     fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
@@ -233,7 +261,7 @@ async def test_cancelled_while_being_sent_and_refused_for_now_is_cancelled_here(
     upstream.release.set()
     answer = await jobs.result(job_id)
     assert (answer.status, answer.json["errorNum"]) == (410, 21)
-    assert upstream.seen.count(("GET", "/_api/version")) == 1
+    assert upstream.seen_in_full.count(("GET", "/_api/version")) == 1
 
 
 async def test_an_id_arangodb_gives_out_again_ends_the_job_that_had_it_as_lost(
