@@ -114,10 +114,12 @@ async def record_result(
 
 
 class _Refused(Exception):
-    """ArangoDB refused the credentials a job list was asked with (401/403)."""
+    """ArangoDB refused the credentials a job list was asked with (401/403), or its
+    database is gone (404)."""
 
 
-Owner = tuple[str, str | None]  # (user, stored Authorization): whose credentials
+# (user, stored Authorization, /_db/{name} or ""): whose credentials, and where
+Owner = tuple[str, str | None, str]
 
 
 async def record(what: str, write: Callable[[], Awaitable[T]]) -> T:
@@ -349,25 +351,26 @@ class Harvester:
 
     def _by_credentials(self, skip: Collection[str] = ()) -> dict[Owner, list[Tracked]]:
         # (user, stored header): the same header means the same user; with signed
-        # tokens nothing is stored, and each user is one group.
+        # tokens nothing is stored, and each user is one group. Per database: a list
+        # is asked where its jobs went (one that fails holds up no other).
         groups: dict[Owner, list[Tracked]] = defaultdict(list)
         for tracked in self._jobs.values():
             if tracked.upstream_id not in skip:
-                groups[tracked.user, tracked.auth].append(tracked)
+                groups[tracked.user, tracked.auth, tracked.database].append(tracked)
         return groups
 
-    async def _list(self, owner: Owner, which: str, jobs: list[Tracked]) -> set[str] | None:
+    async def _list(self, owner: Owner, which: str, size: int) -> set[str] | None:
+        user, auth, database = owner
         try:
             reply = await self._upstream.call(
                 "GET",
-                # (any of its jobs' databases: their user had access to each)
-                f"{jobs[0].database}/_api/job/{which}?count={len(jobs) + LIST_SLACK}",
-                self._credentials.headers(*owner),
+                f"{database}/_api/job/{which}?count={size + LIST_SLACK}",
+                self._credentials.headers(user, auth),
             )
         except UpstreamFailure as failure:
             log.debug("cannot list %s jobs: %s", which, failure.message)
             return None
-        if reply.status in (401, 403):
+        if reply.status in (401, 403, 404):  # (404: the database is gone)
             raise _Refused
         if reply.status == 200:
             with contextlib.suppress(ValueError, TypeError):  # not ArangoDB's list of ids
@@ -377,10 +380,11 @@ class Harvester:
 
     async def _harvest(self, owner: Owner, jobs: list[Tracked]) -> None:
         try:
-            done = await self._list(owner, "done", jobs)
+            done = await self._list(owner, "done", len(jobs))
         except _Refused:
             # The credentials no longer work (password changed, token expired, user
             # gone): fetching each job gets ArangoDB's refusal, which becomes its result.
+            # (The database is gone: each fetch's 404 makes the job lost.)
             await self._collect_all(jobs)
             return
         if done:
@@ -389,8 +393,8 @@ class Harvester:
     async def _find_lost(self, owner: Owner, jobs: list[Tracked]) -> None:
         # pending first: a job that finishes in between then shows up as done
         try:
-            pending = await self._list(owner, "pending", jobs)
-            done = await self._list(owner, "done", jobs)
+            pending = await self._list(owner, "pending", len(jobs))
+            done = await self._list(owner, "done", len(jobs))
         except _Refused:
             return  # _harvest ends these jobs
         if pending is None or done is None:

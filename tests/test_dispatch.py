@@ -223,6 +223,26 @@ async def test_a_jobs_calls_to_arangodbs_job_api_go_to_its_own_database(
     assert all(path.startswith("/_db/shop/_api/job/") for _, path in job_api), job_api
 
 
+async def test_a_dropped_database_holds_up_no_other_jobs_of_the_same_user(
+    standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """Lists are asked per database: the one whose database is gone (404) ends its own
+    jobs (lost: sent again, and ArangoDB answers 404/1228), and the user's jobs
+    elsewhere are harvested as ever."""
+    direct = Client(http, standin.url)
+    assert (await direct.call("POST", "/_api/database", {"name": "tmp"})).status == 201
+    jobs = Client(http, await start_proxy(standin.url))
+    query = {"query": "RETURN SLEEP(0.8)"}
+    doomed = await jobs.submit("POST", "/_db/tmp/_api/cursor", query)
+    kept = await jobs.submit("POST", "/_api/cursor", query)
+    started = ("POST", "/_db/tmp/_api/cursor"), ("POST", "/_api/cursor")
+    await eventually(lambda: all(standin.executed[call] == 1 for call in started))
+    assert (await direct.call("DELETE", "/_api/database/tmp")).status == 200
+    assert (await jobs.result(kept)).status == 201
+    answer = await jobs.result(doomed)
+    assert (answer.status, answer.json["errorNum"]) == (404, 1228)
+
+
 async def test_cancelled_while_being_sent_and_done_at_once_keeps_its_result(
     fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
