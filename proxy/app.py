@@ -88,6 +88,14 @@ async def front(request: web.Request) -> web.StreamResponse:
     return await passthrough(request)
 
 
+async def _with_arango_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """The proxy's own answers carry ArangoDB's standard headers (proxy.arango_headers):
+    not passed-through ones (streamed: they have ArangoDB's own), nor /_proxy/..."""
+    verifier = request.app.get(VERIFIER)
+    if type(response) is web.Response and verifier and not request.path.startswith("/_proxy/"):
+        verifier.arango_headers.apply(response.headers)
+
+
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     upstream = app[UPSTREAM]
     await upstream.start()
@@ -190,6 +198,7 @@ def create_app(config: Config) -> web.Application:
     app[METRICS] = Counter()
     app[SHUTDOWN] = ShutdownClock(config.server.shutdown_grace)
     app.on_shutdown.append(_begin_shutdown)
+    app.on_response_prepare.append(_with_arango_headers)
     app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx, _retention_ctx])
     app.router.add_routes(
         [

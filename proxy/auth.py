@@ -33,6 +33,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.arango_headers import ArangoHeaders
 from proxy.errors import ERROR_SERVICE_UNAVAILABLE, UpstreamFailure, arango_error
 from proxy.upstream import Upstream
 
@@ -115,8 +116,17 @@ def user_of(authorization: str | None) -> str:
 
 
 class Verifier:
-    def __init__(self, upstream: Upstream, ttl: float, max_entries: int = 10_000) -> None:
+    def __init__(
+        self,
+        upstream: Upstream,
+        ttl: float,
+        max_entries: int = 10_000,
+        *,
+        arango_headers: ArangoHeaders | None = None,
+    ) -> None:
         self._upstream = upstream
+        # learnt from the replies to the checks (proxy.arango_headers)
+        self.arango_headers = arango_headers or ArangoHeaders()
         self._ttl = ttl
         self._max_entries = max_entries
         self._key = os.urandom(32)
@@ -210,6 +220,7 @@ class Verifier:
                 f"cannot verify credentials: {failure.message}",
                 handler=False,
             )
+        self.arango_headers.learn(reply.headers)
         if reply.status == 200:
             return None
         # ArangoDB's own refusal (401/11, 404/1228, 503 in maintenance, ...).

@@ -92,7 +92,7 @@ class _Early:
     write: None if this never ran (the job was not stored: the loop answers as usual),
     the rest of the 202 if the kernel took only part of it."""
 
-    __slots__ = ("_close", "_date", "_fd", "_front", "_store", "unsent")
+    __slots__ = ("_arango", "_close", "_date", "_fd", "_front", "_store", "unsent")
 
     def __init__(self, fd: int, submission: Submission, front: FastFront) -> None:
         self._fd = fd
@@ -100,11 +100,14 @@ class _Early:
         self._close = submission.close
         self._front = front
         self._date = http_date()
+        self._arango = front.app[VERIFIER].arango_headers.encoded
         self.unsent: bytes | None = None
 
     def __call__(self, job_id: int) -> None:
         close = self._close or self._front.closing  # (a stop may have begun meanwhile)
-        data = accepted_head(job_id if self._store else None, self._date, close=close)
+        data = accepted_head(
+            job_id if self._store else None, self._date, close=close, arango=self._arango
+        )
         try:
             # (non-blocking, as the transport set the socket: a client that does not
             # read never holds up the writer's thread, or the commits behind it)
@@ -247,7 +250,7 @@ class FastPath(asyncio.Protocol):
             response = jobs_api.answer_now(app, submission.method, suffixes, caller.viewer)
             if response is None:
                 return False
-            self._write(encode(response, close=close, head=submission.head))
+            self._write(self._encode(response, close=close, head=submission.head))
         except Exception:
             self._failed(submission)
             close = True
@@ -261,7 +264,7 @@ class FastPath(asyncio.Protocol):
         (the connection must then close)."""
         log.exception("error serving %s %s", submission.method, submission.target)
         if not self._head_sent:
-            self._write(encode(web.Response(status=500), close=True, head=submission.head))
+            self._write(self._encode(web.Response(status=500), close=True, head=submission.head))
 
     def _await_body(self, submission: Submission, start: int) -> None:
         """A body still coming: awaited here up to _AWAITED_BODY bytes, for at most
@@ -290,7 +293,7 @@ class FastPath(asyncio.Protocol):
         self._body_timer = None
         self._stop_awaiting()
         if submission.mode is not None:
-            self._write(encode(body_too_slow(), close=True, head=submission.head))
+            self._write(self._encode(body_too_slow(), close=True, head=submission.head))
             self.close()
         else:
             self._hand_over()
@@ -304,7 +307,7 @@ class FastPath(asyncio.Protocol):
                 response = await self._answer(submission)
                 if response is not None:
                     closing = close or self._front.closing
-                    self._write(encode(response, close=closing, head=submission.head))
+                    self._write(self._encode(response, close=closing, head=submission.head))
         except Exception:
             self._failed(submission)
             close = True
@@ -330,6 +333,10 @@ class FastPath(asyncio.Protocol):
         if not self._closed:
             assert self.transport is not None
             self.transport.resume_reading()
+
+    def _encode(self, response: web.Response, *, close: bool, head: bool) -> bytes:
+        arango = self._front.app[VERIFIER].arango_headers
+        return encode(response, close=close, head=head, arango=arango)
 
     def _write(self, data: bytes) -> None:
         if not self._closed:
@@ -375,7 +382,7 @@ class FastPath(asyncio.Protocol):
                     self._write(b"0\r\n\r\n")
                 return close
         except UpstreamFailure as failure:
-            self._write(encode(failure.response(), close=close, head=submission.head))
+            self._write(self._encode(failure.response(), close=close, head=submission.head))
             return close
 
     async def _drain(self) -> None:

@@ -28,6 +28,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from multidict import CIMultiDict
 
 from proxy import jobs_api
+from proxy.arango_headers import ArangoHeaders
 from proxy.auth import OMIT_CHALLENGE
 from proxy.intake import ASYNC_HEADER
 from storage import JobMode
@@ -185,7 +186,13 @@ def _empty_status(status: int) -> bool:
 
 
 def stream_head(
-    status: int, reason: str, headers: CIMultiDict[str], *, close: bool, head: bool = False
+    status: int,
+    reason: str,
+    headers: CIMultiDict[str],
+    *,
+    close: bool,
+    head: bool = False,
+    arango: ArangoHeaders | None = None,
 ) -> tuple[bytes, int | None]:
     """The status line and header block of an answer as aiohttp's StreamResponse
     writes them to an HTTP/1.1 request (`head`: to a HEAD request), and how its
@@ -205,12 +212,16 @@ def stream_head(
     headers.setdefault("Server", SERVER_SOFTWARE)
     if close:
         headers.setdefault("Connection", "close")
+    if arango is not None:  # (proxy.app's response hook runs after aiohttp's own)
+        arango.apply(headers)
     lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
     lines.append("\r\n")
     return "".join(lines).encode("utf-8"), length
 
 
-def accepted_head(job_id: int | None, date: str, *, close: bool) -> bytes:
+def accepted_head(
+    job_id: int | None, date: str, *, close: bool, arango: tuple[bytes, bytes] = (b"", b"")
+) -> bytes:
     """What `encode` makes of `proxy.intake.accepted` (the id only for ``store``) for a
     request other than HEAD, sent at `date` (`http_date`). Quick: it is built on the
     store's writer thread (`proxy.fastpath`)."""
@@ -221,20 +232,30 @@ def accepted_head(job_id: int | None, date: str, *, close: bool) -> bytes:
             async_id,
             b"Content-Length: 0\r\nDate: ",
             date.encode(),
-            _ACCEPTED_SERVER,
-            b"Connection: close\r\n\r\n" if close else b"\r\n",
+            b"\r\n",
+            arango[0] or _ACCEPTED_SERVER,
+            b"Connection: close\r\n" if close else b"",
+            arango[1],
+            b"\r\n",
         )
     )
 
 
 _ACCEPTED_START = b"HTTP/1.1 202 Accepted\r\nContent-Type: text/plain\r\n"
-_ACCEPTED_SERVER = f"\r\nServer: {SERVER_SOFTWARE}\r\n".encode()
+_ACCEPTED_SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
 
 
-def encode(response: web.Response, *, close: bool, head: bool = False) -> bytes:
+def encode(
+    response: web.Response,
+    *,
+    close: bool,
+    head: bool = False,
+    arango: ArangoHeaders | None = None,
+) -> bytes:
     """`response` as aiohttp sends it to an HTTP/1.1 request (`head`: to a HEAD
-    request: the length of the body it would have, if any, and no body). aiohttp's
-    Response sets the length of its body, then frames it as a stream's."""
+    request: the length of the body it would have, if any, and no body), with
+    `arango`'s headers as proxy.app adds them. aiohttp's Response sets the length of
+    its body, then frames it as a stream's."""
     body = response.body or b""
     assert isinstance(body, bytes)
     headers = CIMultiDict(
@@ -244,5 +265,7 @@ def encode(response: web.Response, *, close: bool, head: bool = False) -> bytes:
     )
     if body or not head:
         headers["Content-Length"] = str(len(body))
-    block, length = stream_head(response.status, response.reason, headers, close=close, head=head)
+    block, length = stream_head(
+        response.status, response.reason, headers, close=close, head=head, arango=arango
+    )
     return block + body if length else block

@@ -26,9 +26,10 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.app import create_app
+from proxy.arango_headers import ArangoHeaders
 from proxy.fastpath import FastFront, FastPath, Listener, _Early
 from proxy.fastpath_http import Submission, accepted_head, http_date
-from proxy.state import METRICS, STORE
+from proxy.state import METRICS, STORE, VERIFIER
 from storage import JobMode, JobState, NewJob, StoreError
 from tests.conftest import proxy_config
 from tests.standin import StandIn
@@ -568,7 +569,8 @@ async def test_a_202_the_kernel_takes_in_part_is_finished_by_the_loop(
 def test_an_early_202_says_what_is_left_to_send() -> None:
     submission = Submission()
     submission.mode = JobMode.STORE
-    front = cast(FastFront, SimpleNamespace(closing=False))
+    arango = SimpleNamespace(arango_headers=ArangoHeaders())  # none learnt
+    front = cast(FastFront, SimpleNamespace(closing=False, app={VERIFIER: arango}))
     whole = accepted_head(7, http_date(), close=False)
     ours, theirs = socket.socketpair()
     with ours, theirs:
