@@ -116,17 +116,10 @@ def user_of(authorization: str | None) -> str:
 
 
 class Verifier:
-    def __init__(
-        self,
-        upstream: Upstream,
-        ttl: float,
-        max_entries: int = 10_000,
-        *,
-        arango_headers: ArangoHeaders | None = None,
-    ) -> None:
+    def __init__(self, upstream: Upstream, ttl: float, max_entries: int = 10_000) -> None:
         self._upstream = upstream
         # learnt from the replies to the checks (proxy.arango_headers)
-        self.arango_headers = arango_headers or ArangoHeaders()
+        self.arango_headers = ArangoHeaders()
         self._ttl = ttl
         self._max_entries = max_entries
         self._key = os.urandom(32)
