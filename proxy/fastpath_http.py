@@ -216,7 +216,8 @@ def stream_head(
         arango.apply(headers)
     lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
     lines.append("\r\n")
-    return "".join(lines).encode("utf-8"), length
+    # (surrogateescape: bytes ArangoDB sent that are not UTF-8 go back as they came)
+    return "".join(lines).encode("utf-8", "surrogateescape"), length
 
 
 def accepted_head(

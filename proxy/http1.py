@@ -79,6 +79,14 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._waiter is None:
+            # A response nobody asked for (bytes beyond the last reply, or sent while
+            # idle): the connection is out of step, and the next request on it would
+            # read this one's answer. Never reused (the exchange under way, if any,
+            # got its answer already).
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.add(
             name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
@@ -157,7 +165,7 @@ class Http1Pool:
         ssl_context: ssl.SSLContext | None,
         connect_timeout: float,
         read_timeout: float,
-        max_idle: int,
+        limit: int,
     ) -> None:
         self._host = host
         self._port = port
@@ -167,8 +175,10 @@ class Http1Pool:
         self._ssl = ssl_context
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
-        self._max_idle = max_idle
         self._idle: list[_Connection] = []
+        # at most `limit` connections open: a new one is made only with none idle,
+        # so in use (counted here) and idle together stay within it
+        self._slots = asyncio.Semaphore(limit)
 
     async def request(
         self,
@@ -191,9 +201,10 @@ class Http1Pool:
         if body:
             request += body
         loop = asyncio.get_running_loop()
-        connection = self._idle_connection(loop) or await self._connect(loop)
-        response = await connection.exchange(request, self._read_timeout)
-        self._release(connection, loop)
+        async with self._slots:
+            connection = self._idle_connection(loop) or await self._connect(loop)
+            response = await connection.exchange(request, self._read_timeout)
+            self._release(connection, loop)
         return response
 
     def _idle_connection(self, loop: asyncio.AbstractEventLoop) -> _Connection | None:
@@ -216,7 +227,7 @@ class Http1Pool:
         return protocol
 
     def _release(self, connection: _Connection, loop: asyncio.AbstractEventLoop) -> None:
-        if connection.closed or len(self._idle) >= self._max_idle:
+        if connection.closed:
             connection.close()
             return
         connection.idle_since = loop.time()

@@ -46,7 +46,8 @@ def forwarded(
 ) -> CIMultiDict[str]:
     """`forwarded_headers` from a request's parts: the `received` headers, the
     client's address (`peer`), whether it came over TLS, its Host header."""
-    headers = end_to_end(received, drop=("host", *drop))
+    # (Expect: the proxy answers the expectation itself, and sends the body whole)
+    headers = end_to_end(received, drop=("host", "expect", *drop))
     previous = headers.popall("X-Forwarded-For", [])
     headers["X-Forwarded-For"] = ", ".join([*previous, peer])
     if secure:
@@ -73,6 +74,9 @@ async def passthrough(request: web.Request) -> web.StreamResponse:
             try:
                 async for chunk in reply.content.iter_chunked(CHUNK):
                     await response.write(chunk)
+            except ConnectionError:
+                # (writing to the client: reset, or gone while draining)
+                return response  # the client left: read no further, as the fast path
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # The status line is already sent: the only honest signal left
                 # is to cut the connection, so the client sees a short body.

@@ -47,8 +47,15 @@ _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 def end_to_end(headers: Iterable[tuple[str, str]], *, drop: Iterable[str] = ()) -> CIMultiDict[str]:
-    """Copy `headers` without hop-by-hop ones, those named in Connection, and `drop`."""
-    pairs = [(name.lower(), name, value) for name, value in headers]
+    """Copy `headers` without hop-by-hop ones, those named in Connection, and `drop`.
+    A name repeated in another case is spelt as it came first: aiohttp's client keeps
+    only the last of fields whose names differ in case alone."""
+    spelling: dict[str, str] = {}
+    pairs = [
+        (lower, spelling.setdefault(lower, name), value)
+        for name, value in headers
+        for lower in (name.lower(),)
+    ]
     skip = _skipping(tuple(drop))
     named = [value for lower, _, value in pairs if lower == "connection"]
     if named:
@@ -93,7 +100,7 @@ class Upstream:
             ssl_context=self._ssl,
             connect_timeout=self.config.connect_timeout,
             read_timeout=self.config.request_timeout,
-            max_idle=self.config.pool_size,
+            limit=self.config.pool_size,
         )
         timeout = aiohttp.ClientTimeout(
             total=None,

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -33,6 +34,7 @@ from proxy.state import METRICS, STORE, VERIFIER
 from storage import JobMode, JobState, NewJob, StoreError
 from tests.conftest import proxy_config
 from tests.standin import StandIn
+from tests.test_http1 import StartServer, answer, raw_server  # noqa: F401 (a fixture)
 from tests.test_passthrough import TRICKLE_PARTS, TRICKLED, echo_app
 
 Serve = Callable[[web.Application], Awaitable[str]]
@@ -691,17 +693,23 @@ async def test_a_slow_reader_holds_the_stream_back_and_gets_it_all(
     assert app[METRICS]["fast_path_requests_total"] == 1
 
 
+@pytest.mark.parametrize("path", [b"/trickle", b"/trickl%65"])  # the fast path's, aiohttp's
 async def test_a_client_that_leaves_mid_stream_stops_it(
     echo_proxy: tuple[web.Application, web.Application, str],
+    caplog: pytest.LogCaptureFixture,
+    path: bytes,
 ) -> None:
+    """The proxy reads no further from ArangoDB, and logs no error: a client may leave."""
     upstream, _, base = echo_proxy
     connection = await Connection.open(base)
-    await connection.send(req(b"GET /trickle HTTP/1.1"))
+    await connection.send(req(b"GET " + path + b" HTTP/1.1"))
     await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), 10)
     connection.close()
     await asyncio.sleep(TRICKLE_PARTS * 0.01 + 0.5)
     assert 0 < upstream[TRICKLED][0] < TRICKLE_PARTS  # the proxy read no further
     assert (await exchange(base, req(b"GET /chunked HTTP/1.1"))).status == 200
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [f"{r.name}: {r.getMessage()}" for r in loud] == []
 
 
 def count_served(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -1002,3 +1010,21 @@ async def test_a_long_request_does_not_wake_the_idle_check_again_and_again(
     assert await connection.closed()  # idle after the answer: closed 0.1 s later
     connection.close()
     assert checks <= 3
+
+
+async def test_header_bytes_that_are_not_utf8_pass_back_as_they_came(
+    raw_server: StartServer,  # noqa: F811 (the fixture imported above)
+    serve_proxy: Serve,
+    tmp_path: Path,
+) -> None:
+    """obs-text in a field value (RFC 9110 5.5) from ArangoDB: passed back byte for
+    byte (it made the fast path's encoding fail with a 500)."""
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Name: caf\xe9\r\n\r\nok"
+    server = await raw_server(answer(reply))
+    base = await serve_proxy(create_app(proxy_config(f"http://127.0.0.1:{server.port}", tmp_path)))
+    connection = await Connection.open(base)
+    await connection.send(req(b"GET /_api/version HTTP/1.1", AUTH))
+    head = await asyncio.wait_for(connection.reader.readuntil(b"\r\n\r\n"), 10)
+    connection.close()
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"\r\nX-Name: caf\xe9\r\n" in head

@@ -76,14 +76,14 @@ def answer(response: bytes) -> Handler:
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Seen: yes\r\n\r\nok"
 
 
-def pool(port: int, *, read_timeout: float = 5.0, max_idle: int = 10) -> Http1Pool:
+def pool(port: int, *, read_timeout: float = 5.0, limit: int = 10) -> Http1Pool:
     return Http1Pool(
         "127.0.0.1",
         port,
         ssl_context=None,
         connect_timeout=1.0,
         read_timeout=read_timeout,
-        max_idle=max_idle,
+        limit=limit,
     )
 
 
@@ -238,11 +238,37 @@ async def test_upstream_maps_failures_to_arango_errors(raw_server: StartServer) 
         await refused.close()
 
 
-async def test_idle_connections_beyond_the_limit_are_closed(raw_server: StartServer) -> None:
+async def test_never_more_connections_than_the_limit(raw_server: StartServer) -> None:
+    """upstream.pool_size: requests beyond it wait for a connection to be free."""
     server = await raw_server(answer(OK))
-    client = pool(server.port, max_idle=1)
-    await asyncio.gather(*(client.request("GET", "/", []) for _ in range(3)))
-    assert server.connections == 3
-    assert len(client._idle) == 1
+    client = pool(server.port, limit=2)
+    answers = await asyncio.gather(*(client.request("GET", "/", []) for _ in range(6)))
+    assert [status for status, _, _ in answers] == [200] * 6
+    assert server.connections == 2
+    assert len(client._idle) == 2
     client.close()
     assert client._idle == []
+
+
+async def test_a_connection_with_bytes_beyond_its_answer_is_never_reused(
+    raw_server: StartServer,
+) -> None:
+    """An upstream that sends more than the answer (here the head of a second one):
+    the next request must not read those bytes as its own answer."""
+    sent = 0
+
+    async def handler(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        sent += 1
+        if sent == 1:
+            writer.write(OK + b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+
+    server = await raw_server(handler)
+    client = pool(server.port)
+    assert (await client.request("GET", "/", []))[2] == b"ok"
+    await asyncio.sleep(0.05)
+    assert (await client.request("GET", "/", []))[2] == b"second"
+    assert server.connections == 2
+    client.close()
