@@ -35,6 +35,7 @@ ERROR_HEADERS_TOO_LARGE = 431
 ERROR_SERVICE_UNAVAILABLE = 503
 ERROR_GATEWAY_TIMEOUT = 504
 ERROR_QUEUE_FULL = 21003
+ERROR_QUEUE_TIME_VIOLATED = 21004
 
 
 def error_body(status: int, error_num: int, message: str, *, handler: bool = True) -> bytes:

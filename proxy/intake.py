@@ -29,7 +29,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.auth import OMIT_CHALLENGE, Caller
-from proxy.errors import ERROR_QUEUE_FULL, ERROR_SERVICE_UNAVAILABLE, arango_error
+from proxy.errors import (
+    ERROR_QUEUE_FULL,
+    ERROR_QUEUE_TIME_VIOLATED,
+    ERROR_SERVICE_UNAVAILABLE,
+    arango_error,
+)
 from proxy.passthrough import forwarded_headers
 from proxy.state import CONFIG, CREDENTIALS, DISPATCHER, METRICS, STORE, VERIFIER
 from storage import CapacityExceeded, JobMode, NewJob, StoreError, StoreFull
@@ -47,6 +52,17 @@ ERROR_TOO_LARGE = 413
 # all with upstream.jwt_secret_file), and aiohttp computes the length of the
 # stored body.
 NOT_STORED = (ASYNC_HEADER, "authorization", "content-length", "expect")
+
+
+QUEUE_TIME_HEADER = "x-arango-queue-time-seconds"
+
+
+def _seconds(value: str | None) -> float:
+    """A number of seconds as ArangoDB reads it leniently; 0 (no limit) if none."""
+    try:
+        return float(value) if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 def async_mode(request: web.Request) -> JobMode | None:
@@ -147,7 +163,16 @@ async def accept(
 ) -> web.Response:
     """Store the job (`headers`: those to forward, without NOT_STORED); its 202.
 
-    `on_durable`: see `JobStore.accept` (the fast path sends the 202 itself)."""
+    `on_durable`: see `JobStore.accept` (the fast path sends the 202 itself).
+
+    x-arango-queue-time-seconds (ArangoDB: 412 at once when its queue time is longer)
+    is checked against the proxy's own queue: how long its oldest job not yet sent
+    has waited. It is stored with the job too, and ArangoDB checks its own queue
+    against it when the job gets there (a 412 is then the job's result)."""
+    limit = _seconds(headers.get(QUEUE_TIME_HEADER))
+    if limit > 0 and app[STORE].queue_time() > limit:
+        app[METRICS]["jobs_refused_total"] += 1
+        return arango_error(412, ERROR_QUEUE_TIME_VIOLATED, "queue time violated", handler=False)
     job = NewJob(
         mode=mode,
         user=caller.user,

@@ -149,6 +149,12 @@ class Ready:
         if job is not None:
             self._jobs[job_id] = dataclasses.replace(job, mode=JobMode.FORGET)
 
+    def oldest_created(self) -> float | None:
+        """When the oldest job here was accepted (seconds since the epoch); None if none."""
+        for job in self._jobs.values():
+            return job.created
+        return None
+
     def take(self, limit: int, exclude: Collection[int]) -> list[Job]:
         """Up to `limit` jobs of the prefix, oldest first, skipping the ids in `exclude`;
         fewer than `limit` and not `complete`: the file may hold more."""

@@ -295,6 +295,13 @@ class JobStore:
                     self._cancels.setdefault(job.id, result)  # at the next offer, then
         return jobs
 
+    def queue_time(self) -> float:
+        """Seconds the oldest accepted job the store holds in memory has waited (0 if
+        none): how long new jobs wait before ArangoDB gets them. After a restart, and
+        beyond the copy's budget, the file may hold older ones: then it says less."""
+        created = self._ready.oldest_created()
+        return 0.0 if created is None else max(0.0, time.time() - created)
+
     async def cancel_accepted(self, job_id: int, result: StoredResponse) -> bool:
         """Cancel a job in state accepted, as ArangoDB cancels one still queued; False if
         it is not in state accepted (any more).

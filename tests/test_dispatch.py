@@ -721,3 +721,29 @@ async def test_short_job_costs_one_fetch_and_a_running_one_is_listed(
     assert (await jobs.result(long)).json == {"ok": "902"}
     assert ("GET", "/_api/job/done") in upstream.seen
     assert upstream.seen.count(("PUT", "/_api/job/902")) == 2
+
+
+async def test_a_queue_time_limit_is_held_against_the_proxys_own_queue(
+    standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """x-arango-queue-time-seconds, as ArangoDB: 412/21004 at once, nothing stored,
+    when the oldest job waiting in the proxy has waited longer (here ArangoDB's queue
+    is full, so jobs wait); a longer limit is accepted. Both of the proxy's paths."""
+    jobs = Client(http, await start_proxy(standin.url))
+    standin.queue_full = True
+    waiting = await jobs.submit("GET", "/_api/version")
+    await asyncio.sleep(0.5)
+    for path in ("/_api/version", "/_api/%76ersion"):
+        for limit, status in (("0.2", 412), ("30", 202)):
+            headers = {"x-arango-async": "store", "x-arango-queue-time-seconds": limit}
+            answer = await jobs.call("GET", path, headers=headers)
+            assert answer.status == status, (path, limit)
+            if status == 412:
+                assert answer.json["errorNum"] == 21004
+                assert answer.json["errorMessage"] == "queue time violated"
+                assert answer.async_id is None
+    standin.queue_full = False
+    assert (await jobs.result(waiting)).status == 200
+    pending = (await jobs.call("GET", "/_api/job/pending")).json
+    done = (await jobs.call("GET", "/_api/job/done")).json
+    assert len(pending) + len(done) == 2  # the two accepted with the longer limit
