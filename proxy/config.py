@@ -134,6 +134,8 @@ def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = 
             raw = tomllib.loads(path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text: {exc.reason}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
     for dotted, value in (overrides or {}).items():
@@ -181,8 +183,14 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"upstream.url: {url!r} is not a URL: {exc}") from exc
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ConfigError(f"upstream.url: expected http://HOST:PORT or https://..., got {url!r}")
-    if parsed.path not in ("", "/") or parsed.query_string or parsed.fragment:
+    if parsed.path not in ("", "/") or "?" in url or "#" in url:
         raise ConfigError(f"upstream.url: expected no path, query or fragment, got {url!r}")
+    if parsed.user is not None or parsed.password is not None:
+        # (they would be sent for every client that sends none, and logged)
+        raise ConfigError(
+            "upstream.url: expected no user or password in it: clients send their own "
+            "credentials (see upstream.jwt_secret_file)"
+        )
     positive = {
         "server.idle_timeout": config.server.idle_timeout,
         "server.body_timeout": config.server.body_timeout,
@@ -197,7 +205,7 @@ def _validate(config: Config) -> None:
         "jobs.auth_cache_ttl": config.jobs.auth_cache_ttl,
     }
     for name, value in positive.items():
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{name}: expected a positive number, got {value}")
     zero_or_more = {
         "jobs.result_ttl": config.jobs.result_ttl,
@@ -234,6 +242,6 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def _split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError(f"server.listen: expected HOST:PORT, got {listen!r}")
     return host, int(port)

@@ -17,6 +17,7 @@ from storage.errors import StoreFull
 
 RESERVE_FRACTION = 4
 RESERVE_MIN_PAGES = 4
+SQLITE_MAX_PAGE_COUNT = 4294967294
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +35,8 @@ class SizeLimit:
         enough of it is free again.
         """
         [(page_size,)] = await db.execute_fetchall("PRAGMA page_size")
-        wanted = max(1, max_size // page_size)
+        # (SQLite allows no more pages than SQLITE_MAX_PAGE_COUNT: a larger limit is that)
+        wanted = min(max(1, max_size // page_size), SQLITE_MAX_PAGE_COUNT)
         [(hard,)] = await db.execute_fetchall(f"PRAGMA max_page_count = {wanted}")
         reserve = max(RESERVE_MIN_PAGES, wanted // RESERVE_FRACTION)
         [(pages,)] = await db.execute_fetchall("PRAGMA page_count")

@@ -79,11 +79,20 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ("[jobs]\nmax_result_bytes = -5\n", "jobs.max_result_bytes: expected 0 (off) or a"),
         ("[jobs]\nmax_result_bytes = 1.5\n", "jobs.max_result_bytes: expected int, got float"),
         ("[server\n", "is not valid TOML"),
+        ("[server]\nidle_timeout = nan\n", "server.idle_timeout: expected a positive number"),
+        ("[server]\nshutdown_grace = nan\n", "server.shutdown_grace: expected a positive"),
+        ("[upstream]\nconnect_timeout = inf\n", "upstream.connect_timeout: expected a positive"),
+        ("[server]\nlisten = 'h:\u00b2'\n", "server.listen: expected HOST:PORT"),
+        ("[upstream]\nurl = 'http://x:8529?'\n", "upstream.url: expected no path, query"),
+        ("[upstream]\nurl = 'http://x:8529#'\n", "upstream.url: expected no path, query"),
+        ("[upstream]\nurl = 'http://root:@x:8529'\n", "upstream.url: expected no user"),
+        ("[upstream]\nurl = 'http://u:secret@x'\n", "upstream.url: expected no user"),
+        (b"[log]\nlevel = '\xff'\n", "is not UTF-8 text"),
     ],
 )
-def test_bad_settings_name_the_setting(tmp_path: Path, toml: str, message: str) -> None:
+def test_bad_settings_name_the_setting(tmp_path: Path, toml: str | bytes, message: str) -> None:
     path = tmp_path / "bad.toml"
-    path.write_text(toml)
+    path.write_bytes(toml if isinstance(toml, bytes) else toml.encode())
     with pytest.raises(ConfigError, match=None) as info:
         load_config(path)
     assert message in str(info.value)

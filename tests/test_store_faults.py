@@ -205,6 +205,21 @@ async def test_a_size_limit_below_the_file_keeps_it_from_growing(tmp_path: Path)
         await store.close()
 
 
+@pytest.mark.parametrize("max_size", [2**45, 2**63 - 1])
+async def test_a_size_limit_beyond_what_sqlite_allows_is_sqlites(
+    tmp_path: Path, max_size: int
+) -> None:
+    """SQLite allows at most 4,294,967,294 pages: a larger limit (2**63 - 1 for "no
+    limit", say) is that one, and jobs are taken (they were all refused as too large)."""
+    store = await JobStore.open(tmp_path, max_size=max_size)
+    try:
+        job_id = await store.accept(new_job(body=b"b" * 10_000))
+        assert await store.finish(job_id, RESULT)
+        assert await store.take_result(job_id, None) == RESULT
+    finally:
+        await store.close()
+
+
 async def test_on_durable_runs_on_the_writers_thread_once_the_job_is_committed(
     store: JobStore, tmp_path: Path
 ) -> None:
