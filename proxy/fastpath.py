@@ -567,6 +567,11 @@ class Listener:
             clock = self.app[SHUTDOWN]
             clock.begin()  # the grace counts from here, as from aiohttp's own stop
             await self._front.shutdown(clock.remaining())
+            # aiohttp's connections (handed over) get what is left of the same grace,
+            # not a grace of their own after it (aiohttp reads this at cleanup; it has
+            # no public way to change it once the runner exists). Never 0: to aiohttp
+            # that is no time limit at all.
+            self._runner._shutdown_timeout = max(clock.remaining(), 0.01)
         await self._runner.cleanup()
 
 
@@ -594,12 +599,15 @@ class FastFront:
 
     async def shutdown(self, grace: float) -> None:
         """No new requests here; idle connections close at once, busy ones after
-        their answer; waits at most `grace` seconds for those."""
+        their answer; waits at most `grace` seconds for those, then cuts the rest (as
+        aiohttp does its own): a request still under way gets no answer, rather than
+        the 503 "unreachable" that closing the upstream's connections would give it,
+        which would tell its client it never reached ArangoDB."""
         self.closing = True
         deadline = self.loop.time() + grace
         while True:
             for connection in list(self.connections):
-                if connection.idle:
+                if connection.idle or self.loop.time() >= deadline:
                     connection.close()
             if not self.connections or self.loop.time() >= deadline:
                 return

@@ -17,7 +17,7 @@ PREFIX = "arango_async_proxy_"
 
 COUNTERS = {
     "jobs_accepted_total": "async requests written to the store and answered 202",
-    "jobs_refused_total": "async requests refused with 503 (capacity reached or store failing)",
+    "jobs_refused_total": "async requests refused: 503 (capacity, store failing), 412 (queue time)",
     "fast_path_requests_total": "requests answered on the fast path, not by aiohttp",
     "connections_handed_over_total": "client connections handed from the fast path to aiohttp",
     "jobs_submitted_total": "jobs handed to ArangoDB in store mode",

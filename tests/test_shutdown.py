@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -73,16 +74,25 @@ async def test_a_request_held_open_does_not_stretch_the_stop_beyond_the_grace(
     standin_process: StandInProcess,
     proxy_process: Callable[..., ProxyProcess],
 ) -> None:
-    proxy = proxy_process("--config", config_file(tmp_path, 1), "--upstream", standin_process.url)
+    """One request held on the fast path, one on aiohttp's (a chunked body, still
+    coming): both share the one grace; aiohttp's did not get a second one after it."""
+    grace = 2
+    proxy = proxy_process(
+        "--config", config_file(tmp_path, grace), "--upstream", standin_process.url
+    )
     where = urlsplit(proxy.url)
     assert where.hostname is not None
     assert where.port is not None
-    with socket.create_connection((where.hostname, where.port)) as slow:
+    with (
+        socket.create_connection((where.hostname, where.port)) as slow,
+        socket.create_connection((where.hostname, where.port)) as chunked,
+    ):
         head = (
             "POST /_api/version HTTP/1.1\r\nHost: x\r\nx-arango-async: store\r\n"
-            f"Authorization: {ROOT['authorization']}\r\nContent-Length: 100\r\n\r\n"
+            f"Authorization: {ROOT['authorization']}\r\n"
         )
-        slow.sendall(head.encode() + b"0123456789")  # 90 bytes never come
+        slow.sendall(f"{head}Content-Length: 100\r\n\r\n0123456789".encode())  # 90 to come
+        chunked.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n".encode())
         # The request is in its handler once the proxy has asked ArangoDB about the caller.
         async with aiohttp.ClientSession() as session:
             for _ in range(500):
@@ -90,8 +100,44 @@ async def test_a_request_held_open_does_not_stretch_the_stop_beyond_the_grace(
                     if "GET /_db/_system/_api/version" in (await resp.json())["executed"]:
                         break
                 await asyncio.sleep(0.01)
-        # body_timeout is 60 s: only the 1 s grace can end this stop in time.
+        # body_timeout is 60 s: only the grace can end this stop in time.
+        began = time.monotonic()
+        code = await asyncio.to_thread(proxy.stop, timeout=20)
+        took = time.monotonic() - began
+        assert code == 0, "".join(proxy.output)
+        assert took < grace * 1.75, took  # twice the grace before
+        for held in (slow, chunked):
+            held.settimeout(5)
+            assert held.recv(4096) == b""  # closed without a 202: nothing was promised
+
+
+@pytest.mark.parametrize("chunked", [False, True])  # the fast path, aiohttp's
+async def test_a_pass_through_request_cut_by_the_stop_gets_no_answer(
+    tmp_path: Path,
+    standin_process: StandInProcess,
+    proxy_process: Callable[..., ProxyProcess],
+    chunked: bool,
+) -> None:
+    """Past the grace, a request under way at ArangoDB is cut: the connection closes
+    with no answer (it may have run), never a 503 saying ArangoDB was unreachable."""
+    proxy = proxy_process("--config", config_file(tmp_path, 1), "--upstream", standin_process.url)
+    where = urlsplit(proxy.url)
+    assert where.hostname is not None
+    assert where.port is not None
+    body = b'{"query":"RETURN SLEEP(5)"}'
+    with socket.create_connection((where.hostname, where.port)) as held:
+        if chunked:
+            chunk = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+            framing = b"Transfer-Encoding: chunked\r\n\r\n" + chunk
+        else:
+            framing = f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        held.sendall(
+            f"POST /_api/cursor HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: {ROOT['authorization']}\r\n".encode()
+            + framing
+        )
+        await asyncio.sleep(0.5)  # at ArangoDB (the stand-in), sleeping
         code = await asyncio.to_thread(proxy.stop, timeout=20)
         assert code == 0, "".join(proxy.output)
-        slow.settimeout(5)
-        assert slow.recv(4096) == b""  # closed without a 202: nothing was promised
+        held.settimeout(5)
+        assert held.recv(4096) == b""
