@@ -23,6 +23,8 @@ import ssl
 import aiohttp
 from aiohttp import web
 
+from proxy.http1 import ResponseParseError
+
 JSON_TYPE = "application/json; charset=utf-8"
 
 # errorNums used by the proxy (ArangoDB's errors.dat)
@@ -32,6 +34,7 @@ ERROR_BAD_PARAMETER = 400
 ERROR_NOT_FOUND = 404
 ERROR_METHOD_NOT_ALLOWED = 405
 ERROR_HEADERS_TOO_LARGE = 431
+ERROR_BAD_GATEWAY = 502
 ERROR_SERVICE_UNAVAILABLE = 503
 ERROR_GATEWAY_TIMEOUT = 504
 ERROR_QUEUE_FULL = 21003
@@ -103,6 +106,10 @@ def upstream_failure(exc: BaseException, upstream: str) -> UpstreamFailure:
             f" ({getattr(exc, 'strerror', None) or exc}); does it serve TLS on that port?",
         )
     reason = str(exc) or type(exc).__name__
+    if isinstance(exc, ResponseParseError | aiohttp.ClientResponseError):
+        # it answered, wrongly: not "unreachable" (RFC 9110 15.6.3)
+        message = f"upstream ArangoDB at {upstream} sent an invalid answer: {reason}"
+        return UpstreamFailure(502, ERROR_BAD_GATEWAY, message)
     return UpstreamFailure(
         503,
         ERROR_SERVICE_UNAVAILABLE,

@@ -42,6 +42,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+MAX_FIELD = 1024 * 1024  # bytes of one header field (or the status line) from ArangoDB
+
 # Headers aiohttp's client would add on its own; a proxy must not invent them.
 _SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -114,6 +116,10 @@ class Upstream:
             ),
             timeout=timeout,
             auto_decompress=False,
+            # as the lean client (proxy.http1), which has no limit of its own: the
+            # same answer must not pass one way and be refused the other
+            max_line_size=MAX_FIELD,
+            max_field_size=MAX_FIELD,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 

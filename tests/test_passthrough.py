@@ -23,6 +23,7 @@ from tests.conftest import ProxyFactory
 from tests.processes import ProxyProcess, free_port
 from tests.standin import StandIn
 from tests.standin.client import ROOT
+from tests.test_http1 import StartServer, raw_server  # noqa: F401 (a fixture)
 
 ALL_BYTES = bytes(range(256)) * 64
 
@@ -428,3 +429,37 @@ async def test_idle_timeout_also_bounds_slow_headers(start_proxy: ProxyFactory, 
     assert await asyncio.wait_for(reader.read(), timeout=10) == b""  # closed, no answer
     assert asyncio.get_running_loop().time() - started < 5
     writer.close()
+
+
+@pytest.mark.parametrize("path", [b"/x", b"/%78"])  # the fast path's, aiohttp's
+async def test_an_invalid_answer_is_a_502_and_a_long_field_passes(
+    raw_server: StartServer,  # noqa: F811 (the fixture imported above)
+    start_proxy: ProxyFactory,
+    path: bytes,
+) -> None:
+    """An answer that is not valid HTTP (a length and chunked both) is ArangoDB's
+    fault, not its absence: 502, not 503 "unreachable". A 20 KB header field is
+    valid: it passes, as it does through the proxy's own client."""
+    long_field = b"X-Long: " + b"v" * 20_000
+    answers = iter(
+        [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n" + long_field + b"\r\n\r\nok",
+        ]
+    )
+
+    async def handler(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(next(answers))
+
+    server = await raw_server(handler)
+    proxy = URL(await start_proxy(f"http://127.0.0.1:{server.port}"))
+    statuses, heads = [], []
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection(proxy.host, proxy.port)
+        writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: p\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+        statuses.append(int(head.split(b" ")[1]))
+        heads.append(head)
+    assert statuses == [502, 200]
+    assert b"\r\n" + long_field + b"\r\n" in heads[1]
