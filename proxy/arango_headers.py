@@ -29,6 +29,9 @@ NAMES = (
 )
 
 
+# What `ArangoHeaders.lines` places itself.
+_PLACED = (*NAMES, "connection")
+
 # Set on every answer, whatever it has already (the others only if it has none).
 _ALWAYS = frozenset({"server", "x-arango-queue-time-seconds"})
 
@@ -38,8 +41,9 @@ class ArangoHeaders:
 
     def __init__(self) -> None:
         self.pairs: tuple[tuple[str, str], ...] = ()
-        # (the server line, the others): for a 202 built on the store's writer
-        # thread, read there in one go
+        # (the server line, the others) as text, and encoded (for a 202 built on the
+        # store's writer thread, read there in one go)
+        self.lines: tuple[str, str] = ("", "")
         self.encoded: tuple[bytes, bytes] = (b"", b"")
 
     def learn(self, headers: Mapping[str, str]) -> None:
@@ -47,9 +51,15 @@ class ArangoHeaders:
         pairs = tuple((name, headers[name]) for name in NAMES if name in headers)
         if pairs != self.pairs:
             self.pairs = pairs
-            lines = [f"{name}: {value}\r\n".encode("latin-1") for name, value in pairs]
-            server = lines.pop(0) if pairs and pairs[0][0] == "server" else b""
-            self.encoded = (server, b"".join(lines))
+            lines = [f"{name}: {value}\r\n" for name, value in pairs]
+            server = lines.pop(0) if pairs and pairs[0][0] == "server" else ""
+            self.lines = (server, "".join(lines))
+            self.encoded = (server.encode("latin-1"), self.lines[1].encode("latin-1"))
+
+    def absent_from(self, headers: Mapping[str, str]) -> bool:
+        """None of them in `headers`, nor aiohttp's Server or Connection: `lines` can
+        go after them as they are."""
+        return not any(name in headers for name in _PLACED)
 
     def apply(self, headers: CIMultiDict[str]) -> None:
         """As ArangoDB sends an answer: its server and queue time replace any there
