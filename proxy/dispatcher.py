@@ -96,6 +96,8 @@ class Dispatcher:
         self._max_inflight = max_inflight
         self._wake = asyncio.Event()
         self._claimed: dict[int, asyncio.Task[None]] = {}  # being sent (still accepted)
+        # given back since the last look, surely not at ArangoDB (JobStore.next_accepted)
+        self._unsent: set[int] = set()
         self._handed: set[int] = set()  # of those, at ArangoDB: the harvester counts them
         self._backoff = 0.0
 
@@ -110,12 +112,16 @@ class Dispatcher:
             self._wake.clear()
             sending = len(self._claimed) - len(self._handed)
             free = self._max_inflight - self._harvester.inflight - sending
-            try:
-                jobs = await self._store.next_accepted(free, self._claimed) if free > 0 else []
-            except StoreError as exc:
-                log.error("cannot read accepted jobs, will retry: %s", exc)  # noqa: TRY400
-                self._slow_down()
-                continue
+            jobs = []
+            if free > 0:
+                unsent, self._unsent = self._unsent, set()
+                try:
+                    jobs = await self._store.next_accepted(free, self._claimed, unsent)
+                except StoreError as exc:
+                    self._unsent |= unsent
+                    log.error("cannot read accepted jobs, will retry: %s", exc)  # noqa: TRY400
+                    self._slow_down()
+                    continue
             if not jobs:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(IDLE_RECHECK):
@@ -160,10 +166,13 @@ class Dispatcher:
             )
         except UpstreamFailure as failure:
             log.warning("job %d not submitted, will retry: %s", job.id, failure.message)
+            if isinstance(failure.__cause__, ConnectionRefusedError):
+                self._unsent.add(job.id)  # (not when the request may have gone out)
             self._slow_down()
             return
         if is_retryable(reply):
             log.info("ArangoDB refused job %d for now (503), will retry", job.id)
+            self._unsent.add(job.id)
             self._slow_down()
             return
         self._backoff = 0.0

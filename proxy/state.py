@@ -27,7 +27,9 @@ class JobQueue(Protocol):
     itself, or `proxy.worker_process.RemoteStore` when they run in a process of
     their own (the methods are JobStore's)."""
 
-    async def next_accepted(self, limit: int, exclude: Collection[int] = ()) -> list[Job]: ...
+    async def next_accepted(
+        self, limit: int, exclude: Collection[int] = (), unsent: Collection[int] = ()
+    ) -> list[Job]: ...
 
     async def submitted(self) -> list[Job]: ...
 

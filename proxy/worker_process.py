@@ -250,9 +250,11 @@ class WorkerProcess:
         else:
             channel.send(("reply", call_id, value, None))
 
-    async def _next_accepted(self, limit: int, exclude: Collection[int]) -> list[Job]:
+    async def _next_accepted(
+        self, limit: int, exclude: Collection[int], unsent: Collection[int] = ()
+    ) -> list[Job]:
         self._woken = False  # before the look: a job accepted after it wakes the child
-        return await self._store.next_accepted(limit, exclude)
+        return await self._store.next_accepted(limit, exclude, unsent)
 
 
 def _child_environment() -> dict[str, str]:
@@ -293,8 +295,12 @@ class RemoteStore:
         finally:
             self._replies.pop(call_id, None)
 
-    async def next_accepted(self, limit: int, exclude: Collection[int] = ()) -> list[Job]:
-        return cast(list[Job], await self._call("next_accepted", limit, tuple(exclude)))
+    async def next_accepted(
+        self, limit: int, exclude: Collection[int] = (), unsent: Collection[int] = ()
+    ) -> list[Job]:
+        return cast(
+            list[Job], await self._call("next_accepted", limit, tuple(exclude), tuple(unsent))
+        )
 
     async def submitted(self) -> list[Job]:
         return cast(list[Job], await self._call("submitted"))

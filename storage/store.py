@@ -124,6 +124,7 @@ class JobStore:
         self._sending: set[int] = set()
         self._cancels: dict[int, StoredResponse] = {}
         self._withheld: set[int] = set()
+        self._unsent: set[int] = set()  # given back, surely not at ArangoDB: next_accepted
         self._capacity = capacity
         self._closed = False
 
@@ -277,22 +278,38 @@ class JobStore:
 
     # -- dispatcher and harvester --------------------------------------------------------
 
-    async def next_accepted(self, limit: int, exclude: Collection[int] = ()) -> list[Job]:
+    async def next_accepted(
+        self, limit: int, exclude: Collection[int] = (), unsent: Collection[int] = ()
+    ) -> list[Job]:
         """Up to `limit` jobs in state accepted, oldest first, skipping the ids in `exclude`
-        (the dispatcher's: those it is sending). A job cancelled while it was being sent
-        and given back (not sent after all) is cancelled here instead of handed out."""
+        (the dispatcher's: those it is sending).
+
+        `unsent`: jobs the dispatcher gave back that ArangoDB surely does not have (it
+        refused them with 503, or refused the connection). One of those cancelled while
+        being sent ends here with the cancel's result. One cancelled so and back without
+        that word (the worker process died, the connection broke once the request was
+        out) may have run at ArangoDB: it is handed out again, as any such job, and its
+        cancel is dropped, as one that came too late."""
+        self._unsent.update(unsent)
         found = await self._accepted(limit, exclude)
-        jobs = [
-            job for job in found if job.id not in self._withheld and job.id not in self._cancels
-        ]
-        self._sending = (self._sending & set(exclude)) | {job.id for job in jobs}
+        jobs: list[Job] = []
+        cancelled: list[tuple[int, StoredResponse]] = []
         for job in found:
+            if job.id in self._withheld:
+                continue
             result = self._cancels.pop(job.id, None)
-            if result is not None:
-                try:
-                    await self._cancel_here(job.id, result)
-                except StoreError:
-                    self._cancels.setdefault(job.id, result)  # at the next offer, then
+            if result is not None and job.id in self._unsent:
+                cancelled.append((job.id, result))
+            else:
+                jobs.append(job)
+            self._unsent.discard(job.id)
+        self._sending = (self._sending & set(exclude)) | {job.id for job in jobs}
+        for job_id, result in cancelled:
+            try:
+                await self._cancel_here(job_id, result)
+            except StoreError:
+                self._cancels.setdefault(job_id, result)  # at the next offer, then
+                self._unsent.add(job_id)
         return jobs
 
     def queue_time(self) -> float:
@@ -435,6 +452,7 @@ class JobStore:
         self._unfinished -= 1
         self._ready.remove(job_id)
         self._sending.discard(job_id)
+        self._unsent.discard(job_id)
         self._cancels.pop(job_id, None)  # too late: it is done
         self._pending.remove(job_id)
         [(mode, user)] = cast(list[Any], changed)
