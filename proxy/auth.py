@@ -28,13 +28,19 @@ import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.arango_headers import ArangoHeaders
-from proxy.errors import ERROR_SERVICE_UNAVAILABLE, UpstreamFailure, arango_error
+from proxy.errors import (
+    ERROR_FORBIDDEN,
+    ERROR_SERVICE_UNAVAILABLE,
+    UpstreamFailure,
+    arango_error,
+)
 from proxy.upstream import Upstream
 
 SYSTEM_DB = "_system"
@@ -94,25 +100,85 @@ def database_prefix(raw_target: str) -> str:
 UNREADABLE = "\x00unreadable"  # the user of credentials the proxy cannot read
 
 
+_BASE64_PREFIX = re.compile(r"[A-Za-z0-9+/]*")
+
+
+def _arango_base64(text: str) -> bytes:
+    """`text` decoded as ArangoDB decodes Basic credentials (StringUtils::decodeBase64):
+    its base64 characters up to the first other one or '=', no padding needed, and
+    a last group of 2 or 3 characters giving 1 or 2 bytes (of 1, none)."""
+    prefix = _BASE64_PREFIX.match(text)
+    chars = prefix.group(0) if prefix else ""
+    whole = len(chars) - len(chars) % 4
+    decoded = base64.b64decode(chars[:whole])
+    rest = chars[whole:]
+    if len(rest) >= 2:
+        decoded += base64.b64decode(rest + "=" * (4 - len(rest)))[: len(rest) - 1]
+    return decoded
+
+
+def _claims(authorization: str | None) -> dict[str, Any] | None:
+    """The claims of a Bearer JWT (not yet verified), or None."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    try:
+        payload = token.strip().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, IndexError, UnicodeDecodeError, binascii.Error):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
 def user_of(authorization: str | None) -> str:
-    """The user name an Authorization header claims (not yet verified)."""
+    """The user name an Authorization header claims (not yet verified), as ArangoDB
+    reads it; UNREADABLE where ArangoDB finds no credentials in it."""
     if not authorization:
         return ""
     scheme, _, credentials = authorization.strip().partition(" ")
-    credentials = credentials.strip()
-    try:
-        if scheme.lower() == "basic":
-            user, colon, _ = base64.b64decode(credentials, validate=True).decode().partition(":")
-            if colon:
-                return user
-        if scheme.lower() == "bearer":
-            payload = credentials.split(".")[1]
-            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-            name = claims.get("preferred_username", "") if isinstance(claims, dict) else ""
-            return name if isinstance(name, str) else ""
-    except (ValueError, IndexError, UnicodeDecodeError, binascii.Error):
-        pass
-    return UNREADABLE
+    if scheme.lower() == "basic":
+        try:
+            user, colon, _ = _arango_base64(credentials.strip()).decode().partition(":")
+        except UnicodeDecodeError:
+            return UNREADABLE
+        return user if colon and user else UNREADABLE
+    claims = _claims(authorization)
+    if claims is None:
+        return UNREADABLE
+    name = claims.get("preferred_username", "")
+    return name if isinstance(name, str) else ""
+
+
+def allowed_paths(authorization: str | None) -> list[str] | None:
+    """The paths a JWT limited by an ``allowed_paths`` claim may reach; None: no limit."""
+    claims = _claims(authorization)
+    if claims is None or "allowed_paths" not in claims:
+        return None
+    paths = claims["allowed_paths"]
+    return [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
+
+
+def may_reach(paths: list[str], raw_target: str) -> bool:
+    """Whether a token limited to `paths` may reach `raw_target`: its path listed with
+    or without its ``/_db/{name}`` (``/_db/_system`` where it has none)."""
+    path = arango_path(raw_target)
+    prefix = database_prefix(raw_target)
+    rest = path[len(prefix) :]
+    return not {path, rest, f"{prefix or '/_db/' + SYSTEM_DB}{rest}"}.isdisjoint(paths)
+
+
+_WWW_AUTHENTICATE = ('Basic, realm="ArangoDB"', 'Bearer, token_type="JWT", realm="ArangoDB"')
+
+
+def _not_allowed(*, omit_challenge: bool) -> web.Response:
+    """ArangoDB's 401 for credentials not good for the path."""
+    refusal = arango_error(
+        401, ERROR_FORBIDDEN, "not authorized to execute this request", handler=False
+    )
+    if not omit_challenge:
+        for value in _WWW_AUTHENTICATE:
+            refusal.headers.add(_CHALLENGE, value)
+    return refusal
 
 
 class Verifier:
@@ -153,6 +219,11 @@ class Verifier:
                 kept.popall(_CHALLENGE)
                 refusal = web.Response(status=refusal.status, body=refusal.body, headers=kept)
             return refusal
+        paths = allowed_paths(authorization)
+        if paths is not None and not may_reach(paths, raw_target):
+            # ArangoDB refuses a token on a path it is not allowed (before queueing);
+            # the check with /_api/version above says nothing about this path
+            return _not_allowed(omit_challenge=omit_challenge)
         user = user_of(authorization)
         if user == UNREADABLE and await self.verify(None, raw_database) is None:
             user = ""  # authentication is off: ArangoDB ignored them (see the module's doc)
@@ -164,7 +235,7 @@ class Verifier:
         if not self._known(self._digest(authorization, raw_database)):
             return None
         user = user_of(authorization)
-        if user == UNREADABLE:
+        if user == UNREADABLE or allowed_paths(authorization) is not None:
             return None  # (rare) caller_of tells
         return Caller(user, authorization, database)
 

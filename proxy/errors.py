@@ -29,6 +29,7 @@ JSON_TYPE = "application/json; charset=utf-8"
 
 # errorNums used by the proxy (ArangoDB's errors.dat)
 ERROR_INTERNAL = 4
+ERROR_FORBIDDEN = 11  # ArangoDB's TRI_ERROR_FORBIDDEN: 'not authorized...'
 ERROR_REQUEST_CANCELED = 21
 ERROR_BAD_PARAMETER = 400
 ERROR_NOT_FOUND = 404

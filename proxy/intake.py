@@ -30,6 +30,7 @@ from multidict import CIMultiDict
 
 from proxy.auth import OMIT_CHALLENGE, Caller
 from proxy.errors import (
+    ERROR_FORBIDDEN,
     ERROR_QUEUE_FULL,
     ERROR_QUEUE_TIME_VIOLATED,
     ERROR_SERVICE_UNAVAILABLE,
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 
 ASYNC_HEADER = "x-arango-async"
 ASYNC_ID_HEADER = "x-arango-async-id"
-ERROR_FORBIDDEN = 11  # ArangoDB's TRI_ERROR_FORBIDDEN
 ERROR_REQUEST_TIMEOUT = 408
 ERROR_TOO_LARGE = 413
 

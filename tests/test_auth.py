@@ -40,6 +40,11 @@ def jwt(claims: dict[str, object]) -> str:
         ("bearer " + jwt({"iss": "arangodb", "server_id": "x"}), ""),  # superuser token
         ("bearer " + jwt({"preferred_username": 7}), ""),
         ("Basic " + base64.b64encode(b"alice").decode(), "\x00unreadable"),  # no password
+        ("Basic " + base64.b64encode(b":pw").decode(), "\x00unreadable"),  # no user
+        # decoded as ArangoDB does: up to the first '=' or other character, no padding
+        ("Basic YWxpY2U6cHc", "alice"),
+        ("Basic Ym9iOmJwdw!", "bob"),
+        ("Basic " + base64.b64encode(b"carol:x").decode() + "=junk", "carol"),
         ("Basic !!!notbase64", "\x00unreadable"),
         ("Bearer not-a-jwt", "\x00unreadable"),
         ("Negotiate abc", "\x00unreadable"),

@@ -274,12 +274,39 @@ async def test_tokens_limited_by_allowed_paths_are_not_queued_with_signed_tokens
     )
     assert (answer.status, answer.json["errorNum"], answer.async_id) == (403, 11, None)
     assert "allowed_paths" in answer.json["errorMessage"]
-    assert (await signing.call("GET", "/_api/job/pending", user=limited)).json == []
+    # nor may it reach the job API, which its allowed_paths do not list (as ArangoDB)
+    refused = await signing.call("GET", "/_api/job/pending", user=limited)
+    assert (refused.status, refused.json["errorNum"]) == (401, 11)
     # ordinary tokens are fine; with the caller's own header replayed, so is this one
     assert await signing.submit("GET", "/_api/version", user=bearer({"server_id": "x"}))
     replaying = Client(http, await start(serve_proxy, jwt_standin.url, tmp_path / "b"))
     job = await replaying.submit("GET", "/_api/version", user=limited)
-    assert (await replaying.result(job, user=limited)).status == 200
+    # (its result is for a token that may reach the job API: this one may not)
+    assert (await replaying.result(job, user=bearer({"server_id": "x"}))).status == 200
+
+
+async def test_a_token_limited_by_allowed_paths_reaches_only_those_paths_job_api_included(
+    jwt_standin: StandIn, serve_proxy: Serve, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """ArangoDB refuses such a token on any other path, before anything runs; the
+    proxy's check with /_api/version cannot tell, so the proxy holds it to its paths
+    itself: a superuser token for health checks must not list, fetch or delete jobs."""
+    client = Client(http, await start(serve_proxy, jwt_standin.url, tmp_path / "data"))
+    alices = await client.submit("GET", "/_api/version", user=ALICE)
+    await client.wait_done(alices, user=ALICE)
+    health = bearer({"server_id": "x", "allowed_paths": ["/_db/_system/_api/version"]})
+    for method, path in (
+        ("GET", "/_api/job/done"),
+        ("PUT", f"/_api/job/{alices}"),
+        ("DELETE", "/_api/job/all"),
+        ("GET", f"/_db/_system/_api/job/{alices}"),
+    ):
+        answer = await client.call(method, path, user=health)
+        assert (answer.status, answer.json["errorNum"]) == (401, 11), (method, path)
+        assert answer.headers.getall("www-authenticate")
+    lister = bearer({"server_id": "x", "allowed_paths": ["/_api/job/done"]})
+    assert (await client.call("GET", "/_api/job/done", user=lister)).json == [alices]
+    assert (await client.result(alices, user=ALICE)).status == 200  # still there
 
 
 async def test_jobs_whose_credentials_stop_working_end_with_arangodbs_refusal(
