@@ -185,6 +185,11 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"upstream.url: expected http://HOST:PORT or https://..., got {url!r}")
     if parsed.path not in ("", "/") or "?" in url or "#" in url:
         raise ConfigError(f"upstream.url: expected no path, query or fragment, got {url!r}")
+    if config.upstream.ca_file and parsed.scheme != "https":
+        # (half the proxy would speak TLS to ArangoDB and half send credentials in clear)
+        raise ConfigError(
+            f"upstream.ca_file: set, but upstream.url is {url!r}: use https://, or no ca_file"
+        )
     if parsed.user is not None or parsed.password is not None:
         # (they would be sent for every client that sends none, and logged)
         raise ConfigError(

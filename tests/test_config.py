@@ -88,6 +88,7 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ("[upstream]\nurl = 'http://root:@x:8529'\n", "upstream.url: expected no user"),
         ("[upstream]\nurl = 'http://u:secret@x'\n", "upstream.url: expected no user"),
         (b"[log]\nlevel = '\xff'\n", "is not UTF-8 text"),
+        ("[upstream]\nca_file = 'ca.pem'\n", "upstream.ca_file: set, but upstream.url is"),
     ],
 )
 def test_bad_settings_name_the_setting(tmp_path: Path, toml: str | bytes, message: str) -> None:

@@ -347,7 +347,7 @@ def test_command_tls_config_errors_exit_1_with_one_line(
         "only-cert": [f"server.tls_cert={pki.cert_file}"],
         "only-key": [f"server.tls_key={pki.key_file}"],
         "missing-cert": [f"server.tls_cert={missing}", f"server.tls_key={pki.key_file}"],
-        "missing-ca": [f"upstream.ca_file={missing}"],
+        "missing-ca": [f"upstream.ca_file={missing}", "upstream.url=https://127.0.0.1:8529"],
         "wrong-key": [f"server.tls_cert={pki.cert_file}", f"server.tls_key={other}"],
     }[case]
     config = tmp_path / "proxy.toml"
