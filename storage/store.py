@@ -326,7 +326,8 @@ class JobStore:
         Not handed to the dispatcher: done with `result` (410) now. Being sent: ArangoDB
         may have it already, and may run it, so it stays pending; the cancel goes to
         ArangoDB once the job is marked submitted (``Mark.CANCEL``), and ArangoDB's
-        result becomes the job's. Given back unsent, it is done with `result` then.
+        result becomes the job's. Given back surely unsent, it is done with `result`
+        then; given back otherwise, the cancel is dropped (see `next_accepted`).
         """
         if job_id in self._sending:
             self._cancels[job_id] = result
