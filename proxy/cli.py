@@ -64,12 +64,14 @@ async def serve(config: Config) -> None:
     """
     ssl_context = server_context(config.server)
     listener = Listener(create_app(config), ssl_context)
+    # Before the start: a stop asked for while it is under way (the store opening,
+    # the worker process starting) is one in order once it is done, not a kill.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     await listener.start()
     try:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
         scheme = "http" if ssl_context is None else "https"
         for host, port in listener.addresses:
             shown = f"[{host}]" if ":" in host else host

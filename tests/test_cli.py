@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -184,3 +185,31 @@ def test_the_proxy_runs_with_the_collector_tuned_for_a_server() -> None:
     [(threshold, frozen)] = seen
     assert threshold == GC_THRESHOLD != before
     assert frozen > 10_000  # the imported modules' objects, out of the collector's sight
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_starting_stops_it_in_order_once_started(
+    tmp_path: Path, signum: int
+) -> None:
+    """The store's folder exists as soon as the start opens it, well before the proxy
+    listens: a signal then is a stop in order (exit 0, no traceback), not a kill."""
+    data = tmp_path / "data"
+    command = [sys.executable, "-m", "proxy", "--listen", f"127.0.0.1:{free_port()}"]
+    proc = subprocess.Popen(
+        [*command, "--data", str(data), "--upstream", "http://127.0.0.1:9"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for _ in range(20_000):
+            if (data / "jobs.sqlite3").exists():
+                break
+            time.sleep(0.0005)
+        proc.send_signal(signum)
+        output, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output
+    assert "stopping" in output
