@@ -745,5 +745,5 @@ async def test_a_queue_time_limit_is_held_against_the_proxys_own_queue(
     standin.queue_full = False
     assert (await jobs.result(waiting)).status == 200
     pending = (await jobs.call("GET", "/_api/job/pending")).json
-    done = (await jobs.call("GET", "/_api/job/done")).json
-    assert len(pending) + len(done) == 2  # the two accepted with the longer limit
+    done = (await jobs.call("GET", "/_api/job/done")).json  # (one may be in both lists)
+    assert len(set(pending) | set(done)) == 2  # the two accepted with the longer limit
