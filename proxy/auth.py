@@ -97,6 +97,11 @@ def database_prefix(raw_target: str) -> str:
     return ""
 
 
+def job_at_arangodb(raw_target: str, upstream_id: str) -> str:
+    """ArangoDB's job API path for a job sent to `raw_target`, in its database."""
+    return f"{database_prefix(raw_target)}/_api/job/{upstream_id}"
+
+
 UNREADABLE = "\x00unreadable"  # the user of credentials the proxy cannot read
 
 

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from multidict import CIMultiDict
 
 from proxy import jobs_api
-from proxy.auth import database_prefix
+from proxy.auth import job_at_arangodb
 from proxy.errors import UpstreamFailure
 from proxy.harvester import (
     MARK_AFTER,
@@ -205,7 +205,7 @@ class Dispatcher:
         finally:
             # (no-op once set) shutdown: the harvester must not wait
             submission.marked.cancel()
-        at_arangodb = f"{database_prefix(job.target)}/_api/job/{upstream_id}"
+        at_arangodb = job_at_arangodb(job.target, upstream_id)
         if mark is Mark.CANCEL:
             # Its owner cancelled it while we were sending it: ArangoDB's result (410
             # if it had not started) is harvested as any other.

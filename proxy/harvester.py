@@ -66,15 +66,16 @@ def stored_response(reply: Reply) -> StoredResponse:
 
 
 def lost_response(upstream_id: str, policy: str) -> StoredResponse:
-    message = (
+    return _error_result(
         f"upstream ArangoDB lost this job (its id there was {upstream_id}; it restarted?) "
         f"before it finished; it was not run again (lost_job_policy={policy})"
     )
-    return StoredResponse(
-        500,
-        (("Content-Type", JSON_TYPE),),
-        error_body(500, ERROR_INTERNAL, message),
-    )
+
+
+def _error_result(message: str) -> StoredResponse:
+    """A job's result that the proxy writes itself: 500/4 in ArangoDB's shape."""
+    body = error_body(500, ERROR_INTERNAL, message)
+    return StoredResponse(500, (("Content-Type", JSON_TYPE),), body)
 
 
 def _is_final(reply: Reply) -> bool:
@@ -103,10 +104,8 @@ async def record_result(
         )
     except ResultTooLarge as exc:
         log.warning("the result of job %d was dropped: %s", job_id, exc)
-        message = f"ArangoDB's answer ({result.status}) to this job was dropped: {exc}"
-        dropped = StoredResponse(
-            500, (("Content-Type", JSON_TYPE),), error_body(500, ERROR_INTERNAL, message)
-        )
+        why = f"ArangoDB's answer ({result.status}) to this job was dropped: {exc}"
+        dropped = _error_result(why)
         return await record(
             f"the result of job {job_id}",
             lambda: store.finish(job_id, dropped, from_states=from_states),

@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from multidict import CIMultiDict, MultiDict, MultiMapping
 
-from proxy.auth import arango_path, database_prefix
+from proxy.auth import arango_path, job_at_arangodb
 from proxy.errors import (
     ERROR_BAD_PARAMETER,
     ERROR_METHOD_NOT_ALLOWED,
@@ -280,8 +280,10 @@ async def _cancel_upstream(app: web.Application, job: Job) -> web.Response:
     """ArangoDB cancels the job it runs; its (410) result arrives through the harvester."""
     headers = app[CREDENTIALS].headers(job.user, job.auth)
     try:
-        at_arangodb = f"{database_prefix(job.target)}/_api/job/{job.upstream_id}"
-        await app[UPSTREAM].call("PUT", f"{at_arangodb}/cancel", headers)
+        assert job.upstream_id is not None  # (submitted)
+        await app[UPSTREAM].call(
+            "PUT", job_at_arangodb(job.target, job.upstream_id) + "/cancel", headers
+        )
     except UpstreamFailure as failure:
         return failure.response()
     # Any answer will do: 404 means ArangoDB lost the job, which the harvester handles.

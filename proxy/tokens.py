@@ -107,7 +107,7 @@ class SignedTokens:
     def can_act_for(self, authorization: str | None) -> bool:
         # ArangoDB limits a token with allowed_paths to those paths; a token the
         # proxy signed would not be limited, so such a caller's jobs are refused.
-        return not _has_allowed_paths(authorization)
+        return allowed_paths(authorization) is None
 
     def to_store(self, authorization: str | None) -> str | None:
         return None
@@ -132,10 +132,6 @@ class SignedTokens:
         token = sign(self._secret, claims)
         self._tokens[user] = (token, issued + TOKEN_LIFETIME)
         return token
-
-
-def _has_allowed_paths(authorization: str | None) -> bool:
-    return allowed_paths(authorization) is not None
 
 
 def _b64url(raw: bytes) -> str:
