@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
@@ -23,6 +24,7 @@ from storage import StoreError
 log = logging.getLogger("arango_async_proxy")
 
 GC_THRESHOLD = (10_000, 10, 10)  # gc.set_threshold: see tune_gc
+EXIT_QUIT = 1  # a second SIGTERM/SIGINT cut the stop short (_stop_or_quit)
 
 _FLAGS = {
     "listen": "server.listen",
@@ -69,7 +71,7 @@ async def serve(config: Config) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, _stop_or_quit, stop, signum)
     await listener.start()
     try:
         scheme = "http" if ssl_context is None else "https"
@@ -82,6 +84,22 @@ async def serve(config: Config) -> None:
         log.info("stopping")
     finally:
         await listener.stop()
+
+
+def _stop_or_quit(stop: asyncio.Event, signum: int) -> None:
+    """The first SIGTERM/SIGINT stops in order (`serve`); a second one while that stop
+    is under way exits at once, as a kill would: every job answered 202 is on disk
+    and resumes at the next start, requests not yet answered get no answer (the
+    worker process exits when the proxy is gone)."""
+    if not stop.is_set():
+        stop.set()
+        return
+    log.warning(
+        "%s during the stop: exiting at once; jobs resume at the next start",
+        signal.Signals(signum).name,
+    )
+    logging.shutdown()  # (flushes the log's handlers)
+    os._exit(EXIT_QUIT)
 
 
 def one_line_for_malformed_requests(record: logging.LogRecord) -> bool:

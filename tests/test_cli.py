@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from proxy.cli import GC_THRESHOLD, run
-from tests.processes import ProxyProcess, free_port
+from tests.processes import ProxyProcess, StandInProcess, free_port
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -213,3 +213,51 @@ def test_a_signal_while_starting_stops_it_in_order_once_started(
     assert proc.returncode == 0, output
     assert "Traceback" not in output
     assert "stopping" in output
+
+
+async def test_a_second_signal_during_the_stop_exits_at_once_and_loses_nothing(
+    tmp_path: Path, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    """The stop waits for a request held open (up to a 60 s grace here); a second
+    SIGTERM ends it at once, exit 1. The job answered 202 before is there after a
+    restart on the same data."""
+    standin = StandInProcess.start("--no-auth")
+    try:
+        config = tmp_path / "proxy.toml"
+        config.write_text("[server]\nshutdown_grace = 60\n")
+        data = tmp_path / "data"
+        args = ("--config", str(config), "--upstream", standin.url)
+        proxy = proxy_process(*args, data=data)
+        async with aiohttp.ClientSession() as session:
+            async with session.put(
+                proxy.url + "/_api/version", headers={"x-arango-async": "store"}
+            ) as resp:
+                assert resp.status == 202
+                job_id = resp.headers["x-arango-async-id"]
+            host, port = proxy.url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port))) as held:
+                held.sendall(
+                    b"PUT /_api/version HTTP/1.1\r\nHost: x\r\nx-arango-async: store\r\n"
+                    b"Content-Length: 100\r\n\r\n0123456789"  # 90 bytes to come, never
+                )
+                await asyncio.sleep(0.3)  # (the request is under way)
+                proxy.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(1)
+                assert proxy.proc.poll() is None  # stopping in order: waits for the request
+                began = time.monotonic()
+                assert await asyncio.to_thread(proxy.stop, signal.SIGTERM, 20) == 1
+                assert time.monotonic() - began < 5
+            output = "".join(proxy.output)
+            assert "stopping" in output
+            assert "SIGTERM during the stop: exiting at once" in output
+            proxy = proxy_process(*args, data=data)
+            for _ in range(200):
+                async with session.put(f"{proxy.url}/_api/job/{job_id}") as resp:
+                    if resp.status != 204:
+                        break
+                await asyncio.sleep(0.05)
+            assert resp.status == 200
+            assert resp.headers["x-arango-async-id"] == job_id
+            assert proxy.stop() == 0
+    finally:
+        standin.kill()
