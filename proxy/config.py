@@ -60,7 +60,8 @@ class UpstreamConfig:
     url: str = "http://127.0.0.1:8529"
     connect_timeout: float = 5.0
     # Longest wait for the next bytes from ArangoDB (504 beyond it). Not a
-    # limit on the whole exchange: streamed downloads may take longer.
+    # limit on a streamed pass-through exchange, which may take longer; the
+    # proxy's own whole-body calls (proxy.http1) must be complete within it.
     request_timeout: float = 300.0
     pool_size: int = 100
     # ArangoDB's JWT secret (the file given to --server.jwt-secret-keyfile). When

@@ -179,7 +179,7 @@ class Submission:
             timer.cancel()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # each one a key of its own (_fetches)
 class Tracked:
     job_id: int
     upstream_id: str
@@ -227,6 +227,9 @@ class Harvester:
         self._youngest = time.monotonic()
         self._last_lost_check = time.monotonic()
         self._fetching = asyncio.Semaphore(FETCH_CONCURRENCY)
+        # Each fetch is a task of its own, which no tick waits for: one that ArangoDB
+        # is slow to answer (request_timeout at most) holds up no other job's.
+        self._fetches: dict[Tracked, asyncio.Task[None]] = {}
         self._storing: set[asyncio.Task[None]] = set()  # results fetched, being stored
 
     @property
@@ -283,14 +286,16 @@ class Harvester:
         fetched is stored."""
         try:
             await self._run()
-            if self._storing:
-                await asyncio.wait(set(self._storing))
+            while self._fetches or self._storing:
+                await asyncio.wait({*self._fetches.values(), *self._storing})
         finally:
-            # Cancelled (the stop's grace is over): the results still being stored go
-            # too; those jobs are still submitted in the store, and asked for again.
-            for task in self._storing:
+            # Cancelled (the stop's grace is over): the fetches and results still being
+            # stored go too; those jobs are still submitted in the store, and asked for
+            # again.
+            tasks = {*self._fetches.values(), *self._storing}
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._storing, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
         next_list = 0.0  # when the done lists are due (monotonic)
@@ -312,7 +317,8 @@ class Harvester:
             await self._pause(next_list - time.monotonic())
 
     def stop(self) -> None:
-        """Let run() return after the tick under way (results fetched get stored)."""
+        """Let run() return after the tick under way and the fetches it began (results
+        fetched get stored)."""
         self._stopping.set()
         self._new.set()
 
@@ -340,10 +346,8 @@ class Harvester:
         fresh, self._fresh = self._fresh, []
         looked_at = {t.upstream_id for t in fresh}
         groups = self._by_credentials(skip=looked_at) if lists else {}
-        await asyncio.gather(
-            self._collect_all(fresh),
-            *(self._harvest(owner, jobs) for owner, jobs in groups.items()),
-        )
+        self._collect_all(fresh)
+        await asyncio.gather(*(self._harvest(owner, jobs) for owner, jobs in groups.items()))
         if lists and time.monotonic() - self._last_lost_check >= LOST_CHECK_INTERVAL:
             self._last_lost_check = time.monotonic()
             await asyncio.gather(*(self._find_lost(owner, jobs) for owner, jobs in groups.items()))
@@ -384,10 +388,10 @@ class Harvester:
             # The credentials no longer work (password changed, token expired, user
             # gone): fetching each job gets ArangoDB's refusal, which becomes its result.
             # (The database is gone: each fetch's 404 makes the job lost.)
-            await self._collect_all(jobs)
+            self._collect_all(jobs)
             return
         if done:
-            await self._collect_all(t for t in jobs if t.upstream_id in done)
+            self._collect_all(t for t in jobs if t.upstream_id in done)
 
     async def _find_lost(self, owner: Owner, jobs: list[Tracked]) -> None:
         # pending first: a job that finishes in between then shows up as done
@@ -399,10 +403,21 @@ class Harvester:
         if pending is None or done is None:
             return
         missing = [t for t in jobs if t.upstream_id not in pending | done]
-        await self._collect_all(missing)  # each fetch says for sure: result, 204 or 404
+        self._collect_all(missing)  # each fetch says for sure: result, 204 or 404
 
-    async def _collect_all(self, jobs: Iterable[Tracked]) -> None:
-        await asyncio.gather(*(self._collect(t) for t in jobs))
+    def _collect_all(self, jobs: Iterable[Tracked]) -> None:
+        """Fetch each job (unless a fetch of it is under way), without waiting."""
+        for tracked in jobs:
+            if tracked not in self._fetches:
+                fetch = asyncio.create_task(self._fetch(tracked))
+                self._fetches[tracked] = fetch
+                fetch.add_done_callback(lambda _, t=tracked: self._fetches.pop(t, None))
+
+    async def _fetch(self, tracked: Tracked) -> None:
+        try:
+            await self._collect(tracked)
+        except Exception:
+            log.exception("fetching job %d failed; asking again later", tracked.job_id)
 
     async def _collect(self, tracked: Tracked) -> None:
         async with self._fetching:

@@ -13,8 +13,10 @@ not sent, and the parser cannot be told; `Upstream.call` sends HEAD through
 aiohttp), streaming, redirects, decompression (the proxy forwards bytes as they
 are), 101 upgrades. A 1xx informational response before the real one is skipped.
 
-Timeouts: `connect_timeout` for the TCP (and TLS) set-up; `read_timeout` is the
-longest silence while a response is awaited, as aiohttp's ``sock_read``.
+Timeouts: `connect_timeout` for the TCP (and TLS) set-up; `read_timeout` bounds
+the whole response, from the request's send to its last byte: a server that
+trickles bytes cannot hold an exchange (and the harvester's fetch slot) longer
+than one that is silent.
 A connection that ArangoDB closed while idle is noticed (connection_lost) and
 not used again; one idle for IDLE_LIMIT seconds is closed by the proxy first.
 """
@@ -55,7 +57,6 @@ class _Connection(asyncio.Protocol):
         self._headers: CIMultiDict[str] = CIMultiDict()
         self._body: list[bytes] = []
         self._to_eof = False  # the body in progress has no length: it ends at EOF
-        self._last_data = 0.0
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -64,7 +65,6 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        self._last_data = self._loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -122,8 +122,7 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         waiter: asyncio.Future[Response] = self._loop.create_future()
         self._waiter = waiter
-        self._last_data = self._loop.time()
-        timer = self._loop.call_at(self._last_data + read_timeout, self._check, read_timeout)
+        timer = self._loop.call_later(read_timeout, self._expire, waiter)
         try:
             self.transport.write(request)
             return await waiter
@@ -133,15 +132,10 @@ class _Connection(asyncio.Protocol):
                 self._waiter = None
                 self.close()
 
-    def _check(self, read_timeout: float) -> None:
-        if self._waiter is None:
-            return
-        quiet_until = self._last_data + read_timeout
-        if self._loop.time() >= quiet_until:
+    def _expire(self, waiter: asyncio.Future[Response]) -> None:
+        if self._waiter is waiter:
             self._fail(TimeoutError())
             self.close()
-        else:
-            self._loop.call_at(quiet_until, self._check, read_timeout)
 
     def _fail(self, exc: Exception) -> None:
         waiter, self._waiter = self._waiter, None

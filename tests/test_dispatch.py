@@ -298,12 +298,20 @@ async def test_an_id_arangodb_gives_out_again_ends_the_job_that_had_it_as_lost(
             return web.Response(status=204)
         return await upstream._result(upstream_id)
 
+    async def restart_then_accept() -> web.Response:
+        # the restart comes with the next job: a fetch of the first job's id in between
+        # would find a result that no job of the proxy's has yet
+        nonlocal restarted
+        restarted, upstream._next = True, 900
+        upstream.submit_reply = upstream._accepted
+        return await upstream._accepted()
+
     upstream.fetch_reply = running_until_restart
     jobs = Client(http, await start_proxy(url))
     first = await jobs.submit("GET", "/_api/version")
     await eventually(lambda: ("PUT", "/_api/job/901") in upstream.seen)
     await asyncio.sleep(harvester.MARK_AFTER * 5)  # marked submitted, still running
-    restarted, upstream._next = True, 900
+    upstream.submit_reply = restart_then_accept
     second = await jobs.submit("GET", "/_api/version")
     assert (await jobs.result(second)).json == {"ok": "901"}
     assert (await jobs.result(first)).json == {"ok": "902"}  # sent again: ArangoDB's 902
@@ -412,6 +420,41 @@ async def test_failing_lists_and_fetches_only_delay_the_harvest(
     assert (answer.status, answer.json) == (200, {"ok": "901"})
     assert (list_failures, slow_fetches) == ([], 0)
     assert upstream.seen.count(("PUT", "/_api/job/901")) == 2
+
+
+@pytest.mark.parametrize("workers", ["inline", "process"])
+async def test_a_fetch_arangodb_never_answers_holds_up_no_other_job(
+    fake: tuple[FakeArango, str],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    workers: str,
+) -> None:
+    """The fetch of one job hangs (under a long request_timeout): the jobs after it
+    are harvested all the same. Each tick used to wait for every fetch it began."""
+    upstream, url = fake
+    release = asyncio.Event()
+
+    async def hang_the_first(upstream_id: str) -> web.Response:
+        if upstream_id == "901":
+            await release.wait()
+        return await upstream._result(upstream_id)
+
+    upstream.fetch_reply = hang_the_first
+    jobs = Client(
+        http,
+        await start_proxy(url, upstream={"request_timeout": 60}, jobs={"workers": workers}),
+    )
+    stuck = await jobs.submit("GET", "/_api/version")
+    await eventually(lambda: ("PUT", "/_api/job/901") in upstream.seen)
+    try:
+        later = [await jobs.submit("GET", "/_api/version") for _ in range(5)]
+        for n, job_id in enumerate(later, start=902):
+            answer = await jobs.result(job_id)
+            assert (answer.status, answer.json) == (200, {"ok": str(n)})
+        assert (await jobs.call("GET", f"/_api/job/{stuck}")).status == 204
+    finally:
+        release.set()
+    assert (await jobs.result(stuck)).json == {"ok": "901"}
 
 
 class FailFirst:

@@ -177,19 +177,25 @@ async def test_broken_responses_fail_the_request(
     assert client._idle == []
 
 
-async def test_silence_times_out_and_the_connection_is_dropped(raw_server: StartServer) -> None:
-    async def trickle(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
-        for part in (b"a", b"b"):  # data keeps the exchange alive...
-            await asyncio.sleep(0.15)
-            writer.write(part)
+@pytest.mark.parametrize("pace", [None, 0.05], ids=["silent", "trickling"])
+async def test_a_response_not_complete_within_the_timeout_fails_and_its_connection_goes(
+    raw_server: StartServer, pace: float | None
+) -> None:
+    # A byte every 50 ms used to restart the timer: a server trickling its answer
+    # held the exchange (and the harvester's fetch) for as long as it liked.
+    async def slow(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(100):
+            await asyncio.sleep(pace or 5)
+            writer.write(b"x")
             await writer.drain()
-        await asyncio.sleep(5)  # ...silence does not
 
-    server = await raw_server(trickle)
+    server = await raw_server(slow)
     client = pool(server.port, read_timeout=0.25)
+    started = asyncio.get_running_loop().time()
     with pytest.raises(TimeoutError):
         await client.request("GET", "/", [])
+    assert asyncio.get_running_loop().time() - started < 2.0  # the trickle takes 5 s
     assert client._idle == []
 
 
