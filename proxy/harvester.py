@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import Counter, defaultdict
@@ -411,7 +412,10 @@ class Harvester:
             if tracked not in self._fetches:
                 fetch = asyncio.create_task(self._fetch(tracked))
                 self._fetches[tracked] = fetch
-                fetch.add_done_callback(lambda _, t=tracked: self._fetches.pop(t, None))
+                fetch.add_done_callback(functools.partial(self._fetched, tracked))
+
+    def _fetched(self, tracked: Tracked, _: asyncio.Task[None]) -> None:
+        del self._fetches[tracked]
 
     async def _fetch(self, tracked: Tracked) -> None:
         try:
