@@ -198,7 +198,8 @@ class Verifier:
         self._checking: dict[bytes, asyncio.Future[web.Response | None]] = {}
 
     def _digest(self, authorization: str | None, database: str) -> bytes:
-        material = f"{authorization or ''}\x00{database}".encode()
+        # (surrogateescape: a header that is not UTF-8 keeps its bytes, as sent on)
+        material = f"{authorization or ''}\x00{database}".encode("utf-8", "surrogateescape")
         # keyed BLAKE2 is a MAC in one C call, several times cheaper than hmac.new
         return hashlib.blake2b(material, key=self._key, digest_size=32).digest()
 

@@ -13,8 +13,6 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from aiohttp.http_exceptions import HttpProcessingError
-
 from proxy.app import create_app
 from proxy.config import Config, ConfigError, load_config
 from proxy.fastpath import Listener
@@ -102,25 +100,11 @@ def _stop_or_quit(stop: asyncio.Event, signum: int) -> None:
     os._exit(EXIT_QUIT)
 
 
-def one_line_for_malformed_requests(record: logging.LogRecord) -> bool:
-    """aiohttp logs every request its parser refuses at ERROR, with a traceback: any
-    client could fill the log that way. Such a refusal (already answered 400) is one
-    WARNING line instead; real failures in handlers keep their traceback."""
-    error = record.exc_info[1] if record.exc_info else None
-    if isinstance(error, HttpProcessingError):
-        record.args = (record.getMessage(), error.message)
-        record.msg = "%s: %s"
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.exc_info = record.exc_text = None
-    return True
-
-
 def configure_logging(level: str) -> None:
     """The proxy's log lines (the worker process logs the same way)."""
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("aiohttp.server").addFilter(one_line_for_malformed_requests)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,11 +46,13 @@ from typing import cast
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from proxy import jobs_api
 from proxy.app import runner_options
-from proxy.errors import UpstreamFailure
+from proxy.errors import ERROR_BAD_PARAMETER, UpstreamFailure, arango_error
 from proxy.fastpath_http import (
     HEAD_END,
     Submission,
@@ -528,6 +530,34 @@ class FastPath(asyncio.Protocol):
             self._idle_timer = self._loop.call_at(due, self._check_idle)
 
 
+class _ArangoShapedRefusals(RequestHandler):
+    """aiohttp's protocol, but a request its parser refuses gets a 400 in ArangoDB's
+    error shape and one WARNING line, neither of which holds the request's bytes.
+
+    aiohttp answers it text/plain with the parser's message, which quotes the line
+    at fault (an Authorization header, say), and logs that message at ERROR with a
+    traceback: a client's password in the proxy's log, and a way to fill it."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        # "Invalid header value char:\n\n  b'<the line>'\n   ^": the reason alone
+        reason = exc.message.split(":\n", 1)[0]
+        log.warning("malformed request from %s refused: %s", request.remote, reason)
+        response = arango_error(status, ERROR_BAD_PARAMETER, f"malformed request: {reason}")
+        response.headers["Server"] = "ArangoDB"  # (the proxy's answers carry ArangoDB's)
+        response.force_close()
+        return response
+
+
 class Listener:
     """The proxy's listening socket and the aiohttp runner behind it; every
     connection starts on the fast path."""
@@ -544,8 +574,15 @@ class Listener:
         the way closes what was started (`stop` need not be called)."""
         try:
             await self._runner.setup()
-            assert self._runner.server is not None
-            self._front = FastFront(self.app, self._runner.server, secure=self._ssl is not None)
+            server = self._runner.server
+            assert server is not None
+            loop = asyncio.get_running_loop()
+
+            def aiohttp_protocol() -> RequestHandler:
+                # as server() makes its protocol, with the options the runner gave it
+                return _ArangoShapedRefusals(server, loop=loop, **server._kwargs)
+
+            self._front = FastFront(self.app, aiohttp_protocol, secure=self._ssl is not None)
             config = self.app[CONFIG].server
             self._server = await asyncio.get_running_loop().create_server(
                 self._front, config.host, config.port, ssl=self._ssl, backlog=128

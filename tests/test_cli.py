@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import json
 import signal
 import socket
 import sqlite3
@@ -84,22 +86,37 @@ def test_config_error_exits_1(tmp_path: Path) -> None:
     )
 
 
-async def test_a_malformed_request_is_one_log_line(
+async def test_a_malformed_request_is_one_log_line_without_its_bytes(
     proxy_process: Callable[..., ProxyProcess],
 ) -> None:
-    """aiohttp would log it with a traceback at ERROR: a way to fill the log."""
+    """aiohttp would log it with a traceback at ERROR (a way to fill the log), and
+    quote the line at fault in the log and in its answer: here, a password."""
     proc = proxy_process("--upstream", f"http://127.0.0.1:{free_port()}")
     host, port = proc.url.removeprefix("http://").rsplit(":", 1)
-    reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
-    assert (await reader.read()).split(b" ", 2)[1] == b"400"
-    writer.close()
+    secret = base64.b64encode(b"alice:SECRETalicePW")
+    answers = []
+    for request in (
+        b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Basic " + secret + b"\x01\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization Basic " + secret + b"\r\n\r\n",
+    ):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request)
+        answers.append(await reader.read())
+        writer.close()
     assert proc.stop() == 0
     logged = "".join(proc.output)
     assert "Traceback" not in logged
-    [line] = [line for line in logged.splitlines() if "aiohttp.server" in line]
-    assert "WARNING" in line
-    assert "Error handling request from 127.0.0.1" in line
+    assert secret.decode() not in logged
+    lines = [line for line in logged.splitlines() if "malformed request" in line]
+    assert len(lines) == 2
+    assert all("WARNING" in line for line in lines)
+    assert "refused: Invalid header value char" in lines[0]
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ", 2)[1] == b"400"
+        assert b"\r\nServer: ArangoDB" in head
+        assert secret not in answer
+        assert json.loads(body)["errorNum"] == 400
 
 
 def start_on(data: Path) -> subprocess.CompletedProcess[str]:

@@ -1,11 +1,12 @@
 """Hostile input against the proxy: malformed HTTP, smuggling, odd paths and job ids.
 
-Malformed HTTP never reaches the proxy's code: aiohttp's C parser answers it
-with a bare ``400`` (text/plain) and closes the connection, as ArangoDB answers
-a request it cannot parse with a bare status and no error body. Each test
-then shows that the proxy is still up and that nothing was stored or sent
-to ArangoDB. Odd paths and job ids that do parse are answered exactly as the
-stand-in (which follows ArangoDB) answers them directly.
+Malformed HTTP never reaches the proxy's handlers: aiohttp's C parser refuses
+it, and the proxy answers ``400`` in ArangoDB's error shape (errorNum 400) and
+closes the connection; the answer never quotes the request (aiohttp's own would
+echo the line at fault, an Authorization header say). Each test then shows that
+the proxy is still up and that nothing was stored or sent to ArangoDB. Odd
+paths and job ids that do parse are answered exactly as the stand-in (which
+follows ArangoDB) answers them directly.
 Headers over server.max_header_size get 431 in ArangoDB's shape from the
 proxy itself. Request bodies over the size limit (413) and slow bodies (408) are tested in
 test_errors.py, headers that stop arriving in test_passthrough.py.
@@ -162,10 +163,37 @@ async def test_malformed_http_is_refused_and_changes_nothing(
     raw: str, standin_jwt: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
     proxy = await start_proxy(standin_jwt.url)
-    status, _, _ = only_answer(await exchange(proxy, MALFORMED[raw]))
+    status, _, body = only_answer(await exchange(proxy, MALFORMED[raw]))
     assert status == 400
+    refusal = json.loads(body)
+    assert (refusal["code"], refusal["error"], refusal["errorNum"]) == (400, True, 400)
+    assert refusal["errorMessage"].startswith("malformed request: ")
+    assert b"alicepw" not in body
+    assert base64.b64encode(b"alice:alicepw") not in body
     assert await stored_ids(http, proxy) == []
     assert not [call for call in standin_jwt.executed if call[0] != "GET"]
+    await assert_still_serving(http, proxy)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"PUT /_api/version HTTP/1.1\r\n" + STORE,  # an async submission
+        b"GET /_api/job/pending HTTP/1.1\r\n",  # the job API
+        b"GET /_api/version HTTP/1.1\r\n",  # pass-through
+    ],
+    ids=["async", "job-api", "pass-through"],
+)
+async def test_credentials_that_are_not_utf8_get_401(
+    head: bytes, standin_jwt: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """As ArangoDB answers them; the proxy's digest of them used to fail (a 500)."""
+    proxy = await start_proxy(standin_jwt.url)
+    raw = head + b"Host: x\r\nAuthorization: Basic \xff\xfe\r\nConnection: close\r\n\r\n"
+    status, _, body = only_answer(await exchange(proxy, raw))
+    assert status == 401
+    assert json.loads(body)["errorNum"] == 11
+    assert await stored_ids(http, proxy) == []
     await assert_still_serving(http, proxy)
 
 

@@ -68,7 +68,7 @@ class Authenticator:
     def _basic(self, credentials: str) -> str | None:
         try:
             decoded = base64.b64decode(credentials, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # not base64 (binascii.Error; not ASCII at all), not UTF-8
             return None
         name, colon, password = decoded.partition(":")
         if not colon:
