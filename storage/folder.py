@@ -10,6 +10,7 @@ SIGKILL, so a crash never leaves a stale lock behind.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -33,16 +34,12 @@ class DataFolder:
 
     @classmethod
     def claim(cls, path: Path) -> DataFolder:
-        """Create the folder (0700) if missing, lock it, and make sure the database file is 0600."""
+        """Create the folder (0700) if missing, lock it, and make sure the database file
+        (and its -wal and -shm) are 0600."""
         try:
-            path.mkdir(mode=0o700, parents=True)
-        except FileExistsError:
-            pass  # an existing folder keeps the mode its operator gave it
+            _make_folder(path)
         except OSError as exc:
             raise StoreError(f"cannot create the data folder {path}: {exc}") from exc
-        else:
-            # mkdir's mode is filtered by the umask; set it exactly.
-            os.chmod(path, 0o700)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
@@ -72,17 +69,19 @@ class DataFolder:
 
     def _private_database_file(self) -> None:
         # Create the file ourselves so it is never, even briefly, readable by others:
-        # SQLite would create it 0644, and its -wal and -shm files copy its mode.
+        # SQLite would create it 0644, and the -wal and -shm files it creates copy its
+        # mode. Those a crash left behind keep theirs: they are tightened too.
         try:
             fd = os.open(self.database, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             status = os.stat(self.database)
             if not stat.S_ISREG(status.st_mode):
                 raise StoreError(f"{self.database} is not a regular file") from None
-            mode = stat.S_IMODE(status.st_mode)
-            if mode & 0o077:
-                log.warning("%s was mode %o; setting it to 0600", self.database, mode)
-                os.chmod(self.database, 0o600)
+            _tighten(self.database, status)
+            for suffix in ("-wal", "-shm"):
+                companion = self.database.with_name(DATABASE_NAME + suffix)
+                with contextlib.suppress(FileNotFoundError):
+                    _tighten(companion, os.lstat(companion))
             return
         try:
             os.fchmod(fd, 0o600)
@@ -93,6 +92,33 @@ class DataFolder:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor drops the flock
             self._lock_fd = None
+
+
+def _make_folder(path: Path) -> None:
+    """As ``mkdir -p``, but the folders made are never writable by group or others,
+    whatever the umask: who can write a parent can swap the data folder for their own.
+    The data folder itself is made 0700; an existing one keeps the mode its operator
+    gave it."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile, or a dangling symlink: opening it says
+        # mkdir's mode is filtered by the umask: set it exactly. A parent: as the umask
+        # left it, less the write bits of group and others, and all of the owner's.
+        left = stat.S_IMODE(os.stat(folder).st_mode)
+        os.chmod(folder, 0o700 if folder is missing[0] else left & ~0o022 | 0o700)
+
+
+def _tighten(path: Path, status: os.stat_result) -> None:
+    mode = stat.S_IMODE(status.st_mode)
+    if stat.S_ISREG(status.st_mode) and mode & 0o077:
+        log.warning("%s was mode %o; setting it to 0600", path, mode)
+        os.chmod(path, 0o600)
 
 
 def _refuse_shared(path: Path, status: os.stat_result) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 import stat
 import time
@@ -41,6 +42,44 @@ async def test_folder_is_created_0700_and_files_are_0600(tmp_path: Path) -> None
         assert mode(data) == 0o700
         for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
             assert mode(data / name) == 0o600, name
+    finally:
+        await store.close()
+
+
+async def test_under_umask_000_no_folder_made_is_writable_by_others(tmp_path: Path) -> None:
+    """Parents made along the way were 0777 under umask 000: anyone could swap the
+    data folder for their own."""
+    old = os.umask(0)
+    try:
+        store = await JobStore.open(tmp_path / "x" / "y" / "data")
+        await store.accept(new_job())
+        await store.close()
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "x") == mode(tmp_path / "x" / "y") == 0o755
+    assert mode(tmp_path / "x" / "y" / "data") == 0o700
+    assert mode(tmp_path / "x" / "y" / "data" / "jobs.sqlite3") == 0o600
+
+
+async def test_loose_wal_and_shm_files_a_crash_left_are_tightened(tmp_path: Path) -> None:
+    """SQLite fixes the mode of an empty -wal or -shm itself, not of one with frames."""
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    crashed.mkdir(mode=0o700)
+    store = await JobStore.open(live)
+    try:
+        await store.accept(new_job())
+        for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
+            # the files as a store killed now leaves them, then loosened by someone
+            shutil.copyfile(live / name, crashed / name)
+            os.chmod(crashed / name, 0o644)
+    finally:
+        await store.close()
+    assert (crashed / "jobs.sqlite3-wal").stat().st_size > 0
+    store = await JobStore.open(crashed)
+    try:
+        for name in ("jobs.sqlite3", "jobs.sqlite3-wal", "jobs.sqlite3-shm"):
+            assert mode(crashed / name) == 0o600, name
+        assert await store.list_ids(done=False, viewer=None, limit=10) == [1]  # from the -wal
     finally:
         await store.close()
 
