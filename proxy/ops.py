@@ -1,7 +1,8 @@
 """Operations endpoints under /_proxy/: health, readiness, Prometheus metrics.
 
 GET /_proxy/health   200 as soon as the proxy serves requests
-GET /_proxy/ready    200 when the job store is open and ArangoDB answers, else 503
+GET /_proxy/ready    200 when ArangoDB answers at all, else 503 (the store is open
+                     whenever the proxy serves)
 GET /_proxy/metrics  counters and gauges in Prometheus' text format
 """
 
