@@ -22,6 +22,10 @@ job (it restarted), and ``jobs.lost_job_policy`` decides::
     rerun       ─▶ accepted again (at-least-once)
     rerun-safe  ─▶ GET/HEAD/OPTIONS accepted again, others as "fail"
     fail        ─▶ done, with a 500 whose message says ArangoDB lost the job
+
+A job is re-run MAX_RERUNS times at most, then ended as under "fail": one that
+ArangoDB loses every time (its result never gets through whole, and each
+fetch that breaks off leaves ArangoDB without it) must not run for ever.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ FETCH_CONCURRENCY = 32
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 RECORD_RETRY_MIN = 0.05
 RECORD_RETRY_MAX = 1.0
+MAX_RERUNS = 5
 
 # Not replayed from a stored response: recomputed, or added by the facade.
 _NOT_KEPT = ("content-length", "date", "x-arango-async-id")
@@ -66,10 +71,10 @@ def stored_response(reply: Reply) -> StoredResponse:
     return StoredResponse(reply.status, tuple(headers.items()), reply.body)
 
 
-def lost_response(upstream_id: str, policy: str) -> StoredResponse:
+def lost_response(upstream_id: str, why: str) -> StoredResponse:
     return _error_result(
         f"upstream ArangoDB lost this job (its id there was {upstream_id}; it restarted?) "
-        f"before it finished; it was not run again (lost_job_policy={policy})"
+        f"before it finished; it was not run again ({why})"
     )
 
 
@@ -188,6 +193,7 @@ class Tracked:
     auth: str | None
     method: str
     database: str  # its target's /_db/{name}, or "": where its job API calls go
+    reruns: int  # times it was sent again after ArangoDB lost it
     # just sent by the dispatcher; None when read back as submitted
     submission: Submission | None = None
 
@@ -247,6 +253,7 @@ class Harvester:
             job.auth,
             job.method,
             database_prefix(job.target),
+            job.attempts,
             submission,
         )
         previous = self._jobs.get(upstream_id)
@@ -485,6 +492,12 @@ class Harvester:
         rerun = self._policy == "rerun" or (
             self._policy == "rerun-safe" and tracked.method in SAFE_METHODS
         )
+        why = f"lost_job_policy={self._policy}"
+        if rerun and tracked.reruns >= MAX_RERUNS:
+            rerun, why = (
+                False,
+                f"it was lost {tracked.reruns + 1} times, and runs at most that often",
+            )
         self._metrics["jobs_lost_total"] += 1
         log.warning(
             "ArangoDB lost job %d (upstream %s): %s",
@@ -497,7 +510,7 @@ class Harvester:
         else:
             await self._store.finish(
                 tracked.job_id,
-                lost_response(tracked.upstream_id, self._policy),
+                lost_response(tracked.upstream_id, why),
                 from_states=(JobState.SUBMITTED,),
             )
         self._untrack(tracked)

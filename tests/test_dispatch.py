@@ -457,6 +457,30 @@ async def test_a_fetch_arangodb_never_answers_holds_up_no_other_job(
     assert (await jobs.result(stuck)).json == {"ok": "901"}
 
 
+async def test_a_job_arangodb_loses_every_time_is_ended_after_max_reruns(
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """A job whose every fetch finds nothing (as when the result never gets through
+    whole: ArangoDB forgets it as it hands it over) was sent again for ever."""
+    upstream, url = fake
+
+    async def gone(_upstream_id: str) -> web.Response:
+        return web.json_response(
+            {"code": 404, "error": True, "errorMessage": "not found", "errorNum": 404},
+            status=404,
+        )
+
+    upstream.fetch_reply = gone
+    jobs = Client(http, await start_proxy(url, jobs={"lost_job_policy": "rerun"}))
+    answer = await jobs.result(await jobs.submit("POST", "/_api/document/c", body={}))
+    assert answer.status == 500
+    assert answer.json["errorNum"] == 4
+    runs = harvester.MAX_RERUNS + 1
+    assert f"it was lost {runs} times" in answer.json["errorMessage"]
+    submissions = [call for call in upstream.seen if call == ("POST", "/_api/document/c")]
+    assert len(submissions) == runs
+
+
 class FailFirst:
     """A store method whose first `left` calls raise StoreError, then it works."""
 
