@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from storage import StoreError
 log = logging.getLogger("arango_async_proxy")
 
 GC_THRESHOLD = (10_000, 10, 10)  # gc.set_threshold: see tune_gc
-EXIT_QUIT = 1  # a second SIGTERM/SIGINT cut the stop short (_stop_or_quit)
+EXIT_QUIT = 1  # a second SIGTERM/SIGINT cut the stop short (_Stop)
+QUIT_AFTER = 1.0  # seconds after the first signal before another one counts (_Stop)
 
 _FLAGS = {
     "listen": "server.listen",
@@ -66,10 +68,10 @@ async def serve(config: Config) -> None:
     listener = Listener(create_app(config), ssl_context)
     # Before the start: a stop asked for while it is under way (the store opening,
     # the worker process starting) is one in order once it is done, not a kill.
-    stop = asyncio.Event()
+    stop = _Stop()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _stop_or_quit, stop, signum)
+        loop.add_signal_handler(signum, stop.signalled, signum)
     await listener.start()
     try:
         scheme = "http" if ssl_context is None else "https"
@@ -84,20 +86,32 @@ async def serve(config: Config) -> None:
         await listener.stop()
 
 
-def _stop_or_quit(stop: asyncio.Event, signum: int) -> None:
-    """The first SIGTERM/SIGINT stops in order (`serve`); a second one while that stop
-    is under way exits at once, as a kill would: every job answered 202 is on disk
-    and resumes at the next start, requests not yet answered get no answer (the
-    worker process exits when the proxy is gone)."""
-    if not stop.is_set():
-        stop.set()
-        return
-    log.warning(
-        "%s during the stop: exiting at once; jobs resume at the next start",
-        signal.Signals(signum).name,
-    )
-    logging.shutdown()  # (flushes the log's handlers)
-    os._exit(EXIT_QUIT)
+class _Stop(asyncio.Event):
+    """Set by the first SIGTERM/SIGINT: `serve` stops in order. One more, QUIT_AFTER
+    seconds or later after it, exits at once, as a kill would: every job answered
+    202 is on disk and resumes at the next start, requests not yet answered get no
+    answer (the worker process exits when the proxy is gone). Sooner, it is the same
+    stop asked for twice: GNU timeout, for one, signals the process and then its
+    process group, and Ctrl-C reaches every process of the terminal's group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._first = 0.0
+
+    def signalled(self, signum: int) -> None:
+        now = time.monotonic()
+        if not self.is_set():
+            self._first = now
+            self.set()
+            return
+        if now - self._first < QUIT_AFTER:
+            return
+        log.warning(
+            "%s during the stop: exiting at once; jobs resume at the next start",
+            signal.Signals(signum).name,
+        )
+        logging.shutdown()  # (flushes the log's handlers)
+        os._exit(EXIT_QUIT)
 
 
 def configure_logging(level: str) -> None:
