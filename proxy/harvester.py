@@ -494,10 +494,8 @@ class Harvester:
         )
         why = f"lost_job_policy={self._policy}"
         if rerun and tracked.reruns >= MAX_RERUNS:
-            rerun, why = (
-                False,
-                f"it was lost {tracked.reruns + 1} times, and runs at most that often",
-            )
+            rerun = False
+            why = f"it was lost {tracked.reruns + 1} times, and runs at most that often"
         self._metrics["jobs_lost_total"] += 1
         log.warning(
             "ArangoDB lost job %d (upstream %s): %s",
