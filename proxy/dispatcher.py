@@ -60,11 +60,9 @@ IDLE_RECHECK = 1.0
 def is_retryable(reply: Reply) -> bool:
     if reply.status != 503:
         return False
-    try:
-        error_num = reply.json().get("errorNum")
-    except (ValueError, AttributeError):
-        return True  # a 503 without ArangoDB's body: some proxy in between, try again
-    return error_num in RETRYABLE_ERRORS
+    error_num = reply.error_num()
+    # (none: a 503 without ArangoDB's body, some proxy in between: try again)
+    return error_num is None or error_num in RETRYABLE_ERRORS
 
 
 def upstream_headers(job: Job, credentials: JobCredentials) -> CIMultiDict[str]:

@@ -41,7 +41,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from proxy.auth import database_prefix
-from proxy.errors import ERROR_INTERNAL, JSON_TYPE, UpstreamFailure, error_body
+from proxy.errors import (
+    ERROR_DATABASE_NOT_FOUND,
+    ERROR_INTERNAL,
+    JSON_TYPE,
+    UpstreamFailure,
+    error_body,
+)
 from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream, end_to_end
@@ -88,6 +94,15 @@ def _is_final(reply: Reply) -> bool:
     """A result, or ArangoDB no longer accepts the job's credentials: either way
     the answer the client gets."""
     return "x-arango-async-id" in reply.headers or reply.status in (401, 403)
+
+
+def _is_lost(reply: Reply) -> bool:
+    """ArangoDB does not know the job (a job's own result may be a 404 too)."""
+    return reply.status == 404 and not _is_final(reply)
+
+
+def _database_gone(reply: Reply) -> bool:
+    return reply.status == 404 and reply.error_num() == ERROR_DATABASE_NOT_FOUND
 
 
 UNFINISHED = (JobState.ACCEPTED, JobState.SUBMITTED)
@@ -395,7 +410,7 @@ class Harvester:
         except _Refused:
             # The credentials no longer work (password changed, token expired, user
             # gone): fetching each job gets ArangoDB's refusal, which becomes its result.
-            # (The database is gone: each fetch's 404 makes the job lost.)
+            # (The database is gone: each fetch asks for its job without it.)
             self._collect_all(jobs)
             return
         if done:
@@ -434,15 +449,7 @@ class Harvester:
         async with self._fetching:
             if self._jobs.get(tracked.upstream_id) is not tracked:
                 return  # settled while this fetch waited for its turn
-            try:
-                reply = await self._upstream.call(
-                    "PUT",
-                    f"{tracked.database}/_api/job/{tracked.upstream_id}",
-                    self._credentials.headers(tracked.user, tracked.auth),
-                )
-            except UpstreamFailure as failure:
-                log.debug("cannot fetch job %d: %s", tracked.job_id, failure.message)
-                reply = None
+            reply = await self._fetch_result(tracked)
         holder = self._jobs.get(tracked.upstream_id)
         if holder is not None and holder is not tracked:
             # Its id went to another job meanwhile (see track): the answer is that
@@ -468,9 +475,25 @@ class Harvester:
                 submission.storing = storing
         if submission is not None:
             submission.answered()  # result or not, the dispatcher need wait no longer
-        if reply is not None and reply.status == 404 and await tracked.submitted():
+        if reply is not None and _is_lost(reply) and await tracked.submitted():
             # (not submitted: cancelled while being sent, the dispatcher deals with it)
             await self._lost(tracked)
+
+    async def _fetch_result(self, tracked: Tracked) -> Reply | None:
+        """ArangoDB's answer to PUT /_api/job/{id}, asked at the job's database; None
+        if ArangoDB cannot be reached. Jobs are ArangoDB's per server, not per
+        database: once the database is gone (404/1228), the same call without it (at
+        _system) still finds the job."""
+        headers = self._credentials.headers(tracked.user, tracked.auth)
+        path = f"/_api/job/{tracked.upstream_id}"
+        try:
+            reply = await self._upstream.call("PUT", tracked.database + path, headers)
+            if tracked.database and _database_gone(reply):
+                reply = await self._upstream.call("PUT", path, headers)
+        except UpstreamFailure as failure:
+            log.debug("cannot fetch job %d: %s", tracked.job_id, failure.message)
+            return None
+        return reply
 
     async def _store_result(self, tracked: Tracked, result: StoredResponse, *, first: bool) -> None:
         """ArangoDB no longer has it: store it or it is gone. `first`: before any mark

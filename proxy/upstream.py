@@ -82,6 +82,14 @@ class Reply:
     def json(self) -> Any:
         return json.loads(self.body)
 
+    def error_num(self) -> int | None:
+        """ArangoDB's errorNum, or None when the body is not ArangoDB's error."""
+        try:
+            error_num = self.json().get("errorNum")
+        except (ValueError, AttributeError):
+            return None
+        return error_num if isinstance(error_num, int) else None
+
 
 class Upstream:
     def __init__(self, config: UpstreamConfig) -> None:
