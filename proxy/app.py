@@ -170,7 +170,10 @@ def runner_options(config: Config) -> dict[str, Any]:
     # refuse_unservable answers oversize headers in ArangoDB's shape; only what
     # is beyond even these gets aiohttp's bare 400.
     # shutdown_timeout: how long a graceful stop waits for handlers under way.
+    # Bodies are read as sent: a gzip or deflate body goes to ArangoDB with its
+    # Content-Encoding and Content-Length, and ArangoDB decodes it (or refuses).
     return {
+        "auto_decompress": False,
         "max_field_size": 4 * config.server.max_header_size,
         "max_headers": config.server.max_header_size // 8,
         "keepalive_timeout": config.server.idle_timeout,
