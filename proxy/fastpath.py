@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import ssl
 from collections.abc import Callable
 from http import HTTPStatus
@@ -46,7 +47,7 @@ from typing import cast
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
@@ -530,6 +531,25 @@ class FastPath(asyncio.Protocol):
             self._idle_timer = self._loop.call_at(due, self._check_idle)
 
 
+# the parser's refusals whose message is, or quotes, the request's own bytes
+_FIXED_REASONS = (
+    (InvalidURLError, "invalid request target"),
+    (LineTooLong, "a line of the request is too long"),
+)
+_PLAIN_REASON = re.compile(r"[A-Za-z][A-Za-z -]{0,79}")
+
+
+def refusal_reason(exc: HttpProcessingError) -> str:
+    """What aiohttp's parser found wrong, never a byte of the request: its messages
+    quote the line at fault ("Invalid header value char:\n\n  b'<the line>'"), or
+    are that line. Only a message's plain words before any colon are kept."""
+    for kind, reason in _FIXED_REASONS:
+        if isinstance(exc, kind):
+            return reason
+    words = exc.message.split(":", 1)[0].strip()
+    return words if _PLAIN_REASON.fullmatch(words) else "not valid HTTP"
+
+
 class _ArangoShapedRefusals(RequestHandler):
     """aiohttp's protocol, but a request its parser refuses gets a 400 in ArangoDB's
     error shape and one WARNING line, neither of which holds the request's bytes.
@@ -549,8 +569,7 @@ class _ArangoShapedRefusals(RequestHandler):
     ) -> web.StreamResponse:
         if not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)
-        # "Invalid header value char:\n\n  b'<the line>'\n   ^": the reason alone
-        reason = exc.message.split(":\n", 1)[0]
+        reason = refusal_reason(exc)
         log.warning("malformed request from %s refused: %s", request.remote, reason)
         response = arango_error(status, ERROR_BAD_PARAMETER, f"malformed request: {reason}")
         response.headers["Server"] = "ArangoDB"  # (the proxy's answers carry ArangoDB's)
