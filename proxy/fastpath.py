@@ -63,7 +63,7 @@ from proxy.fastpath_http import (
     parse,
     stream_head,
 )
-from proxy.intake import NOT_STORED, accept, admit, body_too_slow
+from proxy.intake import NOT_STORED, accept, admit, body_too_slow, queue_time_refusal
 from proxy.passthrough import CHUNK, forwarded
 from proxy.state import CONFIG, METRICS, SHUTDOWN, UPSTREAM, VERIFIER
 from proxy.upstream import end_to_end
@@ -240,7 +240,7 @@ class FastPath(asyncio.Protocol):
         in memory have the job (`jobs_api.answer_now`). No task, no coroutines: a
         client polling for its job costs the loop about a third less (30 against
         40-53 us a poll, measured alone). False if `_serve` must serve the request."""
-        if not submission.job_api:
+        if not submission.job_api or submission.queue_limit is not None:
             return False
         app = self._front.app
         caller = app[VERIFIER].known_caller(submission.authorization, submission.target)
@@ -492,6 +492,9 @@ class FastPath(asyncio.Protocol):
         )
         if isinstance(verified, web.Response):
             return verified
+        refusal = queue_time_refusal(app, submission.queue_limit)
+        if refusal is not None:
+            return refusal
         query = URL(submission.target, encoded=True).query  # as aiohttp's request.query
         return await jobs_api.answer(app, submission.method, suffixes, query, verified.viewer)
 

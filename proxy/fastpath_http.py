@@ -30,7 +30,7 @@ from multidict import CIMultiDict
 from proxy import jobs_api
 from proxy.arango_headers import ArangoHeaders
 from proxy.auth import OMIT_CHALLENGE
-from proxy.intake import ASYNC_HEADER
+from proxy.intake import ASYNC_HEADER, QUEUE_TIME_HEADER
 from storage import JobMode
 
 HEAD_END = b"\r\n\r\n"
@@ -45,7 +45,7 @@ _EACH_FIELD = re.compile(_FIELD)
 # the fields the fast path looks at, found in the block (checked by _FIELDS) at once
 _NOTED = re.compile(
     r"^(host|x-arango-async|content-length|connection|authorization|transfer-encoding|expect"
-    r"|upgrade|x-omit-www-authenticate):[ \t]*(.*?)[ \t]*\r$",
+    r"|upgrade|x-omit-www-authenticate|x-arango-queue-time-seconds):[ \t]*(.*?)[ \t]*\r$",
     re.IGNORECASE | re.MULTILINE,
 )
 _ODD_PATH = re.compile(r"%|//|/\.\.?(?:/|$)")
@@ -68,6 +68,7 @@ class Submission:
         "method",
         "mode",
         "omit_challenge",
+        "queue_limit",
         "target",
     )
 
@@ -78,6 +79,7 @@ class Submission:
         self.host = ""
         self.authorization: str | None = None  # the first Authorization field
         self.omit_challenge = False  # x-omit-www-authenticate: a 401 without WWW-Authenticate
+        self.queue_limit: str | None = None  # x-arango-queue-time-seconds
         self.mode: JobMode | None = None  # None: no x-arango-async
         self.job_api = False  # (without x-arango-async) for the job API; else pass-through
         self.length = 0  # of the body, from Content-Length
@@ -160,6 +162,8 @@ def _take(submission: Submission, lower: str, value: str) -> bool:
             submission.authorization = value
     elif lower == OMIT_CHALLENGE:
         submission.omit_challenge = True
+    elif lower == QUEUE_TIME_HEADER:
+        submission.queue_limit = value
     elif lower == "connection":
         option = value.lower()
         if option not in ("keep-alive", "close"):

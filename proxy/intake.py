@@ -65,6 +65,16 @@ def _seconds(value: str | None) -> float:
         return 0.0
 
 
+def queue_time_refusal(app: web.Application, limit: str | None) -> web.Response | None:
+    """ArangoDB's 412 for a request whose x-arango-queue-time-seconds `limit` is
+    shorter than the queue's wait: here the proxy's own queue, how long its oldest job
+    not yet sent has waited. None: no limit, or it holds."""
+    seconds = _seconds(limit)
+    if seconds > 0 and app[STORE].queue_time() > seconds:
+        return arango_error(412, ERROR_QUEUE_TIME_VIOLATED, "queue time violated", handler=False)
+    return None
+
+
 def async_mode(request: web.Request) -> JobMode | None:
     """ArangoDB compares the value case-sensitively; anything else runs synchronously."""
     value = request.headers.get(ASYNC_HEADER)
@@ -169,10 +179,10 @@ async def accept(
     is checked against the proxy's own queue: how long its oldest job not yet sent
     has waited. It is stored with the job too, and ArangoDB checks its own queue
     against it when the job gets there (a 412 is then the job's result)."""
-    limit = _seconds(headers.get(QUEUE_TIME_HEADER))
-    if limit > 0 and app[STORE].queue_time() > limit:
+    refusal = queue_time_refusal(app, headers.get(QUEUE_TIME_HEADER))
+    if refusal is not None:
         app[METRICS]["jobs_refused_total"] += 1
-        return arango_error(412, ERROR_QUEUE_TIME_VIOLATED, "queue time violated", handler=False)
+        return refusal
     job = NewJob(
         mode=mode,
         user=caller.user,

@@ -37,7 +37,13 @@ from proxy.errors import (
     arango_error,
     error_body,
 )
-from proxy.intake import ASYNC_ID_HEADER, async_mode, intake
+from proxy.intake import (
+    ASYNC_ID_HEADER,
+    QUEUE_TIME_HEADER,
+    async_mode,
+    intake,
+    queue_time_refusal,
+)
 from proxy.passthrough import passthrough
 from proxy.state import CREDENTIALS, STORE, UPSTREAM, VERIFIER
 from storage import JobState, StoredResponse, StoreError
@@ -140,6 +146,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     verified = await request.app[VERIFIER].caller(request)
     if isinstance(verified, web.Response):
         return verified
+    # (as ArangoDB checks every request, once its credentials pass)
+    refusal = queue_time_refusal(request.app, request.headers.get(QUEUE_TIME_HEADER))
+    if refusal is not None:
+        return refusal
     return await answer(request.app, request.method, suffixes, request.query, verified.viewer)
 
 

@@ -817,7 +817,8 @@ async def test_a_queue_time_limit_is_held_against_the_proxys_own_queue(
 ) -> None:
     """x-arango-queue-time-seconds, as ArangoDB: 412/21004 at once, nothing stored,
     when the oldest job waiting in the proxy has waited longer (here ArangoDB's queue
-    is full, so jobs wait); a longer limit is accepted. Both of the proxy's paths."""
+    is full, so jobs wait); a longer limit is accepted. Both of the proxy's paths, and
+    the job API's requests."""
     jobs = Client(http, await start_proxy(standin.url))
     standin.queue_full = True
     waiting = await jobs.submit("GET", "/_api/version")
@@ -831,6 +832,15 @@ async def test_a_queue_time_limit_is_held_against_the_proxys_own_queue(
                 assert answer.json["errorNum"] == 21004
                 assert answer.json["errorMessage"] == "queue time violated"
                 assert answer.async_id is None
+    # ArangoDB holds every request to it, the job API's too; the fast path's
+    # /_api/job/... and the odd one aiohttp's path takes
+    for path in ("/_api/job/pending", "/_api/job//pending", f"/_api/job/{waiting}"):
+        for limit, status in (("0.2", 412), ("30", 204 if path.endswith(waiting) else 200)):
+            headers = {"x-arango-queue-time-seconds": limit}
+            answer = await jobs.call("GET", path, headers=headers)
+            assert answer.status == status, (path, limit)
+            if status == 412:
+                assert answer.json["errorNum"] == 21004
     standin.queue_full = False
     assert (await jobs.result(waiting)).status == 200
     pending = (await jobs.call("GET", "/_api/job/pending")).json
