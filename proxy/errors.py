@@ -29,6 +29,7 @@ JSON_TYPE = "application/json; charset=utf-8"
 
 # errorNums used by the proxy (ArangoDB's errors.dat)
 ERROR_INTERNAL = 4
+ERROR_TRI_BAD_PARAMETER = 10  # TRI_ERROR_BAD_PARAMETER (its 'decoding error')
 ERROR_FORBIDDEN = 11  # ArangoDB's TRI_ERROR_FORBIDDEN: 'not authorized...'
 ERROR_REQUEST_CANCELED = 21
 ERROR_BAD_PARAMETER = 400

@@ -13,6 +13,7 @@ Refusals, all in ArangoDB's error shape::
     JWT with allowed_paths, upstream.jwt_secret_file set ─▶ 403/11
     ArangoDB unreachable, credentials not known ─▶ 503
     body over server.max_body_size ─▶ 413      body too slow ─▶ 408
+    gzip or deflate body that does not decode ─▶ 400/10 "decoding error"
     jobs.capacity unfinished jobs ─▶ 503/21003 "queue is full"
     job store near storage.max_db_size ─▶ 503/21003 "queue is full (...)"
     store cannot write (disk full, busy, I/O) ─▶ 503/503; nothing was stored
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 from collections.abc import Callable
 
 from aiohttp import web
@@ -34,6 +36,7 @@ from proxy.errors import (
     ERROR_QUEUE_FULL,
     ERROR_QUEUE_TIME_VIOLATED,
     ERROR_SERVICE_UNAVAILABLE,
+    ERROR_TRI_BAD_PARAMETER,
     arango_error,
 )
 from proxy.passthrough import forwarded_headers
@@ -63,6 +66,37 @@ def _seconds(value: str | None) -> float:
         return float(value) if value else 0.0
     except ValueError:
         return 0.0
+
+
+# ArangoDB decodes these before it looks at x-arango-async (spec §1.3, step 3)
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+DECODE_CHECK_LIMIT = 256 * 2**20  # bytes decoded: beyond, ArangoDB has the last word
+
+
+async def _undecodable(encoding: str | None, body: bytes) -> web.Response | None:
+    """ArangoDB's 400 "decoding error", at once, for a gzip or deflate body that does
+    not decode: it would never queue the job. The body is still stored as it came,
+    and ArangoDB decodes it when the job gets there. (Decoded beside the event loop,
+    the output thrown away: a small body may decode to gigabytes.)"""
+    wbits = _WBITS.get(encoding or "")
+    if wbits is None or await asyncio.to_thread(_decodes, wbits, body):
+        return None
+    return arango_error(400, ERROR_TRI_BAD_PARAMETER, "decoding error", handler=False)
+
+
+def _decodes(wbits: int, body: bytes) -> bool:
+    decoder = zlib.decompressobj(wbits)
+    pending, decoded = body, 0
+    try:
+        while not decoder.eof and decoded < DECODE_CHECK_LIMIT:
+            chunk = decoder.decompress(pending, 2**20)
+            pending = decoder.unconsumed_tail
+            if not chunk and not pending:
+                break  # all of it read, and the stream has not ended
+            decoded += len(chunk)
+    except zlib.error:
+        return False
+    return decoder.eof or decoded >= DECODE_CHECK_LIMIT
 
 
 def queue_time_refusal(app: web.Application, limit: str | None) -> web.Response | None:
@@ -179,7 +213,9 @@ async def accept(
     is checked against the proxy's own queue: how long its oldest job not yet sent
     has waited. It is stored with the job too, and ArangoDB checks its own queue
     against it when the job gets there (a 412 is then the job's result)."""
-    refusal = queue_time_refusal(app, headers.get(QUEUE_TIME_HEADER))
+    refusal = await _undecodable(headers.get("Content-Encoding"), body)
+    if refusal is None:
+        refusal = queue_time_refusal(app, headers.get(QUEUE_TIME_HEADER))
     if refusal is not None:
         app[METRICS]["jobs_refused_total"] += 1
         return refusal

@@ -510,3 +510,32 @@ async def test_a_compressed_request_body_reaches_arangodb_as_sent(
         answer = await Client(http, proxy).result(answer.async_id)
     assert answer.status == 202, answer  # ArangoDB's insert without waitForSync
     assert (await direct.call("GET", "/_api/document/zipped/k")).json["text"] == doc["text"]
+
+
+@pytest.mark.parametrize("mode", ["", "store"])
+@pytest.mark.parametrize(
+    "body", [b"not gzip at all", gzip.compress(b'{"a":1}')[:-9]], ids=["garbage", "cut short"]
+)
+async def test_a_body_that_does_not_decode_gets_arangodbs_400_at_once(
+    standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession, body: bytes, mode: str
+) -> None:
+    """ArangoDB decodes a gzip body before it looks at x-arango-async: one that does
+    not decode (garbage, cut short) is refused at once, 400/10, and never queued."""
+    proxy = await start_proxy(standin.url)
+    assert (
+        await Client(http, standin.url).call("POST", "/_api/collection", {"name": "z"})
+    ).status == 200
+    headers = {"Content-Encoding": "gzip", **({"x-arango-async": mode} if mode else {})}
+    answers = [
+        await Client(http, url).call("POST", "/_api/document/z", body, headers=headers)
+        for url in (standin.url, proxy)
+    ]
+    for answer in answers:
+        assert (answer.status, answer.json["errorNum"], answer.json["errorMessage"]) == (
+            400,
+            10,
+            "decoding error",
+        ), answer
+        assert answer.async_id is None
+    assert (await Client(http, proxy).call("GET", "/_api/job/pending")).json == []
+    assert standin.executed[("POST", "/_api/document/z")] == 0

@@ -5,6 +5,7 @@ Every request goes the way `CommTask` sends it (spec §1.3, §9):
     OPTIONS ............................ 200 at once (CORS preflight)
     credentials unreadable or wrong .... 401/11, never queued
     /_db/<unknown>/... ................. 404/1228
+    gzip/deflate body that won't decode  400/10 "decoding error" (else decoded)
     x-arango-queue-time-seconds too low  412/21004
     x-arango-async: true | store ....... 202 (+ x-arango-async-id), or 503/21003 when full
     anything else ...................... the handler, synchronously
@@ -24,6 +25,7 @@ import contextlib
 import logging
 import re
 import ssl
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,6 +42,7 @@ from tests.standin.documents import DataApi
 from tests.standin.jobs import ASYNC_ID, Job, JobManager, job_api
 from tests.standin.reply import (
     DATABASE_NOT_FOUND,
+    DECODING_ERROR,
     NOT_AUTHORIZED,
     QUEUE_FULL,
     QUEUE_TIME_VIOLATED,
@@ -81,6 +84,23 @@ def split_database(raw_path: str) -> tuple[str, str]:
         return "_system", raw_path
     name, slash, rest = raw_path[len("/_db/") :].partition("/")
     return unquote(name), slash + rest or "/"
+
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decoded(encoding: str | None, body: bytes) -> bytes | None:
+    """`handleContentEncoding`: a gzip or deflate (zlib) body decoded, None if it
+    does not decode whole; a body in any other encoding as it came."""
+    wbits = _WBITS.get(encoding or "")
+    if wbits is None:
+        return body
+    decoder = zlib.decompressobj(wbits)
+    try:
+        plain = decoder.decompress(body)
+    except zlib.error:
+        return None
+    return plain if decoder.eof else None
 
 
 class StandIn:
@@ -157,7 +177,8 @@ class StandIn:
             ]
         )
         # a short grace period: a synchronous SLEEP must not hold up a test's teardown
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        # (bodies decoded as ArangoDB does, after the credentials: _serve)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, auto_decompress=False)
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=self.ssl_context)
         await site.start()
@@ -226,13 +247,16 @@ class StandIn:
         database, path = split_database(request.rel_url.raw_path)
         if database not in self.store.databases:
             return self._send(request, DATABASE_NOT_FOUND)
+        body = decoded(request.headers.get("content-encoding"), await request.read())
+        if body is None:
+            return self._send(request, DECODING_ERROR)
         call = Call(
             method=request.method,
             database=database,
             path=path,
             query=request.query,
             headers=request.headers,
-            body=await request.read(),
+            body=body,
             identity=identity,
             target=request.rel_url.raw_path,
         )
