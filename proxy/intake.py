@@ -75,7 +75,7 @@ DECODE_CHECK_LIMIT = 256 * 2**20  # bytes decoded: beyond, ArangoDB has the last
 
 async def _undecodable(encoding: str | None, body: bytes) -> web.Response | None:
     """ArangoDB's 400 "decoding error", at once, for a gzip or deflate body that does
-    not decode: it would never queue the job. The body is still stored as it came,
+    not decode: it would never queue the job. One that decodes is stored as it came,
     and ArangoDB decodes it when the job gets there. (Decoded beside the event loop,
     the output thrown away: a small body may decode to gigabytes.)"""
     wbits = _WBITS.get(encoding or "")
