@@ -135,6 +135,13 @@ def _claims(authorization: str | None) -> dict[str, Any] | None:
     return claims if isinstance(claims, dict) else None
 
 
+def _expires(authorization: str | None) -> float | None:
+    """A Bearer JWT's `exp` claim (seconds since the epoch), or None."""
+    claims = _claims(authorization)
+    exp = claims.get("exp") if claims else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
+
+
 def user_of(authorization: str | None) -> str:
     """The user name an Authorization header claims (not yet verified), as ArangoDB
     reads it; UNREADABLE where ArangoDB finds no credentials in it."""
@@ -268,11 +275,16 @@ class Verifier:
         finally:
             del self._checking[digest]
         if refusal is None:
-            self._remember(digest)
+            self._remember(digest, authorization)
         return refusal
 
-    def _remember(self, digest: bytes) -> None:
-        self._verified[digest] = time.monotonic() + self._ttl
+    def _remember(self, digest: bytes, authorization: str | None) -> None:
+        """For the TTL; a JWT no longer than its `exp` (ArangoDB refuses it after)."""
+        lifetime = self._ttl
+        expires = _expires(authorization)
+        if expires is not None:
+            lifetime = min(lifetime, expires - time.time())
+        self._verified[digest] = time.monotonic() + lifetime
         self._verified.move_to_end(digest)
         while len(self._verified) > self._max_entries:
             self._verified.popitem(last=False)

@@ -84,6 +84,9 @@ class Clock:
     def monotonic(self) -> float:
         return self.now
 
+    def time(self) -> float:
+        return time.time() + self.now - 1000.0  # the wall clock, moved as far
+
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
@@ -127,6 +130,29 @@ async def test_a_positive_answer_is_remembered_for_the_ttl(
     assert refusal is not None
     assert refusal.status == 404
     assert checks(standin, path="/_db/nope/_api/version") == 1
+
+
+async def test_a_jwt_is_remembered_no_longer_than_its_exp(
+    standin_factory: StandInFactory, clock: Clock
+) -> None:
+    """ArangoDB refuses a token once its `exp` has passed: a verdict on it must not
+    outlive that, whatever the TTL."""
+    standin = await standin_factory(jwt_secret=SECRET)
+    connection = Upstream(UpstreamConfig(url=standin.url))
+    await connection.start()
+    try:
+        verifier = Verifier(connection, ttl=30)
+        token = bearer({"preferred_username": "alice", "exp": time.time() + 5})["authorization"]
+        for _ in range(2):
+            assert await verifier.verify(token, "_system") is None
+        assert checks(standin, token) == 1
+        assert verifier.known_caller(token, "/_api/job/done") is not None
+        clock.now += 5.1  # past its exp, well within the TTL: asked again
+        assert verifier.known_caller(token, "/_api/job/done") is None
+        await verifier.verify(token, "_system")
+        assert checks(standin, token) == 2
+    finally:
+        await connection.close()
 
 
 async def test_a_refusal_is_never_remembered(
