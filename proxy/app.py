@@ -47,12 +47,18 @@ from proxy.worker_process import WorkerProcess
 from proxy.workers import Workers
 from storage import JobStore
 
+# the methods ArangoDB serves; any other gets its bare 405 before anything else
+ARANGO_METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"})
+
 
 @web.middleware
 async def refuse_unservable(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Requests the proxy must not route: answered here, in ArangoDB's error shape.
+    """Requests the proxy must not route: answered here, as ArangoDB answers them.
+
+    - A method ArangoDB does not serve (TRACE, PROPFIND, ...): 405, empty, and the
+      connection closed, as ArangoDB's parser stops at it; never a job.
 
     - A target that is no path. aiohttp also accepts absolute-form (``GET
       http://host/x``), asterisk-form (``OPTIONS *``) and authority-form
@@ -63,6 +69,11 @@ async def refuse_unservable(
       parser, set far above this limit (`runner_options`), would answer a bare
       400 and log.
     """
+    if request.method not in ARANGO_METHODS:
+        # as ArangoDB's: no body, and it hangs up
+        response = web.Response(status=405, headers={"Server": "ArangoDB"})
+        response.force_close()
+        return response
     if not request.raw_path.startswith("/"):
         return arango_error(400, ERROR_BAD_PARAMETER, "the request target must be a path")
     limit = request.app[CONFIG].server.max_header_size
