@@ -79,8 +79,9 @@ def stored_response(reply: Reply) -> StoredResponse:
 
 def lost_response(upstream_id: str, why: str) -> StoredResponse:
     return _error_result(
-        f"upstream ArangoDB lost this job (its id there was {upstream_id}; it restarted?) "
-        f"before it finished; it was not run again ({why})"
+        f"upstream ArangoDB lost this job (its id there was {upstream_id}): it restarted "
+        "before the job finished, or the job's result was lost on its way to the proxy; "
+        f"it was not run again ({why})"
     )
 
 
