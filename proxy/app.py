@@ -57,12 +57,11 @@ async def refuse_unservable(
 ) -> web.StreamResponse:
     """Requests the proxy must not route: answered here, as ArangoDB answers them.
 
-    - A method ArangoDB does not serve (TRACE, PROPFIND, ...): 405, empty, and the
-      connection closed, as ArangoDB's parser stops at it; never a job.
-
+    - A method ArangoDB does not serve (TRACE, CONNECT, PROPFIND, ...): 405, empty,
+      and the connection closed, as ArangoDB's parser stops at it; never a job.
     - A target that is no path. aiohttp also accepts absolute-form (``GET
-      http://host/x``), asterisk-form (``OPTIONS *``) and authority-form
-      (``CONNECT host:443``) targets: glued to the upstream URL they made an
+      http://host/x``) and asterisk-form (``OPTIONS *``) targets (authority-form
+      comes only with CONNECT, refused above): glued to the upstream URL they made an
       invalid URL (a 500), and as an async job one the dispatcher could never
       send. ArangoDB serves none of them (it finds no handler for such a path).
     - Header fields over ``server.max_header_size`` in all: 431. aiohttp's

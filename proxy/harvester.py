@@ -97,11 +97,6 @@ def _is_final(reply: Reply) -> bool:
     return "x-arango-async-id" in reply.headers or reply.status in (401, 403)
 
 
-def _is_lost(reply: Reply) -> bool:
-    """ArangoDB does not know the job (a job's own result may be a 404 too)."""
-    return reply.status == 404 and not _is_final(reply)
-
-
 def _database_gone(reply: Reply) -> bool:
     return reply.status == 404 and reply.error_num() == ERROR_DATABASE_NOT_FOUND
 
@@ -460,7 +455,9 @@ class Harvester:
                 tracked.submission.answered()
             return
         submission = tracked.submission
-        if reply is not None and _is_final(reply):
+        final = reply is not None and _is_final(reply)
+        if final:
+            assert reply is not None
             # ArangoDB has handed the result over and forgotten the job: its slot is
             # free at once (and no fetch must ask for it again: that would be a 404,
             # "lost"). Storing the result goes on beside the next ticks, which need
@@ -476,8 +473,10 @@ class Harvester:
                 submission.storing = storing
         if submission is not None:
             submission.answered()  # result or not, the dispatcher need wait no longer
-        if reply is not None and _is_lost(reply) and await tracked.submitted():
-            # (not submitted: cancelled while being sent, the dispatcher deals with it)
+        if reply is not None and reply.status == 404 and not final and await tracked.submitted():
+            # ArangoDB does not know the job (a job's own result may be a 404 too: that
+            # one is final). Not submitted: cancelled while being sent, the dispatcher
+            # deals with it.
             await self._lost(tracked)
 
     async def _fetch_result(self, tracked: Tracked) -> Reply | None:
