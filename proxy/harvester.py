@@ -25,7 +25,8 @@ job (it restarted), and ``jobs.lost_job_policy`` decides::
 
 A job is re-run MAX_RERUNS times at most, then ended as under "fail": one that
 ArangoDB loses every time (its result never gets through whole, and each
-fetch that breaks off leaves ArangoDB without it) must not run for ever.
+fetch that breaks off leaves ArangoDB without it) must not run for ever. A job
+its owner cancelled at ArangoDB is never re-run (the store refuses to requeue it).
 """
 
 from __future__ import annotations
@@ -520,15 +521,18 @@ class Harvester:
             rerun = False
             why = f"it was lost {tracked.reruns + 1} times, and runs at most that often"
         self._metrics["jobs_lost_total"] += 1
+        if rerun and not await self._store.requeue(tracked.job_id):
+            # Refused: its owner cancelled it (or it is not submitted any more, and
+            # then the finish below changes nothing either).
+            rerun = False
+            why = "its owner had cancelled it"
         log.warning(
             "ArangoDB lost job %d (upstream %s): %s",
             tracked.job_id,
             tracked.upstream_id,
             "running it again" if rerun else "ending it with an error",
         )
-        if rerun:
-            await self._store.requeue(tracked.job_id)
-        else:
+        if not rerun:
             await self._store.finish(
                 tracked.job_id,
                 lost_response(tracked.upstream_id, why),

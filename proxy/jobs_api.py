@@ -59,6 +59,7 @@ ROUTES = tuple(
 
 MAX_ID = 2**64 - 1
 DEFAULT_COUNT = 100
+CANCEL_TRIES = 8  # a job changes state at most a few times a cancel's duration
 _DIGITS = re.compile(r"[0-9]*")
 _DECIMAL = re.compile(r"([-+]?)([0-9]*)(?:\.([0-9]*))?(?:[eE]([-+]?)([0-9]*))?")
 
@@ -271,12 +272,17 @@ async def _put(app: web.Application, suffixes: list[str], viewer: str | None) ->
 async def _cancel(app: web.Application, job_id: int, viewer: str | None) -> web.Response:
     store = app[STORE]
     job = await store.get(job_id, viewer)
-    if job is not None and job.state is JobState.ACCEPTED:
-        if await store.cancel_accepted(job_id, CANCELED):
+    # Each try fails only if the job moved on meanwhile (the dispatcher sent it, the
+    # harvester finished or requeued it): look again.
+    for _ in range(CANCEL_TRIES):
+        if job is None:
+            break
+        if job.state is JobState.ACCEPTED and await store.cancel_accepted(job_id, CANCELED):
             return _result_true()
-        job = await store.get(job_id, viewer)  # the dispatcher submitted it meanwhile
-    if job is not None and job.state is JobState.SUBMITTED:
-        return await _cancel_upstream(app, job)
+        at_arangodb = job.upstream_id  # (submitted jobs have one, and only they)
+        if at_arangodb is not None and await store.cancel_submitted(job_id, at_arangodb):
+            return await _cancel_upstream(app, at_arangodb, job)
+        job = await store.get(job_id, viewer)
     if job is not None or await store.state(job_id, viewer) is JobState.DONE:
         return _result_true()  # as ArangoDB: cancelling a finished job does nothing
     return arango_error(
@@ -286,13 +292,13 @@ async def _cancel(app: web.Application, job_id: int, viewer: str | None) -> web.
     )
 
 
-async def _cancel_upstream(app: web.Application, job: Job) -> web.Response:
-    """ArangoDB cancels the job it runs; its (410) result arrives through the harvester."""
+async def _cancel_upstream(app: web.Application, upstream_id: str, job: Job) -> web.Response:
+    """ArangoDB cancels the job it runs; its (410) result arrives through the harvester.
+    (The cancel is recorded before: if ArangoDB loses the job, it is not sent again.)"""
     headers = app[CREDENTIALS].headers(job.user, job.auth)
     try:
-        assert job.upstream_id is not None  # (submitted)
         await app[UPSTREAM].call(
-            "PUT", job_at_arangodb(job.target, job.upstream_id) + "/cancel", headers
+            "PUT", job_at_arangodb(job.target, upstream_id) + "/cancel", headers
         )
     except UpstreamFailure as failure:
         return failure.response()

@@ -8,6 +8,8 @@ mid-migration leaves the old version intact.
     version 1   the jobs table, its state index, the forgotten-job trigger
     version 2   rsize (bytes of a stored result) and a partial index on the finish
                 time of done jobs, for retention; rsize is filled in for stored results
+    version 3   cancelled (its owner asked ArangoDB to cancel it): a job ArangoDB then
+                loses is not run again
 
 What ``prepare`` does with the file it finds::
 
@@ -89,8 +91,18 @@ async def _to_v2(db: aiosqlite.Connection) -> None:
         await db.execute(statement)
 
 
+# A cancel sent to ArangoDB is recorded: if ArangoDB then loses the job (restarts
+# before its 410 is fetched), it must not be sent again, whatever lost_job_policy says.
+SCHEMA_V3 = ("ALTER TABLE jobs ADD COLUMN cancelled INTEGER NOT NULL DEFAULT 0",)
+
+
+async def _to_v3(db: aiosqlite.Connection) -> None:
+    for statement in SCHEMA_V3:
+        await db.execute(statement)
+
+
 Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
-MIGRATIONS: tuple[Migration, ...] = (_to_v1, _to_v2)
+MIGRATIONS: tuple[Migration, ...] = (_to_v1, _to_v2, _to_v3)
 LATEST = len(MIGRATIONS)
 
 

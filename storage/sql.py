@@ -38,9 +38,13 @@ INSERT_JOB = (
 MARK_SUBMITTED = (
     "UPDATE jobs SET state = 'submitted', upstream_id = ? WHERE id = ? AND state = 'accepted'"
 )
+# A job its owner cancelled at ArangoDB is never sent again (see JobStore.requeue).
+CANCEL_SUBMITTED = (
+    "UPDATE jobs SET cancelled = 1 WHERE id = ? AND state = 'submitted' AND upstream_id = ?"
+)
 REQUEUE = (
     "UPDATE jobs SET state = 'accepted', upstream_id = NULL, attempts = attempts + 1"
-    " WHERE id = ? AND state = 'submitted'"
+    " WHERE id = ? AND state = 'submitted' AND NOT cancelled"
 )
 # Two state parameters: a single from-state is bound twice.
 # A forgotten job's result is not written at all: the row is deleted right after

@@ -385,7 +385,10 @@ class JobStore:
         cancel = self._cancels.pop(job_id, None) is not None
         if left != 1:
             return Mark.GONE
-        return Mark.CANCEL if cancel else Mark.SUBMITTED
+        if cancel:
+            await self.cancel_submitted(job_id, upstream_id)
+            return Mark.CANCEL
+        return Mark.SUBMITTED
 
     def _submitted(self, job_id: int, changed: Result) -> None:
         self._ready.remove(job_id)  # not accepted (any more), whatever the outcome
@@ -393,8 +396,19 @@ class JobStore:
         if changed:
             self._pending.move(job_id, JobState.SUBMITTED)
 
+    async def cancel_submitted(self, job_id: int, upstream_id: str) -> bool:
+        """Record that the owner of a job at ArangoDB as `upstream_id` cancels it there;
+        False if it is not (any more). Its result still comes from ArangoDB, but if
+        ArangoDB loses it, it is not sent again (`requeue` refuses it)."""
+        if not valid_id(job_id):
+            return False
+        statement = Statement(sql.CANCEL_SUBMITTED, (job_id, rows.text_param(upstream_id)))
+        return await self._write_count(statement) == 1
+
     async def requeue(self, job_id: int) -> bool:
-        """submitted -> accepted (ArangoDB lost it), counting one more attempt."""
+        """submitted -> accepted (ArangoDB lost it), counting one more attempt; False
+        if it is not in state submitted, or its owner cancelled it (`cancel_submitted`).
+        """
         if not valid_id(job_id):
             return False
         statement = Statement(sql.REQUEUE, (job_id,))

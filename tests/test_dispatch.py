@@ -60,6 +60,36 @@ async def test_lost_jobs_follow_the_policy(
     assert results == {"rerun": (201, 200), "rerun-safe": (500, 200), "fail": (500, 500)}
 
 
+async def test_a_job_cancelled_at_arangodb_and_lost_there_is_not_run_again(
+    standin_factory: Callable[..., Awaitable[StandIn]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Under rerun: a job waits at ArangoDB behind a slow one, its owner cancels it,
+    and ArangoDB restarts before the 410. The slow job runs again; the cancelled one
+    never runs, and its result says why it was not run again."""
+    standin = await standin_factory(workers=1)
+    jobs = Client(http, await start_proxy(standin.url, jobs={"lost_job_policy": "rerun"}))
+    slow = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.5)"})
+    cancelled = await jobs.submit("GET", "/_api/version")
+    direct = Client(http, standin.url)
+    for _ in range(400):  # until both are pending at the stand-in itself
+        if len((await direct.call("GET", "/_api/job/pending")).json) == 2:
+            break
+        await asyncio.sleep(0.005)
+    else:
+        pytest.fail("jobs never reached the stand-in")
+    assert (await jobs.call("PUT", f"/_api/job/{cancelled}/cancel")).json == {"result": True}
+    await standin.restart()
+    assert (await jobs.result(slow)).status == 201
+    answer = await jobs.result(cancelled)
+    assert (answer.status, answer.json["errorNum"]) == (500, 4)
+    assert "its owner had cancelled it" in answer.json["errorMessage"]
+    assert standin.executed[("POST", "/_api/cursor")] == 2
+    assert standin.executed[("GET", "/_api/version")] == 0
+    assert (await direct.call("GET", "/_api/job/pending")).json == []
+
+
 @pytest.mark.parametrize("policy", ["rerun", "rerun-safe", "fail"])
 async def test_a_job_whose_own_result_is_a_404_is_not_lost(
     policy: str,

@@ -393,6 +393,33 @@ async def test_ids_are_never_reused_after_reopen_even_when_the_newest_rows_are_g
     await store.close()
 
 
+async def test_a_cancel_sent_to_arangodb_is_kept_and_stops_any_rerun(data: Path) -> None:
+    """A job its owner cancelled at ArangoDB, which ArangoDB then loses, must not be
+    sent again: the cancel is in the file (a restart keeps it) and requeue refuses
+    the job. Only the job at ArangoDB under the given id can be cancelled so."""
+    store = await JobStore.open(data)
+    cancelled, caught, other = [await store.accept(new_job()) for _ in range(3)]
+    assert not await store.cancel_submitted(cancelled, "5")  # accepted: not at ArangoDB
+    assert await store.mark_submitted(cancelled, "5") is Mark.SUBMITTED
+    assert not await store.cancel_submitted(cancelled, "6")  # another copy's id
+    assert await store.cancel_submitted(cancelled, "5")
+    # one cancelled while being sent: its mark records the cancel too
+    assert [job.id for job in await store.next_accepted(10)] == [caught, other]
+    assert await store.cancel_accepted(caught, CANCELED)
+    assert await store.mark_submitted(caught, "7") is Mark.CANCEL
+    assert await store.mark_submitted(other, "8") is Mark.SUBMITTED
+    await store.close()
+
+    store = await JobStore.open(data)
+    assert not await store.requeue(cancelled)
+    assert not await store.requeue(caught)
+    assert await store.requeue(other)
+    assert {job.id for job in await store.submitted()} == {cancelled, caught}
+    assert await store.finish(cancelled, RESULT, from_states=(JobState.SUBMITTED,))
+    assert not await store.cancel_submitted(cancelled, "5")  # done
+    await store.close()
+
+
 async def test_unfinished_is_exact_and_survives_reopen(data: Path) -> None:
     store = await JobStore.open(data)
     ids = [await store.accept(new_job()) for _ in range(4)]
