@@ -21,7 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 
 from proxy import jobs_api, ops
 from proxy.auth import Verifier
@@ -96,6 +97,15 @@ async def front(request: web.Request) -> web.StreamResponse:
     if mode is not None:
         return await intake(request, mode)
     return await passthrough(request)
+
+
+async def meet_expectation(request: web.Request) -> None:
+    """``Expect: 100-continue`` gets its ``100 Continue``; any other expectation is
+    ignored, as ArangoDB ignores it (aiohttp's own handler answers it 417)."""
+    expectation = request.headers.get(hdrs.EXPECT, "").strip().lower()
+    if expectation == "100-continue" and request.version == HttpVersion11:
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response's own size starts after it
 
 
 async def _with_arango_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -213,15 +223,16 @@ def create_app(config: Config) -> web.Application:
     app.on_shutdown.append(_begin_shutdown)
     app.on_response_prepare.append(_with_arango_headers)
     app.cleanup_ctx.extend([_upstream_ctx, _store_ctx, _workers_ctx, _retention_ctx])
+    met: dict[str, Any] = {"expect_handler": meet_expectation}
     app.router.add_routes(
         [
-            web.get("/_proxy/health", ops.health),
-            web.get("/_proxy/ready", ops.ready),
-            web.get("/_proxy/metrics", ops.metrics),
-            *(web.route("*", path, jobs_api.handle) for path in jobs_api.ROUTES),
+            web.get("/_proxy/health", ops.health, **met),
+            web.get("/_proxy/ready", ops.ready, **met),
+            web.get("/_proxy/metrics", ops.metrics, **met),
+            *(web.route("*", path, jobs_api.handle, **met) for path in jobs_api.ROUTES),
             # [\s\S], not ".": a decoded path may hold a newline (%0A), and a
             # route that misses it leaves aiohttp to answer a plain-text 404
-            web.route("*", r"/{tail:[\s\S]*}", front),
+            web.route("*", r"/{tail:[\s\S]*}", front, **met),
         ]
     )
     return app
