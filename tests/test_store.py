@@ -420,6 +420,23 @@ async def test_a_cancel_sent_to_arangodb_is_kept_and_stops_any_rerun(data: Path)
     await store.close()
 
 
+async def test_a_cancel_that_cannot_be_recorded_still_leaves_the_mark_in(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark committed: if recording the cancel then fails, the job is submitted
+    and the cancel still goes to ArangoDB (Mark.CANCEL), not taken for gone."""
+    job_id = await store.accept(new_job())
+    await store.next_accepted(10)
+    assert await store.cancel_accepted(job_id, CANCELED)
+
+    async def failing(*_: Any) -> bool:
+        raise StoreError("disk I/O error")
+
+    monkeypatch.setattr(store, "cancel_submitted", failing)
+    assert await store.mark_submitted(job_id, "9") is Mark.CANCEL
+    assert await store.state(job_id, None) is JobState.SUBMITTED
+
+
 async def test_unfinished_is_exact_and_survives_reopen(data: Path) -> None:
     store = await JobStore.open(data)
     ids = [await store.accept(new_job()) for _ in range(4)]
