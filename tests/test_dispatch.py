@@ -29,6 +29,18 @@ from tests.standin import StandIn
 from tests.standin.client import ROOT, Client, eventually
 
 
+async def slow_one_and_one_behind(jobs: Client, direct: Client) -> tuple[str, str]:
+    """A slow query and a GET through the proxy, once both are pending at a stand-in
+    with one worker (the GET waits behind the query)."""
+    slow = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.5)"})
+    quick = await jobs.submit("GET", "/_api/version")
+    for _ in range(400):
+        if len((await direct.call("GET", "/_api/job/pending")).json) == 2:
+            return slow, quick
+        await asyncio.sleep(0.005)
+    pytest.fail("jobs never reached the stand-in")
+
+
 async def test_lost_jobs_follow_the_policy(
     standin_factory: Callable[..., Awaitable[StandIn]],
     start_proxy: ProxyFactory,
@@ -39,15 +51,7 @@ async def test_lost_jobs_follow_the_policy(
     for policy in ("rerun", "rerun-safe", "fail"):
         standin = await standin_factory(workers=1)
         jobs = Client(http, await start_proxy(standin.url, jobs={"lost_job_policy": policy}))
-        slow = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.5)"})
-        quick = await jobs.submit("GET", "/_api/version")
-        direct = Client(http, standin.url)
-        for _ in range(400):  # until both are pending at the stand-in itself
-            if len((await direct.call("GET", "/_api/job/pending")).json) == 2:
-                break
-            await asyncio.sleep(0.005)
-        else:
-            pytest.fail("jobs never reached the stand-in")
+        slow, quick = await slow_one_and_one_behind(jobs, Client(http, standin.url))
         await standin.restart()
         slow_result = await jobs.result(slow)
         quick_result = await jobs.result(quick)
@@ -70,15 +74,8 @@ async def test_a_job_cancelled_at_arangodb_and_lost_there_is_not_run_again(
     never runs, and its result says why it was not run again."""
     standin = await standin_factory(workers=1)
     jobs = Client(http, await start_proxy(standin.url, jobs={"lost_job_policy": "rerun"}))
-    slow = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.5)"})
-    cancelled = await jobs.submit("GET", "/_api/version")
     direct = Client(http, standin.url)
-    for _ in range(400):  # until both are pending at the stand-in itself
-        if len((await direct.call("GET", "/_api/job/pending")).json) == 2:
-            break
-        await asyncio.sleep(0.005)
-    else:
-        pytest.fail("jobs never reached the stand-in")
+    slow, cancelled = await slow_one_and_one_behind(jobs, direct)
     assert (await jobs.call("PUT", f"/_api/job/{cancelled}/cancel")).json == {"result": True}
     await standin.restart()
     assert (await jobs.result(slow)).status == 201
