@@ -521,9 +521,9 @@ class Harvester:
             rerun = False
             why = f"it was lost {tracked.reruns + 1} times, and runs at most that often"
         self._metrics["jobs_lost_total"] += 1
-        if rerun and not await self._store.requeue(tracked.job_id):
-            # Refused: its owner cancelled it (or it is not submitted any more, and
-            # then the finish below changes nothing either).
+        if rerun and not await self._store.requeue(tracked.job_id, tracked.upstream_id):
+            # Refused: its owner cancelled it (or it is not at ArangoDB as this copy
+            # any more, and then the finish below changes nothing either).
             rerun = False
             why = "its owner had cancelled it"
         log.warning(
@@ -537,6 +537,7 @@ class Harvester:
                 tracked.job_id,
                 lost_response(tracked.upstream_id, why),
                 from_states=(JobState.SUBMITTED,),
+                upstream_id=tracked.upstream_id,
             )
         self._untrack(tracked)
 

@@ -294,13 +294,17 @@ async def _cancel(app: web.Application, job_id: int, viewer: str | None) -> web.
 
 async def _cancel_upstream(app: web.Application, upstream_id: str, job: Job) -> web.Response:
     """ArangoDB cancels the job it runs; its (410) result arrives through the harvester.
-    (The cancel is recorded before: if ArangoDB loses the job, it is not sent again.)"""
+    (The cancel is recorded before: if ArangoDB loses the job, it is not sent again.
+    A cancel that surely never reached ArangoDB is taken back: its client is told it
+    failed, and the job is as if it had not been asked.)"""
     headers = app[CREDENTIALS].headers(job.user, job.auth)
     try:
         await app[UPSTREAM].call(
             "PUT", job_at_arangodb(job.target, upstream_id) + "/cancel", headers
         )
     except UpstreamFailure as failure:
+        if isinstance(failure.__cause__, ConnectionRefusedError):
+            await app[STORE].cancel_submitted(job.id, upstream_id, cancelled=False)
         return failure.response()
     # Any answer will do: 404 means ArangoDB lost the job, which the harvester handles.
     return _result_true()

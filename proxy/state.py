@@ -35,7 +35,7 @@ class JobQueue(Protocol):
 
     async def mark_submitted(self, job_id: int, upstream_id: str) -> Mark: ...
 
-    async def requeue(self, job_id: int) -> bool: ...
+    async def requeue(self, job_id: int, upstream_id: str) -> bool: ...
 
     async def finish(
         self,
@@ -43,6 +43,7 @@ class JobQueue(Protocol):
         response: StoredResponse,
         *,
         from_states: Collection[JobState] = ...,
+        upstream_id: str | None = ...,
     ) -> bool: ...
 
 

@@ -308,8 +308,8 @@ class RemoteStore:
     async def mark_submitted(self, job_id: int, upstream_id: str) -> Mark:
         return cast(Mark, await self._call("mark_submitted", job_id, upstream_id))
 
-    async def requeue(self, job_id: int) -> bool:
-        return cast(bool, await self._call("requeue", job_id))
+    async def requeue(self, job_id: int, upstream_id: str) -> bool:
+        return cast(bool, await self._call("requeue", job_id, upstream_id))
 
     async def finish(
         self,
@@ -317,9 +317,14 @@ class RemoteStore:
         response: StoredResponse,
         *,
         from_states: Collection[JobState] = (JobState.ACCEPTED, JobState.SUBMITTED),
+        upstream_id: str | None = None,
     ) -> bool:
+        states = tuple(from_states)
         return cast(
-            bool, await self._call("finish", job_id, response, from_states=tuple(from_states))
+            bool,
+            await self._call(
+                "finish", job_id, response, from_states=states, upstream_id=upstream_id
+            ),
         )
 
     async def execute(self, method: str, target: str, user: str) -> StoredResponse:

@@ -39,14 +39,16 @@ MARK_SUBMITTED = (
     "UPDATE jobs SET state = 'submitted', upstream_id = ? WHERE id = ? AND state = 'accepted'"
 )
 # A job its owner cancelled at ArangoDB is never sent again (see JobStore.requeue).
+# Both act on the copy at ArangoDB under the given id only, not one sent since.
 CANCEL_SUBMITTED = (
-    "UPDATE jobs SET cancelled = 1 WHERE id = ? AND state = 'submitted' AND upstream_id = ?"
+    "UPDATE jobs SET cancelled = ? WHERE id = ? AND state = 'submitted' AND upstream_id = ?"
 )
 REQUEUE = (
     "UPDATE jobs SET state = 'accepted', upstream_id = NULL, attempts = attempts + 1"
-    " WHERE id = ? AND state = 'submitted' AND NOT cancelled"
+    " WHERE id = ? AND state = 'submitted' AND upstream_id = ? AND NOT cancelled"
 )
-# Two state parameters: a single from-state is bound twice.
+# Two state parameters: a single from-state is bound twice. The last two: the job's
+# id at ArangoDB it must still have, twice (NULL: any).
 # A forgotten job's result is not written at all: the row is deleted right after
 # (the schema's trigger) and must not need a page more on a full disk first.
 # RETURNING mode tells the caller whether a result was kept (and user, whose it is).
@@ -54,7 +56,7 @@ FINISH = (
     "UPDATE jobs SET state = 'done', finished = ?, status = ?,"
     " rheaders = CASE mode WHEN 'store' THEN ? END, rbody = CASE mode WHEN 'store' THEN ? END,"
     " rsize = ?, auth = NULL, headers = NULL, body = NULL WHERE id = ? AND state IN (?, ?)"
-    " RETURNING mode, user"
+    " AND (? IS NULL OR upstream_id = ?) RETURNING mode, user"
 )
 
 # The oldest accepted jobs not in :exclude: the first :limit of them, and of the next

@@ -401,22 +401,25 @@ class JobStore:
         if changed:
             self._pending.move(job_id, JobState.SUBMITTED)
 
-    async def cancel_submitted(self, job_id: int, upstream_id: str) -> bool:
-        """Record that the owner of a job at ArangoDB as `upstream_id` cancels it there;
-        False if it is not (any more). Its result still comes from ArangoDB, but if
-        ArangoDB loses it, it is not sent again (`requeue` refuses it)."""
+    async def cancel_submitted(
+        self, job_id: int, upstream_id: str, *, cancelled: bool = True
+    ) -> bool:
+        """Record that the owner of a job at ArangoDB as `upstream_id` cancels it there
+        (`cancelled` False: the cancel surely never reached ArangoDB after all); False
+        if the job is not there (any more). Its result still comes from ArangoDB, but
+        if ArangoDB loses it, it is not sent again (`requeue` refuses it)."""
         if not valid_id(job_id):
             return False
-        statement = Statement(sql.CANCEL_SUBMITTED, (job_id, rows.text_param(upstream_id)))
-        return await self._write_count(statement) == 1
+        params = (int(cancelled), job_id, rows.text_param(upstream_id))
+        return await self._write_count(Statement(sql.CANCEL_SUBMITTED, params)) == 1
 
-    async def requeue(self, job_id: int) -> bool:
-        """submitted -> accepted (ArangoDB lost it), counting one more attempt; False
-        if it is not in state submitted, or its owner cancelled it (`cancel_submitted`).
-        """
+    async def requeue(self, job_id: int, upstream_id: str) -> bool:
+        """submitted as `upstream_id` -> accepted (ArangoDB lost it), counting one more
+        attempt; False if it is not at ArangoDB as `upstream_id` (any more), or its
+        owner cancelled it there (`cancel_submitted`)."""
         if not valid_id(job_id):
             return False
-        statement = Statement(sql.REQUEUE, (job_id,))
+        statement = Statement(sql.REQUEUE, (job_id, rows.text_param(upstream_id)))
         requeued = functools.partial(self._requeued, job_id)
         return await self._write_count(statement, on_commit=requeued) == 1
 
@@ -431,10 +434,12 @@ class JobStore:
         response: StoredResponse,
         *,
         from_states: Collection[JobState] = (JobState.ACCEPTED, JobState.SUBMITTED),
+        upstream_id: str | None = None,
     ) -> bool:
         """-> done with `response`, wiping the request; a forgotten job is deleted instead.
 
-        False if the job is not in one of `from_states` (which may not include done).
+        False if the job is not in one of `from_states` (which may not include done),
+        or, given `upstream_id`, not at ArangoDB under that id (any more).
         ResultTooLarge if `response` can never fit under the store's size limit.
         """
         if JobState.DONE in from_states:
@@ -456,6 +461,7 @@ class JobStore:
             job_id,
             states[0],
             states[-1],
+            *[None if upstream_id is None else rows.text_param(upstream_id)] * 2,
         )
         changed = await self._write_rows(
             Statement(sql.FINISH, params),

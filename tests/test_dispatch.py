@@ -29,10 +29,13 @@ from tests.standin import StandIn
 from tests.standin.client import ROOT, Client, eventually
 
 
-async def slow_one_and_one_behind(jobs: Client, direct: Client) -> tuple[str, str]:
-    """A slow query and a GET through the proxy, once both are pending at a stand-in
-    with one worker (the GET waits behind the query)."""
-    slow = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.5)"})
+async def slow_one_and_one_behind(
+    jobs: Client, direct: Client, seconds: float = 0.5
+) -> tuple[str, str]:
+    """A query of `seconds` and a GET through the proxy, once both are pending at a
+    stand-in with one worker (the GET waits behind the query)."""
+    query = {"query": f"RETURN SLEEP({seconds})"}
+    slow = await jobs.submit("POST", "/_api/cursor", body=query)
     quick = await jobs.submit("GET", "/_api/version")
     for _ in range(400):
         if len((await direct.call("GET", "/_api/job/pending")).json) == 2:
@@ -85,6 +88,28 @@ async def test_a_job_cancelled_at_arangodb_and_lost_there_is_not_run_again(
     assert standin.executed[("POST", "/_api/cursor")] == 2
     assert standin.executed[("GET", "/_api/version")] == 0
     assert (await direct.call("GET", "/_api/job/pending")).json == []
+
+
+async def test_a_cancel_that_never_reached_arangodb_does_not_stop_a_rerun(
+    standin_factory: Callable[..., Awaitable[StandIn]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """The cancel finds ArangoDB refusing connections: its client gets the 503, and
+    the job is as if no cancel had been asked. ArangoDB then restarts and loses
+    both jobs: under rerun, both run again."""
+    standin = await standin_factory(workers=1)
+    jobs = Client(http, await start_proxy(standin.url, jobs={"lost_job_policy": "rerun"}))
+    slow, quick = await slow_one_and_one_behind(jobs, Client(http, standin.url), 1.5)
+    outage = asyncio.create_task(standin.unreachable(0.5))
+    await asyncio.sleep(0.1)
+    refused = await jobs.call("PUT", f"/_api/job/{quick}/cancel")
+    assert (refused.status, refused.json["errorNum"]) == (503, 503), refused.json
+    await outage
+    await standin.restart()
+    assert (await jobs.result(slow)).status == 201
+    assert (await jobs.result(quick)).status == 200
+    assert standin.executed[("GET", "/_api/version")] == 1
 
 
 @pytest.mark.parametrize("policy", ["rerun", "rerun-safe", "fail"])

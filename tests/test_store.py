@@ -123,7 +123,7 @@ async def test_next_accepted_orders_limits_and_excludes(store: JobStore) -> None
 async def test_mark_submitted_and_requeue(store: JobStore) -> None:
     job_id = await store.accept(new_job())
     assert await store.submitted() == []
-    assert not await store.requeue(job_id)  # not submitted yet
+    assert not await store.requeue(job_id, "700123")  # not submitted yet
     assert await store.mark_submitted(job_id, "700123") is Mark.SUBMITTED
     assert await store.mark_submitted(job_id, "700124") is Mark.GONE  # only from accepted
     [job] = await store.submitted()
@@ -134,8 +134,9 @@ async def test_mark_submitted_and_requeue(store: JobStore) -> None:
         0,
     )
     assert await store.state(job_id, None) is JobState.SUBMITTED
-    assert await store.requeue(job_id)
-    assert not await store.requeue(job_id)
+    assert not await store.requeue(job_id, "700124")  # not the copy at ArangoDB
+    assert await store.requeue(job_id, "700123")
+    assert not await store.requeue(job_id, "700123")
     job2 = await store.get(job_id, None)
     assert job2 is not None
     assert (job2.state, job2.upstream_id, job2.attempts) == (JobState.ACCEPTED, None, 1)
@@ -366,7 +367,8 @@ async def test_ids_outside_the_table_range_are_not_found(store: JobStore, job_id
     assert await store.take_result(job_id, None) is None
     assert not await store.delete(job_id, None)
     assert await store.mark_submitted(job_id, "1") is Mark.GONE
-    assert not await store.requeue(job_id)
+    assert not await store.requeue(job_id, "1")
+    assert not await store.cancel_submitted(job_id, "1")
     assert not await store.finish(job_id, RESULT)
     assert store.unfinished == 1
 
@@ -411,13 +413,34 @@ async def test_a_cancel_sent_to_arangodb_is_kept_and_stops_any_rerun(data: Path)
     await store.close()
 
     store = await JobStore.open(data)
-    assert not await store.requeue(cancelled)
-    assert not await store.requeue(caught)
-    assert await store.requeue(other)
+    assert not await store.requeue(cancelled, "5")
+    assert not await store.requeue(caught, "7")
+    assert await store.requeue(other, "8")
     assert {job.id for job in await store.submitted()} == {cancelled, caught}
     assert await store.finish(cancelled, RESULT, from_states=(JobState.SUBMITTED,))
     assert not await store.cancel_submitted(cancelled, "5")  # done
     await store.close()
+
+
+async def test_a_lost_copy_is_requeued_or_finished_only_while_it_is_the_one_sent(
+    store: JobStore,
+) -> None:
+    """ArangoDB lost the copy sent as "1": once the job is sent again (as "2"), a late
+    requeue or lost-result for "1" leaves it alone; a cancel recorded for "2" and
+    taken back (it never reached ArangoDB) lets "2" be requeued again."""
+    job_id = await store.accept(new_job())
+    assert await store.mark_submitted(job_id, "1") is Mark.SUBMITTED
+    assert await store.requeue(job_id, "1")
+    assert await store.mark_submitted(job_id, "2") is Mark.SUBMITTED
+    assert not await store.requeue(job_id, "1")
+    assert not await store.finish(job_id, RESULT, upstream_id="1")
+    assert not await store.cancel_submitted(job_id, "1")
+    assert await store.cancel_submitted(job_id, "2")
+    assert await store.cancel_submitted(job_id, "2", cancelled=False)
+    assert await store.requeue(job_id, "2")
+    assert await store.mark_submitted(job_id, "3") is Mark.SUBMITTED
+    assert await store.finish(job_id, RESULT, upstream_id="3")
+    assert await store.take_result(job_id, None) == RESULT
 
 
 async def test_a_cancel_that_cannot_be_recorded_still_leaves_the_mark_in(

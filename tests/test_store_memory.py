@@ -84,7 +84,8 @@ class Model:
         await self.store.finish(self.pick(), RESULT, from_states=(JobState.ACCEPTED,))
 
     async def requeue(self) -> None:
-        await self.store.requeue(self.pick(self.submitted))
+        job_id = self.pick(self.submitted)
+        await self.store.requeue(job_id, f"u{job_id}")
 
     async def fetch(self) -> None:
         job_id = self.pick(self.finished)
@@ -185,7 +186,7 @@ async def test_polling_an_unfinished_job_reads_nothing(
     assert await store.mark_submitted(mine, "u1") is Mark.SUBMITTED
     assert await store.state(mine, "alice") is JobState.SUBMITTED
     assert await store.take_result(theirs, "alice") is None
-    assert await store.requeue(mine)
+    assert await store.requeue(mine, "u1")
     assert await store.take_result(mine, "alice") is JobState.ACCEPTED
     assert reads == []
     assert await store.delete(forgotten, "alice")  # forgotten: runs on, no one's any more
@@ -274,9 +275,9 @@ async def test_jobs_left_from_before_a_restart_are_read_from_the_file(data: Path
         assert [job.id for job in await store.next_accepted(2)] == ids[:2]
         later = await store.accept(new_job())
         assert [job.id for job in await store.next_accepted(10)] == [*ids, later]
-        assert await store.requeue(ids[0]) is False  # not submitted: nothing to requeue
+        assert await store.requeue(ids[0], "u") is False  # not submitted: nothing to requeue
         assert await store.mark_submitted(ids[0], "u") is Mark.SUBMITTED
-        assert await store.requeue(ids[0])
+        assert await store.requeue(ids[0], "u")
         # read back from the file, in id order, with the attempt counted
         [again, *_] = await store.next_accepted(10)
         assert (again.id, again.attempts) == (ids[0], 1)

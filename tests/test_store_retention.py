@@ -273,7 +273,7 @@ async def test_a_version_1_store_is_migrated_in_place_with_its_jobs(
         assert (submitted.id, submitted.upstream_id, submitted.method) == (2, "u7", "GET")
         assert raw_rows(data, "SELECT id FROM jobs WHERE cancelled") == []
         assert await store.cancel_submitted(2, "u7")
-        assert not await store.requeue(2)
+        assert not await store.requeue(2, "u7")
         assert await store.list_ids(done=True, viewer=None, limit=10) == [3, 4]
         assert await store.take_result(4, "u80") == result(80)
         assert await store.evict_results(0) == Removed(1, 120)
