@@ -70,11 +70,6 @@ SCHEMA_V1 = (
 )
 
 
-async def _to_v1(db: aiosqlite.Connection) -> None:
-    for statement in SCHEMA_V1:
-        await db.execute(statement)
-
-
 # Retention (result_ttl, max_result_bytes) walks done jobs oldest-finished first and
 # needs their sizes without reading any result: the index covers (finished, id,
 # rsize) and holds done jobs only, so accepts and submits never touch it.
@@ -86,23 +81,23 @@ SCHEMA_V2 = (
 )
 
 
-async def _to_v2(db: aiosqlite.Connection) -> None:
-    for statement in SCHEMA_V2:
-        await db.execute(statement)
-
-
 # A cancel sent to ArangoDB is recorded: if ArangoDB then loses the job (restarts
 # before its 410 is fetched), it must not be sent again, whatever lost_job_policy says.
 SCHEMA_V3 = ("ALTER TABLE jobs ADD COLUMN cancelled INTEGER NOT NULL DEFAULT 0",)
 
 
-async def _to_v3(db: aiosqlite.Connection) -> None:
-    for statement in SCHEMA_V3:
-        await db.execute(statement)
-
-
 Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
-MIGRATIONS: tuple[Migration, ...] = (_to_v1, _to_v2, _to_v3)
+
+
+def _running(statements: tuple[str, ...]) -> Migration:
+    async def migration(db: aiosqlite.Connection) -> None:
+        for statement in statements:
+            await db.execute(statement)
+
+    return migration
+
+
+MIGRATIONS: tuple[Migration, ...] = tuple(map(_running, (SCHEMA_V1, SCHEMA_V2, SCHEMA_V3)))
 LATEST = len(MIGRATIONS)
 
 
