@@ -36,7 +36,8 @@ INSERT_JOB = (
     " created, attempts) VALUES (?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?, 0)"
 )
 MARK_SUBMITTED = (
-    "UPDATE jobs SET state = 'submitted', upstream_id = ? WHERE id = ? AND state = 'accepted'"
+    "UPDATE jobs SET state = 'submitted', upstream_id = ?, cancelled = ?"
+    " WHERE id = ? AND state = 'accepted'"
 )
 # A job its owner cancelled at ArangoDB is never sent again (see JobStore.requeue).
 # Both act on the copy at ArangoDB under the given id only, not one sent since.

@@ -378,21 +378,28 @@ class JobStore:
         """accepted -> submitted, recording ArangoDB's job id (see `Mark`)."""
         if not valid_id(job_id):
             return Mark.GONE
-        statement = Statement(sql.MARK_SUBMITTED, (rows.text_param(upstream_id), job_id))
+        # A cancel already waiting is recorded with the mark; one that comes while
+        # the mark commits, right after it.
+        recorded = job_id in self._cancels
+        params = (rows.text_param(upstream_id), int(recorded), job_id)
         left = await self._write_count(
-            statement, on_commit=lambda changed: self._submitted(job_id, changed)
+            Statement(sql.MARK_SUBMITTED, params),
+            on_commit=lambda changed: self._submitted(job_id, changed),
         )
-        cancel = self._cancels.pop(job_id, None) is not None
+        # (recorded: carried out at ArangoDB too, whatever happened to it meanwhile)
+        cancel = self._cancels.pop(job_id, None) is not None or recorded
         if left != 1:
             return Mark.GONE
         if not cancel:
             return Mark.SUBMITTED
-        try:
-            await self.cancel_submitted(job_id, upstream_id)
-        except StoreError as exc:
-            # The mark is in; failing it now would take the job for gone. The cancel
-            # still goes to ArangoDB, only a rerun after a loss is not ruled out.
-            log.warning("job %d: cannot record its cancel: %s", job_id, exc)
+        if not recorded:
+            try:
+                await self.cancel_submitted(job_id, upstream_id)
+            except StoreError as exc:
+                # The mark is in; failing it now would take the job for gone. The
+                # cancel still goes to ArangoDB, only a rerun after a loss is not
+                # ruled out.
+                log.warning("job %d: cannot record its cancel: %s", job_id, exc)
         return Mark.CANCEL
 
     def _submitted(self, job_id: int, changed: Result) -> None:

@@ -443,21 +443,38 @@ async def test_a_lost_copy_is_requeued_or_finished_only_while_it_is_the_one_sent
     assert await store.take_result(job_id, None) == RESULT
 
 
-async def test_a_cancel_that_cannot_be_recorded_still_leaves_the_mark_in(
+async def marked_while_cancelled(store: JobStore, upstream_id: str) -> Mark:
+    """The mark of a job just sent, with a cancel that comes while it commits."""
+    job_id = await store.accept(new_job())
+    [job] = await store.next_accepted(10)
+    marking = asyncio.create_task(store.mark_submitted(job.id, upstream_id))
+    await asyncio.sleep(0)  # the mark's write is queued
+    assert await store.cancel_accepted(job_id, CANCELED)
+    return await marking
+
+
+async def test_a_cancel_that_comes_while_the_mark_commits_is_recorded_after_it(
     store: JobStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The mark committed: if recording the cancel then fails, the job is submitted
-    and the cancel still goes to ArangoDB (Mark.CANCEL), not taken for gone."""
-    job_id = await store.accept(new_job())
-    await store.next_accepted(10)
-    assert await store.cancel_accepted(job_id, CANCELED)
+    """Recorded right after the mark (requeue then refuses the job). If that write
+    fails, the job is still submitted and the cancel still goes to ArangoDB
+    (Mark.CANCEL), not taken for gone."""
+    assert await marked_while_cancelled(store, "8") is Mark.CANCEL
+    assert not await store.requeue(1, "8")
 
     async def failing(*_: Any) -> bool:
         raise StoreError("disk I/O error")
 
     monkeypatch.setattr(store, "cancel_submitted", failing)
-    assert await store.mark_submitted(job_id, "9") is Mark.CANCEL
-    assert await store.state(job_id, None) is JobState.SUBMITTED
+    assert await marked_while_cancelled(store, "9") is Mark.CANCEL
+    assert await store.state(2, None) is JobState.SUBMITTED
+    assert await store.requeue(2, "9")  # (not recorded)
+    # a cancel that was waiting before the mark is written with it, in one commit
+    waited = await store.accept(new_job())
+    await store.next_accepted(10)
+    assert await store.cancel_accepted(waited, CANCELED)
+    assert await store.mark_submitted(waited, "10") is Mark.CANCEL
+    assert not await store.requeue(waited, "10")
 
 
 async def test_unfinished_is_exact_and_survives_reopen(data: Path) -> None:
