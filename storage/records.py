@@ -6,6 +6,9 @@ State machine (one SQLite transaction per transition)::
        │             │  └─ upstream lost it ─▶ accepted again, or done with an error result
        └─ cancelled before submit ─▶ done (410, errorNum 21)
 
+A submitted job whose owner cancelled it at ArangoDB carries that (``cancelled``):
+if ArangoDB loses it, it is done with the error result, never accepted again.
+
 A job whose owner deleted it before it finished keeps running (as in ArangoDB)
 but becomes *forgotten*: its mode turns to ``true`` and its result is dropped
 when it finishes, exactly like a fire-and-forget job.
