@@ -100,6 +100,9 @@ async def test_text_that_is_not_utf8_round_trips_and_does_not_poison_the_batch(
     assert await store.mark_submitted(odd_id, "up\udcff") is Mark.SUBMITTED
     [submitted] = await store.submitted()
     assert submitted.upstream_id == "up\udcff"
+    # the id read back matches the stored one (requeue and cancel compare them)
+    assert await store.cancel_submitted(odd_id, submitted.upstream_id, cancelled=False)
+    assert await store.requeue(odd_id, submitted.upstream_id)
     # Valid UTF-8 stays plain TEXT in the file.
     assert raw_rows(data, "SELECT typeof(user), user FROM jobs WHERE id = ?", plain_id) == [
         ("text", "d\u00e9sir\u00e9e")
