@@ -31,9 +31,11 @@ OPEN_COUNTS = (
     f" ({RESULT_BYTES})"
 )
 
+# (storage.writer runs consecutive ones as one multi-row INSERT, from its VALUES group)
+INSERT_JOB_VALUES = "(?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?, 0)"
 INSERT_JOB = (
     "INSERT INTO jobs (id, mode, state, user, database, method, target, headers, auth, body,"
-    " created, attempts) VALUES (?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?, 0)"
+    f" created, attempts) VALUES {INSERT_JOB_VALUES}"
 )
 MARK_SUBMITTED = (
     "UPDATE jobs SET state = 'submitted', upstream_id = ?, cancelled = ?"

@@ -256,7 +256,7 @@ class JobStore:
         )
         accepted = job.accepted(job_id)
         future = self._writer.enqueue(
-            Statement(sql.INSERT_JOB, params),
+            Statement(sql.INSERT_JOB, params, sql.INSERT_JOB_VALUES),
             on_commit=lambda _result: self._accept_committed(accepted),
             on_abort=self._accept_aborted,
             on_durable=None if on_durable is None else functools.partial(on_durable, job_id),

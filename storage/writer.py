@@ -11,8 +11,17 @@ at once by the next one, made of whatever was queued meanwhile, and the event lo
 gets one callback per batch with every outcome. Had the loop to schedule each
 batch, a loop busy with HTTP would add a turn or two (milliseconds) to every
 commit, and so to every accept. Inside a batch, consecutive writes with the same
-SQL that need no result go to SQLite as one ``executemany``; writes that need a
-rowcount or RETURNING rows run one by one.
+SQL that need no result share statements: a multi-row INSERT (up to
+ROWS_PER_INSERT rows) for a statement that names its ``values`` group, else one
+``executemany``; writes that need a rowcount or RETURNING rows run one by one.
+
+Why multi-row INSERTs: SQLite's module releases Python's interpreter lock for
+every step of a statement, and an ``executemany`` steps once per row. On a busy
+proxy the event loop's thread takes the lock at each of those releases, and the
+writer's thread then waits to get it back, often for a millisecond or more (the
+cores are shared with everything else): a batch of a hundred accepts took tens
+to hundreds of milliseconds that way, for about a hundred microseconds of
+SQLite's own work. One statement for the batch's accepts is one such wait.
 
 Outcome of a batch::
 
@@ -51,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
 import threading
@@ -59,13 +69,14 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
 from storage.errors import StoreError
 
 MAX_BATCH = 1024
+ROWS_PER_INSERT = 64  # rows of one multi-row INSERT (its text is cached per row count)
 SCRUB_INTERVAL = 1.0  # seconds: least time between two scrubbing checkpoints
 SCRUB_MAX_DELAY = 30.0  # seconds: longest a scrub waits for an idle moment
 SCRUB_BUSY_TIMEOUT_MS = 100  # how long a scrub waits for readers before trying later
@@ -91,6 +102,15 @@ class Want(Enum):
 class Statement:
     sql: str
     params: Params = ()
+    # Of an ``INSERT ... VALUES (...)`` with positional parameters: the ``(...)`` that
+    # ends `sql`. Consecutive writes of this statement then run as one multi-row INSERT.
+    values: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.values is not None and (
+            not self.sql.endswith(self.values) or isinstance(self.params, Mapping)
+        ):
+            raise ValueError("a values group ends its sql, and its parameters are positional")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -329,8 +349,7 @@ def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[Result]
             while end < len(writes) and writes[start].batchable_with(writes[end]):
                 end += 1
             if end - start > 1:
-                params = [write.statements[0].params for write in writes[start:end]]
-                conn.executemany(writes[start].statements[0].sql, params)
+                _execute_many(conn, writes[start:end])
                 results.extend([None] * (end - start))
             else:
                 results.append(_execute_one(conn, writes[start]))
@@ -355,6 +374,28 @@ def _checkpoint(conn: sqlite3.Connection) -> bool:
     finally:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout)}")
     return bool(busy == 0)
+
+
+def _execute_many(conn: sqlite3.Connection, writes: list[_Write]) -> None:
+    """Consecutive writes of one statement that need no result (see above)."""
+    statement = writes[0].statements[0]
+    if statement.values is None:
+        conn.executemany(statement.sql, [write.statements[0].params for write in writes])
+        return
+    for start in range(0, len(writes), ROWS_PER_INSERT):
+        chunk = writes[start : start + ROWS_PER_INSERT]
+        params = [value for write in chunk for value in _positional(write.statements[0])]
+        conn.execute(_multi_row(statement.sql, statement.values, len(chunk)), params)
+
+
+def _positional(statement: Statement) -> Sequence[Any]:
+    return cast(Sequence[Any], statement.params)
+
+
+@functools.lru_cache(maxsize=ROWS_PER_INSERT * 2)
+def _multi_row(sql: str, values: str, rows: int) -> str:
+    """`sql`, an INSERT ending in its `values` group, inserting `rows` rows."""
+    return sql[: len(sql) - len(values)] + ", ".join([values] * rows)
 
 
 def _execute_one(conn: sqlite3.Connection, write: _Write) -> Result:

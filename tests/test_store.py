@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import sqlite3
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from storage import (
     rows,
     schema,
 )
+from storage.writer import Statement
 
 RESULT = StoredResponse(
     status=201, headers=(("Content-Type", "application/json"),), body=b'{"a":1}'
@@ -518,6 +520,70 @@ async def test_concurrent_accepts_share_commits(store: JobStore) -> None:
     assert store.commits - before < 20
     assert store.unfinished == 200
     assert [j.id for j in await store.next_accepted(1000)] == ids
+
+
+async def test_a_batch_of_accepts_is_one_insert_per_64_rows_each_row_exact(data: Path) -> None:
+    """Accepts that share a batch are one multi-row INSERT per 64 jobs, not a statement
+    step per job (storage.writer: each step lets the event loop take the interpreter
+    lock); and each job's fields land in its own row."""
+    store = await JobStore.open(data)
+    traced: list[str] = []
+    try:
+        await store._writer.call(lambda conn: conn.set_trace_callback(traced.append))
+        release = threading.Event()
+        held = store._writer.call(lambda _conn: release.wait())  # one batch for all below
+        jobs = [
+            new_job(
+                mode=JobMode.STORE if i % 3 else JobMode.FORGET,
+                user=f"user{i}",
+                database=f"db{i % 7}",
+                method=("GET", "POST", "PUT")[i % 3],
+                target=f"/_api/document/c/{i}?x={i}",
+                headers=(("X-N", str(i)),) * (i % 4),
+                auth=None if i % 5 == 0 else f"Basic {i}",
+                body=bytes([i % 256]) * i,
+                created=1_700_000_000.0 + i,
+            )
+            for i in range(150)
+        ]
+        accepts = [asyncio.ensure_future(store.accept(job)) for job in jobs]
+        await asyncio.sleep(0.01)
+        release.set()
+        await held
+        assert await asyncio.gather(*accepts) == list(range(1, 151))
+        inserts = [sql for sql in traced if sql.startswith("INSERT INTO jobs")]
+        assert len(inserts) == 3  # 64 + 64 + 22 rows
+    finally:
+        await store.close()
+    store = await JobStore.open(data)  # nothing in memory: every job read from the file
+    try:
+        stored = await store.next_accepted(1000)
+    finally:
+        await store.close()
+    assert [job.id for job in stored] == list(range(1, 151))
+    for job, expected in zip(stored, jobs, strict=True):
+        assert (job.mode, job.user, job.database, job.method, job.target) == (
+            expected.mode,
+            expected.user,
+            expected.database,
+            expected.method,
+            expected.target,
+        )
+        assert (job.headers, job.auth, job.body, job.created) == (
+            expected.headers,
+            expected.auth,
+            expected.body,
+            expected.created,
+        )
+        assert (job.state, job.upstream_id, job.attempts) == (JobState.ACCEPTED, None, 0)
+
+
+def test_a_values_group_must_end_its_insert_and_take_positional_parameters() -> None:
+    assert Statement("INSERT INTO t (a) VALUES (?)", (1,), "(?)").values == "(?)"
+    with pytest.raises(ValueError, match="values group"):
+        Statement("INSERT INTO t (a) VALUES (?) RETURNING a", (1,), "(?)")
+    with pytest.raises(ValueError, match="positional"):
+        Statement("INSERT INTO t (a) VALUES (:a)", {"a": 1}, "(:a)")
 
 
 async def test_a_batch_of_mixed_writes_commits_once_and_in_order(store: JobStore) -> None:
