@@ -37,10 +37,6 @@ INSERT_JOB = (
     "INSERT INTO jobs (id, mode, state, user, database, method, target, headers, auth, body,"
     f" created, attempts) VALUES {INSERT_JOB_VALUES}"
 )
-MARK_SUBMITTED = (
-    "UPDATE jobs SET state = 'submitted', upstream_id = ?, cancelled = ?"
-    " WHERE id = ? AND state = 'accepted'"
-)
 # A job its owner cancelled at ArangoDB is never sent again (see JobStore.requeue).
 # Both act on the copy at ArangoDB under the given id only, not one sent since.
 CANCEL_SUBMITTED = (
@@ -49,17 +45,6 @@ CANCEL_SUBMITTED = (
 REQUEUE = (
     "UPDATE jobs SET state = 'accepted', upstream_id = NULL, attempts = attempts + 1"
     " WHERE id = ? AND state = 'submitted' AND upstream_id = ? AND NOT cancelled"
-)
-# Two state parameters: a single from-state is bound twice. The last two: the job's
-# id at ArangoDB it must still have, twice (NULL: any).
-# A forgotten job's result is not written at all: the row is deleted right after
-# (the schema's trigger) and must not need a page more on a full disk first.
-# RETURNING mode tells the caller whether a result was kept (and user, whose it is).
-FINISH = (
-    "UPDATE jobs SET state = 'done', finished = ?, status = ?,"
-    " rheaders = CASE mode WHEN 'store' THEN ? END, rbody = CASE mode WHEN 'store' THEN ? END,"
-    " rsize = ?, auth = NULL, headers = NULL, body = NULL WHERE id = ? AND state IN (?, ?)"
-    " AND (? IS NULL OR upstream_id = ?) RETURNING mode, user"
 )
 
 # The oldest accepted jobs not in :exclude: the first :limit of them, and of the next
@@ -114,3 +99,75 @@ EVICT = (
     f" FROM (SELECT id, rsize, finished FROM {DONE_BY_AGE} ORDER BY finished, id LIMIT :limit)"
     f") WHERE upto - rsize < :excess) {_REMOVED}"
 )
+
+
+# -- commands ----------------------------------------------------------------------------
+#
+# The writes the dispatcher, the harvester and the facade make for every job (mark it
+# submitted, store its result, delete a fetched result) are commands: an INSERT into
+# a view of the writer's connection, whose trigger does the write and records in
+# ``outcome`` what RETURNING would give, under the write's number in its batch (k).
+# The writer runs the consecutive commands of a batch that share a view as one
+# multi-row INSERT and reads every outcome of the batch at once (storage.writer,
+# Want.OUTCOME): a few statements per batch where one per job, each a wait for
+# Python's interpreter lock on a busy proxy, took most of a batch's time. Each row
+# runs its trigger in turn, so a batch does exactly what the writes would one by one.
+# The views and triggers are TEMP, as ``outcome`` (storage.writer.OUTCOME_TABLE):
+# created by the writer's connection when it opens (``COMMANDS``), never in the file.
+
+
+def _command(name: str, columns: str, body: str) -> tuple[str, str, str, str]:
+    """The view and trigger of command `name` with these `columns` (after k), the
+    INSERT that runs it, and that INSERT's VALUES group."""
+    count = len(columns.split(", ")) + 1
+    return (
+        f"CREATE TEMP VIEW {name} (k, {columns}) AS SELECT {', '.join(['NULL'] * count)} WHERE 0",
+        f"CREATE TEMP TRIGGER {name} INSTEAD OF INSERT ON {name} BEGIN {body} END",
+        f"INSERT INTO {name} (k, {columns}) VALUES ({', '.join(['?'] * count)})",
+        f"({', '.join(['?'] * count)})",
+    )
+
+
+# accepted -> submitted with ArangoDB's job id; outcome (1) if it was still accepted.
+_MARKED = "WHERE id = NEW.id AND state = 'accepted'"
+_MARK = _command(
+    "mark_submitted",
+    "id, upstream_id, cancelled",
+    f"INSERT INTO outcome (k, a) SELECT NEW.k, 1 FROM jobs {_MARKED};"
+    " UPDATE jobs SET state = 'submitted', upstream_id = NEW.upstream_id,"
+    f" cancelled = NEW.cancelled {_MARKED};",
+)
+MARK_SUBMITTED, MARK_SUBMITTED_VALUES = _MARK[2:]
+
+# -> done with its result, wiping the request. state1, state2: the states it may be in
+# (a single one given twice); upstream_id: its id at ArangoDB it must still have (NULL:
+# any). A forgotten job's result is not written at all: the row is deleted right after
+# (the schema's trigger) and must not need a page more on a full disk first. Outcome
+# (mode, user): whether a result was kept, and whose.
+_FINISHED = (
+    "WHERE id = NEW.id AND state IN (NEW.state1, NEW.state2)"
+    " AND (NEW.upstream_id IS NULL OR upstream_id = NEW.upstream_id)"
+)
+_FINISH = _command(
+    "finish_job",
+    "id, state1, state2, upstream_id, finished, status, rheaders, rbody, rsize",
+    f"INSERT INTO outcome (k, a, b) SELECT NEW.k, mode, user FROM jobs {_FINISHED};"
+    " UPDATE jobs SET state = 'done', finished = NEW.finished, status = NEW.status,"
+    " rheaders = CASE mode WHEN 'store' THEN NEW.rheaders END,"
+    " rbody = CASE mode WHEN 'store' THEN NEW.rbody END, rsize = NEW.rsize,"
+    f" auth = NULL, headers = NULL, body = NULL {_FINISHED};",
+)
+FINISH, FINISH_VALUES = _FINISH[2:]
+
+# A result its client fetched (JobStore.take_result): it was visible to that client
+# when claimed, and a done job's owner and mode never change. Outcome (id, state, size).
+_TAKEN = "WHERE id = NEW.id AND state = 'done'"
+_DELETE_TAKEN = _command(
+    "delete_taken",
+    "id",
+    f"INSERT INTO outcome (k, a, b, c) SELECT NEW.k, id, state, rsize FROM jobs {_TAKEN};"
+    f" DELETE FROM jobs {_TAKEN};",
+)
+DELETE_TAKEN, DELETE_TAKEN_VALUES = _DELETE_TAKEN[2:]
+
+COMMANDS = (*_MARK[:2], *_FINISH[:2], *_DELETE_TAKEN[:2])

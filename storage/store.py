@@ -55,7 +55,7 @@ from storage.limits import SizeLimit
 from storage.memory import JOB_OVERHEAD, READ_AHEAD, Fresh, Pending, Ready
 from storage.records import Job, JobMode, JobState, Mark, NewJob, Removed, StoredResponse
 from storage.rows import valid_id
-from storage.writer import OnCommit, Result, Statement, Want, Writer
+from storage.writer import OUTCOME_TABLE, OnCommit, Result, Statement, Want, Writer
 
 SYNCHRONOUS = ("FULL", "NORMAL")
 BUSY_TIMEOUT_MS = 5000
@@ -155,6 +155,8 @@ class JobStore:
             writer_db = await _connect(data.database)
             connections.append(writer_db)
             await schema.prepare(writer_db, data.database, synchronous)
+            for statement in (OUTCOME_TABLE, *sql.COMMANDS):
+                await writer_db.execute(statement)
             # A killed predecessor may have left wiped credentials in old WAL frames.
             await writer_db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             [(high_water, unfinished, result_bytes)] = await writer_db.execute_fetchall(
@@ -381,14 +383,14 @@ class JobStore:
         # A cancel already waiting is recorded with the mark; one that comes while
         # the mark commits, right after it.
         recorded = job_id in self._cancels
-        params = (rows.text_param(upstream_id), int(recorded), job_id)
-        left = await self._write_count(
-            Statement(sql.MARK_SUBMITTED, params),
+        params = (job_id, rows.text_param(upstream_id), int(recorded))
+        left = await self._command(
+            Statement(sql.MARK_SUBMITTED, params, sql.MARK_SUBMITTED_VALUES),
             on_commit=lambda changed: self._submitted(job_id, changed),
         )
         # (recorded: carried out at ArangoDB too, whatever happened to it meanwhile)
         cancel = self._cancels.pop(job_id, None) is not None or recorded
-        if left != 1:
+        if not left:
             return Mark.GONE
         if not cancel:
             return Mark.SUBMITTED
@@ -460,18 +462,18 @@ class JobStore:
         if reason:
             raise ResultTooLarge(reason)
         params = (
+            job_id,
+            states[0],
+            states[-1],
+            None if upstream_id is None else rows.text_param(upstream_id),
             time.time(),
             response.status,
             headers,
             response.body,
             size,
-            job_id,
-            states[0],
-            states[-1],
-            *[None if upstream_id is None else rows.text_param(upstream_id)] * 2,
         )
-        changed = await self._write_rows(
-            Statement(sql.FINISH, params),
+        changed = await self._command(
+            Statement(sql.FINISH, params, sql.FINISH_VALUES),
             on_commit=lambda result: self._finish_committed(result, job_id, response, size),
             scrubs=True,  # the wiped credentials must leave the -wal file too
         )
@@ -488,7 +490,7 @@ class JobStore:
         self._unsent.discard(job_id)
         self._cancels.pop(job_id, None)  # too late: it is done
         self._pending.remove(job_id)
-        [(mode, user)] = cast(list[Any], changed)
+        [(mode, user, _)] = cast(list[Any], changed)
         if mode == JobMode.STORE:  # a forgotten job's row is gone with its result
             self._result_bytes += size
             if job_id not in self._taken:  # (a read may have claimed it before this ran)
@@ -552,7 +554,7 @@ class JobStore:
             return known
         found = await self._reader_call(_claim_result, self._taken, _by_id(job_id, viewer))
         if isinstance(found, StoredResponse):
-            self._handed_out(job_id, viewer)
+            self._handed_out(job_id)
         return found
 
     def take_result_now(
@@ -568,22 +570,21 @@ class JobStore:
             if not _sees(viewer, fresh.user):
                 return None
             self._taken.add(job_id)
-            self._handed_out(job_id, viewer)
+            self._handed_out(job_id)
             return fresh.response
         pending = self._pending.get(job_id)
         if pending is not None:
             return pending[1] if _sees(viewer, pending[0]) else None
         return UNKNOWN
 
-    def _handed_out(self, job_id: int, viewer: str | None) -> None:
+    def _handed_out(self, job_id: int) -> None:
         """A result was claimed (its id is in ``_taken``): its copy goes, its row too."""
         self._fresh.remove(job_id)
-        self._delete_taken(_by_id(job_id, viewer), TAKE_RETRY_MIN)
+        self._delete_taken(job_id, TAKE_RETRY_MIN)
 
-    def _delete_taken(self, params: dict[str, Any], retry: float) -> None:
+    def _delete_taken(self, job_id: int, retry: float) -> None:
         """Delete a taken result; a failed delete is tried again (doubling `retry`) until
         it commits or the store closes, and the job stays invisible meanwhile."""
-        job_id = params["id"]
 
         def deleted(removed: Result) -> None:
             self._taken.discard(job_id)
@@ -597,13 +598,16 @@ class JobStore:
                     "cannot delete fetched job %d yet, will retry: %s", job_id, deleting.exception()
                 )
             asyncio.get_running_loop().call_later(
-                retry, self._delete_taken, params, min(TAKE_RETRY_MAX, retry * 2)
+                retry, self._delete_taken, job_id, min(TAKE_RETRY_MAX, retry * 2)
             )
 
         if self._closed:
             return  # the row stays, as after a crash: the result was handed out already
         deleting = self._writer.enqueue(
-            Statement(sql.DELETE_DONE_ONE, params), want=Want.ROWS, on_commit=deleted, scrubs=True
+            Statement(sql.DELETE_TAKEN, (job_id,), sql.DELETE_TAKEN_VALUES),
+            want=Want.OUTCOME,
+            on_commit=deleted,
+            scrubs=True,
         )
         deleting.add_done_callback(failed)
 
@@ -722,6 +726,15 @@ class JobStore:
     async def _write_count(self, *statements: Statement, on_commit: OnCommit | None = None) -> int:
         future = self._writer.enqueue(*statements, want=Want.ROWCOUNT, on_commit=on_commit)
         return cast(int, await future)
+
+    async def _command(
+        self, statement: Statement, on_commit: OnCommit | None = None, *, scrubs: bool = False
+    ) -> list[Any]:
+        """A command's outcome rows (storage.sql, commands)."""
+        future = self._writer.enqueue(
+            statement, want=Want.OUTCOME, on_commit=on_commit, scrubs=scrubs
+        )
+        return cast(list[Any], await future)
 
     async def _write_rows(
         self, *statements: Statement, on_commit: OnCommit | None = None, scrubs: bool = False

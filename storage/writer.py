@@ -13,7 +13,9 @@ batch, a loop busy with HTTP would add a turn or two (milliseconds) to every
 commit, and so to every accept. Inside a batch, consecutive writes with the same
 SQL that need no result share statements: a multi-row INSERT (up to
 ROWS_PER_INSERT rows) for a statement that names its ``values`` group, else one
-``executemany``; writes that need a rowcount or RETURNING rows run one by one.
+``executemany``. Commands (``Want.OUTCOME``, see storage.sql) share them the same
+way, and the outcomes of all the commands of a batch are read in one statement;
+other writes that need a rowcount or RETURNING rows run one by one.
 
 Why multi-row INSERTs: SQLite's module releases Python's interpreter lock for
 every step of a statement, and an ``executemany`` steps once per row. On a busy
@@ -21,7 +23,8 @@ proxy the event loop's thread takes the lock at each of those releases, and the
 writer's thread then waits to get it back, often for a millisecond or more (the
 cores are shared with everything else): a batch of a hundred accepts took tens
 to hundreds of milliseconds that way, for about a hundred microseconds of
-SQLite's own work. One statement for the batch's accepts is one such wait.
+SQLite's own work. One statement for the batch's accepts is one such wait, and
+so is one for its results stored (commands), where one per job was two waits.
 
 Outcome of a batch::
 
@@ -61,6 +64,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import sqlite3
 import threading
@@ -85,6 +89,16 @@ IDLE_CHECK = 1.0  # seconds: an idle writer looks this often whether its loop is
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Where commands record their outcome (Want.OUTCOME), on the writer's connection only.
+OUTCOME_TABLE = "CREATE TEMP TABLE outcome (k INTEGER NOT NULL, a ANY, b ANY, c ANY)"
+# One row for the whole batch: each value as its type and hex (lossless for text, blob,
+# integer and NULL, whatever its bytes; JSON itself holds no blob).
+OUTCOMES = (
+    "SELECT json_group_array(json_array(k, typeof(a), hex(a), typeof(b), hex(b),"
+    " typeof(c), hex(c))) FROM outcome"
+)
+CLEAR_OUTCOMES = "DELETE FROM outcome"
+
 Params = Sequence[Any] | Mapping[str, Any]
 Result = int | list[Any] | None
 OnCommit = Callable[[Result], None]
@@ -96,6 +110,10 @@ class Want(Enum):
     NOTHING = "nothing"  # result None; consecutive ones with the same SQL share an executemany
     ROWCOUNT = "rowcount"  # result: total rows changed by the write's statements
     ROWS = "rows"  # result: rows returned by the write's statements (RETURNING)
+    # A command (storage.sql): one INSERT, with a values group, into a view whose trigger
+    # records rows in OUTCOME_TABLE under k, the INSERT's first parameter, which the
+    # writer binds (params are the rest). Result: those rows, as (a, b, c) tuples.
+    OUTCOME = "outcome"
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,8 +149,8 @@ class _Write:
 
     def batchable_with(self, other: _Write) -> bool:
         return (
-            self.want is Want.NOTHING
-            and other.want is Want.NOTHING
+            self.want is other.want
+            and self.want in (Want.NOTHING, Want.OUTCOME)
             and len(self.statements) == len(other.statements) == 1
             and self.statements[0].sql == other.statements[0].sql
         )
@@ -178,6 +196,8 @@ class Writer:
         must wait for the commit and need not wait for the loop. It must be quick,
         and it is not called if the batch fails.
         """
+        if want is Want.OUTCOME and (len(statements) != 1 or statements[0].values is None):
+            raise ValueError("a command is one statement with a values group")
         future: asyncio.Future[Result] = self._loop.create_future()
         self._put(_Write(statements, want, future, on_commit, on_abort, scrubs, on_durable))
         return future
@@ -337,9 +357,10 @@ def used_pages(conn: sqlite3.Connection) -> int:
 
 def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[Result]:
     """BEGIN, every write, COMMIT; on any error ROLLBACK and raise. In SQLite's thread."""
-    if len(writes) == 1 and len(writes[0].statements) == 1:
+    first = writes[0]
+    if len(writes) == 1 and len(first.statements) == 1 and first.want is not Want.OUTCOME:
         # A lone statement is its own transaction in autocommit mode.
-        return [_execute_one(conn, writes[0])]
+        return [_execute_one(conn, first)]
     conn.execute("BEGIN IMMEDIATE")
     try:
         results: list[Result] = []
@@ -348,12 +369,14 @@ def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[Result]
             end = start + 1
             while end < len(writes) and writes[start].batchable_with(writes[end]):
                 end += 1
-            if end - start > 1:
-                _execute_many(conn, writes[start:end])
+            if end - start > 1 or writes[start].want is Want.OUTCOME:
+                _execute_many(conn, writes[start:end], start)
                 results.extend([None] * (end - start))
             else:
                 results.append(_execute_one(conn, writes[start]))
             start = end
+        if any(write.want is Want.OUTCOME for write in writes):
+            _collect_outcomes(conn, writes, results)
         conn.execute("COMMIT")
     except BaseException:
         # SQLite may already have rolled back (e.g. on SQLITE_FULL): then this is a no-op.
@@ -376,20 +399,50 @@ def _checkpoint(conn: sqlite3.Connection) -> bool:
     return bool(busy == 0)
 
 
-def _execute_many(conn: sqlite3.Connection, writes: list[_Write]) -> None:
-    """Consecutive writes of one statement that need no result (see above)."""
+def _execute_many(conn: sqlite3.Connection, writes: list[_Write], first: int) -> None:
+    """Consecutive writes of one statement that need no result, or commands (see
+    above); `first`: the number in its batch of the first (a command's k)."""
     statement = writes[0].statements[0]
     if statement.values is None:
         conn.executemany(statement.sql, [write.statements[0].params for write in writes])
         return
+    command = writes[0].want is Want.OUTCOME
     for start in range(0, len(writes), ROWS_PER_INSERT):
         chunk = writes[start : start + ROWS_PER_INSERT]
-        params = [value for write in chunk for value in _positional(write.statements[0])]
+        params: list[Any] = []
+        for k, write in enumerate(chunk, first + start):
+            if command:
+                params.append(k)
+            params.extend(cast(Sequence[Any], write.statements[0].params))
         conn.execute(_multi_row(statement.sql, statement.values, len(chunk)), params)
 
 
-def _positional(statement: Statement) -> Sequence[Any]:
-    return cast(Sequence[Any], statement.params)
+def _collect_outcomes(
+    conn: sqlite3.Connection, writes: list[_Write], results: list[Result]
+) -> None:
+    """Each command's result: the rows its trigger recorded, read in one statement."""
+    [(found,)] = conn.execute(OUTCOMES).fetchall()
+    conn.execute(CLEAR_OUTCOMES)
+    for k, write in enumerate(writes):
+        if write.want is Want.OUTCOME:
+            results[k] = []
+    for k, *typed in json.loads(found):
+        pairs = zip(typed[::2], typed[1::2], strict=True)
+        cast(list[Any], results[k]).append(tuple(_value(kind, digits) for kind, digits in pairs))
+
+
+def _value(kind: str, digits: str) -> Any:
+    """A value of OUTCOMES, from its type and hex."""
+    if kind == "null":
+        return None
+    raw = bytes.fromhex(digits)
+    if kind == "blob":
+        return raw
+    if kind == "text":
+        return raw.decode()
+    if kind == "integer":
+        return int(raw)
+    raise ValueError(f"an outcome cannot hold a {kind} exactly")  # real: hex() rounds it
 
 
 @functools.lru_cache(maxsize=ROWS_PER_INSERT * 2)
