@@ -31,11 +31,12 @@ OPEN_COUNTS = (
     f" ({RESULT_BYTES})"
 )
 
-# (storage.writer runs consecutive ones as one multi-row INSERT, from its VALUES group)
+# (storage.writer runs consecutive ones as one statement of many VALUES rows, and fills
+# it up with rows of NULLs: those are left out)
 INSERT_JOB_VALUES = "(?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?, 0)"
 INSERT_JOB = (
     "INSERT INTO jobs (id, mode, state, user, database, method, target, headers, auth, body,"
-    f" created, attempts) VALUES {INSERT_JOB_VALUES}"
+    f" created, attempts) SELECT * FROM (VALUES {INSERT_JOB_VALUES}) WHERE column1 IS NOT NULL"
 )
 # A job its owner cancelled at ArangoDB is never sent again (see JobStore.requeue).
 # Both act on the copy at ArangoDB under the given id only, not one sent since.
@@ -112,6 +113,8 @@ EVICT = (
 # Want.OUTCOME): a few statements per batch where one per job, each a wait for
 # Python's interpreter lock on a busy proxy, took most of a batch's time. Each row
 # runs its trigger in turn, so a batch does exactly what the writes would one by one.
+# A row of NULLs does nothing (no job has the id NULL): the writer fills statements up
+# with those.
 # The views and triggers are TEMP, as ``outcome`` (storage.writer.OUTCOME_TABLE):
 # created by the writer's connection when it opens (``COMMANDS``), never in the file.
 

@@ -12,7 +12,7 @@ gets one callback per batch with every outcome. Had the loop to schedule each
 batch, a loop busy with HTTP would add a turn or two (milliseconds) to every
 commit, and so to every accept. Inside a batch, consecutive writes with the same
 SQL that need no result share statements: a multi-row INSERT (up to
-ROWS_PER_INSERT rows) for a statement that names its ``values`` group, else one
+MAX_ROWS rows) for a statement that names its ``values`` group, else one
 ``executemany``. Commands (``Want.OUTCOME``, see storage.sql) share them the same
 way, and the outcomes of all the commands of a batch are read in one statement;
 other writes that need a rowcount or RETURNING rows run one by one.
@@ -25,6 +25,13 @@ cores are shared with everything else): a batch of a hundred accepts took tens
 to hundreds of milliseconds that way, for about a hundred microseconds of
 SQLite's own work. One statement for the batch's accepts is one such wait, and
 so is one for its results stored (commands), where one per job was two waits.
+
+A multi-row statement has 1, 2, 4, ... or MAX_ROWS rows, the last ones all NULL
+(which every such statement ignores): seven texts per statement for SQLite's
+statement cache, not one per row count. A cached statement keeps the values it was
+last run with until its next run; one that was given more than RELEASE_BYTES runs
+once more right away with NULLs only, to let them go: the writer's cached
+statements never hold more than a few MiB of jobs and results.
 
 Outcome of a batch::
 
@@ -80,7 +87,8 @@ import aiosqlite
 from storage.errors import StoreError
 
 MAX_BATCH = 1024
-ROWS_PER_INSERT = 64  # rows of one multi-row INSERT (its text is cached per row count)
+MAX_ROWS = 64  # rows of one multi-row statement
+RELEASE_BYTES = 64 * 1024  # values a cached statement may keep until its next run
 SCRUB_INTERVAL = 1.0  # seconds: least time between two scrubbing checkpoints
 SCRUB_MAX_DELAY = 30.0  # seconds: longest a scrub waits for an idle moment
 SCRUB_BUSY_TIMEOUT_MS = 100  # how long a scrub waits for readers before trying later
@@ -120,15 +128,16 @@ class Want(Enum):
 class Statement:
     sql: str
     params: Params = ()
-    # Of an ``INSERT ... VALUES (...)`` with positional parameters: the ``(...)`` that
-    # ends `sql`. Consecutive writes of this statement then run as one multi-row INSERT.
+    # Of an INSERT with positional parameters, whose `sql` holds its one VALUES row
+    # once, as this text: consecutive writes of it run as one statement of many rows.
+    # A row whose values are all NULL must do nothing (the rows that fill it up).
     values: str | None = None
 
     def __post_init__(self) -> None:
         if self.values is not None and (
-            not self.sql.endswith(self.values) or isinstance(self.params, Mapping)
+            self.sql.count(self.values) != 1 or isinstance(self.params, Mapping)
         ):
-            raise ValueError("a values group ends its sql, and its parameters are positional")
+            raise ValueError("a values group is in its sql once, and its parameters positional")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -198,6 +207,10 @@ class Writer:
         """
         if want is Want.OUTCOME and (len(statements) != 1 or statements[0].values is None):
             raise ValueError("a command is one statement with a values group")
+        if any(st.values for st in statements) and (
+            len(statements) != 1 or want not in (Want.NOTHING, Want.OUTCOME)
+        ):
+            raise ValueError("a statement with a values group is a write of its own, no count")
         future: asyncio.Future[Result] = self._loop.create_future()
         self._put(_Write(statements, want, future, on_commit, on_abort, scrubs, on_durable))
         return future
@@ -360,7 +373,7 @@ def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[Result]
     first = writes[0]
     if len(writes) == 1 and len(first.statements) == 1 and first.want is not Want.OUTCOME:
         # A lone statement is its own transaction in autocommit mode.
-        return [_execute_one(conn, first)]
+        return _run(conn, writes, 0)
     conn.execute("BEGIN IMMEDIATE")
     try:
         results: list[Result] = []
@@ -369,11 +382,7 @@ def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[Result]
             end = start + 1
             while end < len(writes) and writes[start].batchable_with(writes[end]):
                 end += 1
-            if end - start > 1 or writes[start].want is Want.OUTCOME:
-                _execute_many(conn, writes[start:end], start)
-                results.extend([None] * (end - start))
-            else:
-                results.append(_execute_one(conn, writes[start]))
+            results.extend(_run(conn, writes[start:end], start))
             start = end
         if any(write.want is Want.OUTCOME for write in writes):
             _collect_outcomes(conn, writes, results)
@@ -384,6 +393,20 @@ def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[Result]
             conn.rollback()
         raise
     return results
+
+
+def _run(conn: sqlite3.Connection, writes: list[_Write], first: int) -> list[Result]:
+    """One write, or consecutive ones joined by `batchable_with`; `first`: the number in
+    its batch of the first (a command's k). A command's result comes later (its
+    outcome, `_collect_outcomes`)."""
+    statements = writes[0].statements
+    if len(statements) == 1 and statements[0].values is not None:
+        _execute_rows(conn, writes, first)
+    elif len(writes) > 1:  # (all of one statement: batchable_with)
+        conn.executemany(statements[0].sql, [write.statements[0].params for write in writes])
+    else:
+        return [_execute_one(conn, writes[0])]
+    return [None] * len(writes)
 
 
 def _checkpoint(conn: sqlite3.Connection) -> bool:
@@ -399,22 +422,26 @@ def _checkpoint(conn: sqlite3.Connection) -> bool:
     return bool(busy == 0)
 
 
-def _execute_many(conn: sqlite3.Connection, writes: list[_Write], first: int) -> None:
-    """Consecutive writes of one statement that need no result, or commands (see
-    above); `first`: the number in its batch of the first (a command's k)."""
+def _execute_rows(conn: sqlite3.Connection, writes: list[_Write], first: int) -> None:
+    """Writes of one statement with a values group, as statements of many rows (see
+    above)."""
     statement = writes[0].statements[0]
-    if statement.values is None:
-        conn.executemany(statement.sql, [write.statements[0].params for write in writes])
-        return
+    assert statement.values is not None
     command = writes[0].want is Want.OUTCOME
-    for start in range(0, len(writes), ROWS_PER_INSERT):
-        chunk = writes[start : start + ROWS_PER_INSERT]
+    width = statement.values.count("?")
+    for start in range(0, len(writes), MAX_ROWS):
+        chunk = writes[start : start + MAX_ROWS]
+        rows = 1 << (len(chunk) - 1).bit_length()  # 1, 2, 4, ... MAX_ROWS
         params: list[Any] = []
         for k, write in enumerate(chunk, first + start):
             if command:
                 params.append(k)
             params.extend(cast(Sequence[Any], write.statements[0].params))
-        conn.execute(_multi_row(statement.sql, statement.values, len(chunk)), params)
+        params.extend([None] * (width * rows - len(params)))
+        sql = _multi_row(statement.sql, statement.values, rows)
+        conn.execute(sql, params)
+        if sum(len(value) for value in params if isinstance(value, bytes | str)) > RELEASE_BYTES:
+            conn.execute(sql, [None] * len(params))
 
 
 def _collect_outcomes(
@@ -445,10 +472,10 @@ def _value(kind: str, digits: str) -> Any:
     raise ValueError(f"an outcome cannot hold a {kind} exactly")  # real: hex() rounds it
 
 
-@functools.lru_cache(maxsize=ROWS_PER_INSERT * 2)
+@functools.lru_cache(maxsize=64)
 def _multi_row(sql: str, values: str, rows: int) -> str:
-    """`sql`, an INSERT ending in its `values` group, inserting `rows` rows."""
-    return sql[: len(sql) - len(values)] + ", ".join([values] * rows)
+    """`sql` with its `values` group `rows` times."""
+    return sql.replace(values, ", ".join([values] * rows))
 
 
 def _execute_one(conn: sqlite3.Connection, write: _Write) -> Result:

@@ -26,7 +26,7 @@ from storage import (
     rows,
     schema,
 )
-from storage.writer import Statement
+from storage.writer import Statement, Want
 
 RESULT = StoredResponse(
     status=201, headers=(("Content-Type", "application/json"),), body=b'{"a":1}'
@@ -578,12 +578,21 @@ async def test_a_batch_of_accepts_is_one_insert_per_64_rows_each_row_exact(data:
         assert (job.state, job.upstream_id, job.attempts) == (JobState.ACCEPTED, None, 0)
 
 
-def test_a_values_group_must_end_its_insert_and_take_positional_parameters() -> None:
+async def test_a_values_group_is_in_its_insert_once_with_positional_parameters(
+    store: JobStore,
+) -> None:
     assert Statement("INSERT INTO t (a) VALUES (?)", (1,), "(?)").values == "(?)"
     with pytest.raises(ValueError, match="values group"):
-        Statement("INSERT INTO t (a) VALUES (?) RETURNING a", (1,), "(?)")
+        Statement("INSERT INTO t (a) VALUES (?, ?)", (1, 2), "(?)")
     with pytest.raises(ValueError, match="positional"):
         Statement("INSERT INTO t (a) VALUES (:a)", {"a": 1}, "(:a)")
+    # its writes share statements, so none of them can have a count or rows of its own
+    insert = Statement("INSERT INTO t (a) VALUES (?)", (1,), "(?)")
+    for want in (Want.ROWCOUNT, Want.ROWS):
+        with pytest.raises(ValueError, match="of its own"):
+            store._writer.enqueue(insert, want=want)
+    with pytest.raises(ValueError, match="of its own"):
+        store._writer.enqueue(insert, insert)
 
 
 async def test_a_batch_of_mixed_writes_commits_once_and_in_order(store: JobStore) -> None:

@@ -12,6 +12,8 @@ few statements, not one or two per write.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import itertools
 import random
 import threading
@@ -95,8 +97,8 @@ def take_now(store: JobStore, job_id: int, viewer: str | None) -> Any:
 
 async def settle(store: JobStore) -> None:
     """Until the deletes of taken results have committed."""
-    while store._taken:  # noqa: ASYNC110 - a test polling the store's own set
-        await asyncio.sleep(0.001)
+    await store.flush()
+    assert not store._taken
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -171,3 +173,34 @@ def test_outcome_values_cross_exactly() -> None:
     assert _value("blob", "00ff") == b"\x00\xff"
     with pytest.raises(ValueError, match="real"):
         _value("real", b"1.5".hex())
+
+
+def sqlite_memory() -> int:
+    """Bytes SQLite holds in this process (its own allocator's count)."""
+    library = ctypes.util.find_library("sqlite3")
+    if library is None:
+        pytest.skip("SQLite is not a shared library here: its memory cannot be read")
+    used = ctypes.CDLL(library).sqlite3_memory_used
+    used.restype = ctypes.c_int64
+    return int(used())
+
+
+async def test_the_writers_statements_keep_no_jobs_or_results(store: JobStore) -> None:
+    """A cached statement keeps the values of its last run until the next: those of
+    many rows must not keep the bodies of as many jobs and results (a run of each
+    row count 1-64, with 256 KiB bodies, would keep 64 MiB)."""
+    before = sqlite_memory()
+    big = bytes(256 * 1024)
+    ids: list[int] = []
+    for count in (1, 2, 3, 5, 9, 17, 33, 64):
+        release = threading.Event()
+        held = store._writer.call(lambda _conn: release.wait())  # noqa: B023 - awaited here
+        accepts = [asyncio.ensure_future(store.accept(new_job(body=big))) for _ in range(count)]
+        await asyncio.sleep(0.01)
+        release.set()
+        await held
+        ids += await asyncio.gather(*accepts)
+    results = [store.finish(i, StoredResponse(200, (), big)) for i in ids]
+    assert await asyncio.gather(*results) == [True] * len(ids)
+    # (what is left: the page caches of both connections, a few MiB)
+    assert sqlite_memory() - before < 16 * 1024 * 1024
