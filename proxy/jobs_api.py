@@ -283,7 +283,15 @@ async def _cancel(app: web.Application, job_id: int, viewer: str | None) -> web.
         if at_arangodb is not None and await store.cancel_submitted(job_id, at_arangodb):
             return await _cancel_upstream(app, at_arangodb, job)
         job = await store.get(job_id, viewer)
-    if job is not None or await store.state(job_id, viewer) is JobState.DONE:
+    if job is not None:
+        # (a job changes state a few times in a cancel's duration at most: not seen yet)
+        return arango_error(
+            503,
+            ERROR_SERVICE_UNAVAILABLE,
+            f"job {job_id} changed state {CANCEL_TRIES} times during this cancel, which "
+            "was not recorded; try again",
+        )
+    if await store.state(job_id, viewer) is JobState.DONE:
         return _result_true()  # as ArangoDB: cancelling a finished job does nothing
     return arango_error(
         404,

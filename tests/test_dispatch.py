@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy import harvester
+from proxy import harvester, jobs_api
 from proxy.app import create_app
 from proxy.state import METRICS, STORE
 from storage import JobState, Mark, StoredResponse, StoreError
@@ -898,3 +898,35 @@ async def test_a_queue_time_limit_is_held_against_the_proxys_own_queue(
     pending = (await jobs.call("GET", "/_api/job/pending")).json
     done = (await jobs.call("GET", "/_api/job/done")).json  # (one may be in both lists)
     assert len(set(pending) | set(done)) == 2  # the two accepted with the longer limit
+
+
+async def test_a_cancel_that_never_catches_its_job_says_so(
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each try of a cancel fails when the job moved on meanwhile, and the facade looks
+    again. A job seen pending after the last try was not cancelled: 503, not 200.
+    (Mocked: a job that changes state eight times during one cancel cannot be made.)"""
+    app, base = proxy_app
+    jobs = Client(http, base)
+    job_id = int(await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(2)"}))
+    job = await app[STORE].get(job_id, None)  # pending: accepted, or at ArangoDB
+    assert job is not None
+    tries = 0
+
+    async def moved_on(*_args: Any) -> bool:
+        nonlocal tries
+        tries += 1
+        return False
+
+    async def still_pending(*_args: Any) -> Any:
+        return job
+
+    monkeypatch.setattr(app[STORE], "cancel_accepted", moved_on)
+    monkeypatch.setattr(app[STORE], "cancel_submitted", moved_on)
+    monkeypatch.setattr(app[STORE], "get", still_pending)
+    answer = await jobs.call("PUT", f"/_api/job/{job_id}/cancel")
+    assert (answer.status, answer.json["errorNum"]) == (503, 503), answer.json
+    assert "try again" in answer.json["errorMessage"]
+    assert tries == jobs_api.CANCEL_TRIES
