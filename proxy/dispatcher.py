@@ -40,6 +40,7 @@ from proxy.harvester import (
     record,
     record_result,
     stored_response,
+    tell,
 )
 from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
@@ -207,22 +208,19 @@ class Dispatcher:
         if mark is Mark.CANCEL:
             # Its owner cancelled it while we were sending it: ArangoDB's result (410
             # if it had not started) is harvested as any other.
-            await self._tell(job, ("PUT", f"{at_arangodb}/cancel"))
+            await tell(self._upstream, self._credentials, job, ("PUT", f"{at_arangodb}/cancel"))
         elif mark is Mark.GONE:
             # Not accepted any more: ArangoDB must not keep this copy. (If another copy
             # is at ArangoDB, sent by a worker process that died, it is watched.)
             self._harvester.forget(upstream_id)
-            await self._tell(job, ("PUT", f"{at_arangodb}/cancel"), ("DELETE", at_arangodb))
+            await tell(
+                self._upstream,
+                self._credentials,
+                job,
+                ("PUT", f"{at_arangodb}/cancel"),
+                ("DELETE", at_arangodb),
+            )
             await record(f"job {job.id}'s other copy", lambda: self._harvester.adopt(job.id))
-
-    async def _tell(self, job: Job, *calls: tuple[str, str]) -> None:
-        """Best effort, as the job's user: a failure leaves the job to run its course."""
-        headers = self._credentials.headers(job.user, job.auth)
-        for method, path in calls:
-            try:
-                await self._upstream.call(method, path, headers)
-            except UpstreamFailure as failure:
-                log.warning("%s %s for job %d failed: %s", method, path, job.id, failure.message)
 
     def _slow_down(self) -> None:
         self._metrics["submit_retries_total"] += 1

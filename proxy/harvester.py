@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from proxy.auth import database_prefix
+from proxy.auth import database_prefix, job_at_arangodb
 from proxy.errors import (
     ERROR_DATABASE_NOT_FOUND,
     ERROR_INTERNAL,
@@ -158,6 +158,18 @@ async def record(what: str, write: Callable[[], Awaitable[T]]) -> T:
         delay = min(RECORD_RETRY_MAX, delay * 2)
 
 
+async def tell(
+    upstream: Upstream, credentials: JobCredentials, job: Job, *calls: tuple[str, str]
+) -> None:
+    """Best effort, as the job's user: a failure leaves the job to run its course."""
+    headers = credentials.headers(job.user, job.auth)
+    for method, path in calls:
+        try:
+            await upstream.call(method, path, headers)
+        except UpstreamFailure as failure:
+            log.warning("%s %s for job %d failed: %s", method, path, job.id, failure.message)
+
+
 class Submission:
     """A job just sent, between ArangoDB's 202 and the store's record of it.
 
@@ -249,7 +261,8 @@ class Harvester:
         # Each fetch is a task of its own, which no tick waits for: one that ArangoDB
         # is slow to answer (request_timeout at most) holds up no other job's.
         self._fetches: dict[Tracked, asyncio.Task[None]] = {}
-        self._storing: set[asyncio.Task[None]] = set()  # results fetched, being stored
+        # results fetched, being stored; cancels sent again (load)
+        self._storing: set[asyncio.Task[None]] = set()
 
     @property
     def inflight(self) -> int:
@@ -296,10 +309,20 @@ class Harvester:
                 self.track(job, job.upstream_id)
 
     async def load(self) -> None:
-        """Resume watching every job the store says is at ArangoDB."""
+        """Resume watching every job the store says is at ArangoDB. One its owner
+        cancelled is cancelled there once more: the process that recorded the cancel
+        may have died before it sent it (a second cancel changes nothing)."""
         for job in await self._store.submitted():
             assert job.upstream_id is not None
             self.track(job, job.upstream_id)
+            if job.cancelled:
+                at_arangodb = job_at_arangodb(job.target, job.upstream_id)
+                call = tell(
+                    self._upstream, self._credentials, job, ("PUT", f"{at_arangodb}/cancel")
+                )
+                cancel = asyncio.create_task(call)
+                self._storing.add(cancel)
+                cancel.add_done_callback(self._storing.discard)
 
     async def run(self) -> None:
         """Harvest until stop(); a tick under way is finished first, and every result

@@ -95,6 +95,7 @@ class Job:
     created: float
     upstream_id: str | None
     attempts: int
+    cancelled: bool = False  # its owner cancelled it at ArangoDB (state submitted)
 
 
 @dataclass(frozen=True, slots=True)

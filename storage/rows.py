@@ -57,7 +57,7 @@ def headers_value(stored: str) -> Headers:
 def job_from_row(row: Sequence[Any]) -> Job:
     """A row of ``sql.JOB_COLUMNS``."""
     (id_, mode, state, user, database, method, target, headers, auth, body) = row[:10]
-    created, upstream_id, attempts = row[10:]
+    created, upstream_id, attempts, cancelled = row[10:]
     return Job(
         id=id_,
         mode=JobMode(mode),
@@ -72,6 +72,7 @@ def job_from_row(row: Sequence[Any]) -> Job:
         created=created,
         upstream_id=None if upstream_id is None else text_value(upstream_id),
         attempts=attempts,
+        cancelled=bool(cancelled),
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 JOB_COLUMNS = (
     "id, mode, state, user, database, method, target, headers, auth, body,"
-    " created, upstream_id, attempts"
+    " created, upstream_id, attempts, cancelled"
 )
 RESULT_COLUMNS = "status, rheaders, rbody"
 

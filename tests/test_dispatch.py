@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from aiohttp import web
 from proxy import harvester, jobs_api
 from proxy.app import create_app
 from proxy.state import METRICS, STORE
-from storage import JobState, Mark, StoredResponse, StoreError
+from storage import JobMode, JobState, JobStore, Mark, NewJob, StoredResponse, StoreError
 from tests.conftest import ProxyFactory, proxy_config
 from tests.processes import free_port
 from tests.standin import StandIn
@@ -930,3 +931,43 @@ async def test_a_cancel_that_never_catches_its_job_says_so(
     assert (answer.status, answer.json["errorNum"]) == (503, 503), answer.json
     assert "try again" in answer.json["errorMessage"]
     assert tries == jobs_api.CANCEL_TRIES
+
+
+async def test_a_cancel_recorded_but_never_sent_is_sent_at_the_next_start(
+    standin_factory: Callable[..., Awaitable[StandIn]],
+    serve_proxy: Callable[[web.Application], Awaitable[str]],
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """A cancel of a job at ArangoDB is recorded, then sent; the process may die
+    between the two (kill -9 of the proxy, or of the worker process during its mark).
+    The store as it is left then (made here with its own calls): the next start
+    sends the cancel. The job waits behind a slow query at ArangoDB's one worker, so
+    the cancel still finds it queued there, and its result is 410/21."""
+    standin = await standin_factory(workers=1)
+    direct = Client(http, standin.url)
+    await direct.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(1)"})
+    upstream_id = await direct.submit("GET", "/_api/version")  # queued behind it
+    folder = tmp_path / "data"
+    job = NewJob(
+        mode=JobMode.STORE,
+        user="root",
+        database="_system",
+        method="GET",
+        target="/_api/version",
+        headers=(),
+        auth=ROOT["authorization"],
+        body=b"",
+        created=time.time(),
+    )
+    store = await JobStore.open(folder)
+    try:
+        job_id = await store.accept(job)
+        assert await store.mark_submitted(job_id, upstream_id) is Mark.SUBMITTED
+        assert await store.cancel_submitted(job_id, upstream_id)
+    finally:
+        await store.close()
+    jobs = Client(http, await serve_proxy(create_app(proxy_config(standin.url, folder))))
+    answer = await jobs.result(str(job_id))
+    assert (answer.status, answer.json["errorNum"]) == (410, 21), answer.json
+    assert standin.executed[("GET", "/_api/version")] == 0
