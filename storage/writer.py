@@ -115,7 +115,7 @@ OnDurable = Callable[[], None]
 
 
 class Want(Enum):
-    NOTHING = "nothing"  # result None; consecutive ones with the same SQL share an executemany
+    NOTHING = "nothing"  # result None; consecutive ones with the same SQL share statements
     ROWCOUNT = "rowcount"  # result: total rows changed by the write's statements
     ROWS = "rows"  # result: rows returned by the write's statements (RETURNING)
     # A command (storage.sql): one INSERT, with a values group, into a view whose trigger
@@ -205,12 +205,14 @@ class Writer:
         must wait for the commit and need not wait for the loop. It must be quick,
         and it is not called if the batch fails.
         """
-        if want is Want.OUTCOME and (len(statements) != 1 or statements[0].values is None):
-            raise ValueError("a command is one statement with a values group")
-        if any(st.values for st in statements) and (
-            len(statements) != 1 or want not in (Want.NOTHING, Want.OUTCOME)
+        rows = any(statement.values for statement in statements)
+        if (rows or want is Want.OUTCOME) and (
+            len(statements) != 1 or not rows or want not in (Want.NOTHING, Want.OUTCOME)
         ):
-            raise ValueError("a statement with a values group is a write of its own, no count")
+            raise ValueError(
+                "a statement with a values group is a write of its own, wanting nothing or"
+                " its outcome (a command: such a statement)"
+            )
         future: asyncio.Future[Result] = self._loop.create_future()
         self._put(_Write(statements, want, future, on_commit, on_abort, scrubs, on_durable))
         return future

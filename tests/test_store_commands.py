@@ -162,7 +162,7 @@ async def test_a_hundred_results_stored_take_a_few_statements(store: JobStore) -
 
 
 async def test_a_command_is_one_statement_with_a_values_group(store: JobStore) -> None:
-    with pytest.raises(ValueError, match="one statement with a values group"):
+    with pytest.raises(ValueError, match="a write of its own"):
         store._writer.enqueue(Statement("INSERT INTO t VALUES (?)", (1,)), want=Want.OUTCOME)
 
 
