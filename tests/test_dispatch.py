@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,12 @@ from aiohttp import web
 from proxy import harvester, jobs_api
 from proxy.app import create_app
 from proxy.state import METRICS, STORE
-from storage import JobMode, JobState, JobStore, Mark, NewJob, StoredResponse, StoreError
+from storage import JobState, JobStore, Mark, StoredResponse, StoreError
 from tests.conftest import ProxyFactory, proxy_config
 from tests.processes import free_port
 from tests.standin import StandIn
 from tests.standin.client import ROOT, Client, eventually
+from tests.test_store import new_job
 
 
 async def slow_one_and_one_behind(
@@ -949,16 +949,8 @@ async def test_a_cancel_recorded_but_never_sent_is_sent_at_the_next_start(
     await direct.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(1)"})
     upstream_id = await direct.submit("GET", "/_api/version")  # queued behind it
     folder = tmp_path / "data"
-    job = NewJob(
-        mode=JobMode.STORE,
-        user="root",
-        database="_system",
-        method="GET",
-        target="/_api/version",
-        headers=(),
-        auth=ROOT["authorization"],
-        body=b"",
-        created=time.time(),
+    job = new_job(
+        user="root", method="GET", target="/_api/version", headers=(), auth=ROOT["authorization"]
     )
     store = await JobStore.open(folder)
     try:

@@ -58,22 +58,9 @@ async def test_accept_stores_the_job_with_increasing_ids_from_1(store: JobStore)
     ids = [await store.accept(new_job(body=bytes([i]))) for i in range(3)]
     assert ids == [1, 2, 3]
     job = await store.get(2, None)
-    assert job is not None
-    expected = new_job(body=b"\x01")
-    assert (job.id, job.state, job.upstream_id, job.attempts) == (2, JobState.ACCEPTED, None, 0)
-    assert (job.mode, job.user, job.database, job.method, job.target) == (
-        expected.mode,
-        expected.user,
-        expected.database,
-        expected.method,
-        expected.target,
-    )
-    assert (job.headers, job.auth, job.body, job.created) == (
-        expected.headers,
-        expected.auth,
-        expected.body,
-        expected.created,
-    )
+    # every field as given, in state accepted, at ArangoDB under no id, no attempt yet
+    assert job == new_job(body=b"\x01").accepted(2)
+    assert (job.state, job.upstream_id, job.attempts) == (JobState.ACCEPTED, None, 0)
     assert store.unfinished == 3
 
 
@@ -561,21 +548,7 @@ async def test_a_batch_of_accepts_is_one_insert_per_64_rows_each_row_exact(data:
     finally:
         await store.close()
     assert [job.id for job in stored] == list(range(1, 151))
-    for job, expected in zip(stored, jobs, strict=True):
-        assert (job.mode, job.user, job.database, job.method, job.target) == (
-            expected.mode,
-            expected.user,
-            expected.database,
-            expected.method,
-            expected.target,
-        )
-        assert (job.headers, job.auth, job.body, job.created) == (
-            expected.headers,
-            expected.auth,
-            expected.body,
-            expected.created,
-        )
-        assert (job.state, job.upstream_id, job.attempts) == (JobState.ACCEPTED, None, 0)
+    assert stored == [job.accepted(job_id) for job_id, job in enumerate(jobs, 1)]
 
 
 async def test_a_values_group_is_in_its_insert_once_with_positional_parameters(
