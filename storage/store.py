@@ -155,6 +155,8 @@ class JobStore:
             writer_db = await _connect(data.database)
             connections.append(writer_db)
             await schema.prepare(writer_db, data.database, synchronous)
+            # The commands' rows and outcomes (storage.sql) never go to a temporary file.
+            await writer_db.execute("PRAGMA temp_store = MEMORY")
             for statement in (OUTCOME_TABLE, *sql.COMMANDS):
                 await writer_db.execute(statement)
             # A killed predecessor may have left wiped credentials in old WAL frames.

@@ -612,6 +612,7 @@ async def test_pragmas(data: Path, synchronous: str, level: int) -> None:
             ("secure_delete", 1),
             ("busy_timeout", 5000),
             ("journal_size_limit", 64 * 1024 * 1024),
+            ("temp_store", 2),  # MEMORY: the commands' rows and outcomes
             ("user_version", schema.LATEST),
         ]:
             assert list(await db.execute_fetchall(f"PRAGMA {pragma}")) == [(value,)]
