@@ -37,6 +37,7 @@ the connection stops reading until it is served.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -49,6 +50,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import jobs_api
@@ -63,11 +65,22 @@ from proxy.fastpath_http import (
     parse,
     stream_head,
 )
-from proxy.intake import NOT_STORED, accept, admit, body_too_slow, queue_time_refusal
+from proxy.intake import (
+    DECODED,
+    NOT_STORED,
+    accept,
+    accepted,
+    admit,
+    body_too_slow,
+    queue_time_refusal,
+    refused,
+    store_job,
+    stored,
+)
 from proxy.passthrough import CHUNK, forwarded
-from proxy.state import CONFIG, METRICS, SHUTDOWN, UPSTREAM, VERIFIER
+from proxy.state import CONFIG, CREDENTIALS, METRICS, SHUTDOWN, UPSTREAM, VERIFIER
 from proxy.upstream import end_to_end
-from storage import JobMode
+from storage import JobMode, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -200,10 +213,13 @@ class FastPath(asyncio.Protocol):
             submission = self._take()
             if submission is None:
                 return
-            if not self._answer_now(submission):
-                self._busy = True
-                self._loop.create_task(self._serve(submission))
-                return
+            if self._answer_now(submission) or self._accept_now(submission):
+                if self._busy:
+                    return  # (an accept: `_stored` goes on)
+                continue
+            self._busy = True
+            self._loop.create_task(self._serve(submission))
+            return
 
     def _take(self) -> Submission | None:
         """The whole request at the start of the buffer, taken out of it; None when
@@ -248,19 +264,100 @@ class FastPath(asyncio.Protocol):
             return False
         suffixes = jobs_api.suffixes_of(submission.target)
         assert suffixes is not None  # parse() took it as the job API
-        close = submission.close or self._front.closing
         try:
             response = jobs_api.answer_now(app, submission.method, suffixes, caller.viewer)
             if response is None:
                 return False
-            self._write(self._encode(response, close=close, head=submission.head))
+            self._answered_now(submission, response)
         except Exception:
             self._failed(submission)
-            close = True
+            self._answered_now(submission, close=True)
+        return True
+
+    def _answered_now(
+        self, submission: Submission, response: web.Response | None = None, *, close: bool = False
+    ) -> None:
+        """A request served at once (no task): `response` written, then close or idle."""
+        close = close or submission.close or self._front.closing
+        if response is not None:
+            self._write(self._encode(response, close=close, head=submission.head))
         if close:
             self.close()
         self._idle()
+
+    def _accept_now(self, submission: Submission) -> bool:
+        """Hand an async submission to the store when nothing needs to be awaited
+        before: its credentials are known (verified lately) and its body needs no
+        decoding check. No task, no coroutines: the write's future calls `_stored`.
+        False if `_serve` must serve the request."""
+        if submission.mode is None or submission.head:
+            return False
+        app = self._front.app
+        caller = app[VERIFIER].known_caller(submission.authorization, submission.target)
+        if caller is None or not app[CREDENTIALS].can_act_for(caller.authorization):
+            return False
+        headers = self._stored_headers(submission)
+        if headers.get("Content-Encoding") in DECODED:
+            return False
+        early = self._early_202(submission)
+        try:
+            started = store_job(
+                app,
+                submission.mode,
+                caller,
+                method=submission.method,
+                target=submission.target,
+                headers=headers,
+                body=submission.body,
+                on_durable=early,
+            )
+        except Exception:
+            self._failed(submission)
+            self._answered_now(submission, close=True)
+            return True
+        if isinstance(started, web.Response):
+            self._answered_now(submission, started)
+            return True
+        job_id, future = started
+        self._busy = True
+        self._early = early
+        future.add_done_callback(functools.partial(self._stored, submission, job_id, early))
         return True
+
+    def _stored(
+        self,
+        submission: Submission,
+        job_id: int,
+        early: _Early | None,
+        future: asyncio.Future[object],
+    ) -> None:
+        """The write of `_accept_now` is over: its answer, then the next request."""
+        self._early = None
+        close = submission.close
+        app = self._front.app
+        try:
+            answer: bytes | None
+            try:
+                future.result()  # (never cancelled: nothing else holds it)
+            except StoreError as exc:
+                refusal = refused(app, exc, method=submission.method, target=submission.target)
+                answer = self._encode(refusal, close=close or self._front.closing, head=False)
+            else:
+                stored(app)
+                if _left(early):
+                    assert early is not None
+                    answer = early.unsent
+                else:
+                    assert submission.mode is not None
+                    response = accepted(submission.mode, job_id)
+                    answer = self._encode(response, close=close or self._front.closing, head=False)
+            if answer:
+                self._write(answer)
+        except Exception:
+            self._head_sent = _left(early)  # a bug after the commit: no 500 after a 202
+            self._failed(submission)
+            close = True
+        self._served(close=close)
 
     def _failed(self, submission: Submission) -> None:
         """A bug while serving `submission`: logged, and a 500 if nothing was sent yet
@@ -314,6 +411,10 @@ class FastPath(asyncio.Protocol):
         except Exception:
             self._failed(submission)
             close = True
+        self._served(close=close)
+
+    def _served(self, *, close: bool) -> None:
+        """A request under way is answered: close, or serve the next one."""
         self._head_sent = False
         if close or self._front.closing:
             self.close()
@@ -422,13 +523,7 @@ class FastPath(asyncio.Protocol):
         )
         if isinstance(verified, web.Response):
             return verified
-        headers = forwarded(
-            submission.headers,
-            peer=self._peer,
-            secure=self._front.secure,
-            host=submission.host,
-            drop=NOT_STORED,
-        )
+        headers = self._stored_headers(submission)
         early = self._early_202(submission)
         self._early = early
         try:
@@ -457,6 +552,16 @@ class FastPath(asyncio.Protocol):
         if early.unsent:
             self._write(early.unsent)
         return None
+
+    def _stored_headers(self, submission: Submission) -> CIMultiDict[str]:
+        """The headers an async submission's job keeps (forwarded, without NOT_STORED)."""
+        return forwarded(
+            submission.headers,
+            peer=self._peer,
+            secure=self._front.secure,
+            host=submission.host,
+            drop=NOT_STORED,
+        )
 
     def _early_202(self, submission: Submission) -> _Early | None:
         """An `_Early` for this submission's 202, or None where the loop must send it."""

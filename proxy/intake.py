@@ -26,6 +26,7 @@ import logging
 import time
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -70,6 +71,7 @@ def _seconds(value: str | None) -> float:
 
 # ArangoDB decodes these before it looks at x-arango-async (spec §1.3, step 3)
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+DECODED = frozenset(_WBITS)  # Content-Encodings whose body is checked before queueing
 DECODE_CHECK_LIMIT = 256 * 2**20  # bytes decoded: beyond, ArangoDB has the last word
 
 
@@ -207,15 +209,54 @@ async def accept(
 ) -> web.Response:
     """Store the job (`headers`: those to forward, without NOT_STORED); its 202.
 
-    `on_durable`: see `JobStore.accept` (the fast path sends the 202 itself).
+    `on_durable`: see `JobStore.accept` (the fast path sends the 202 itself)."""
+    refusal = await _undecodable(headers.get("Content-Encoding"), body)
+    if refusal is not None:
+        app[METRICS]["jobs_refused_total"] += 1
+        return refusal
+    started = store_job(
+        app,
+        mode,
+        caller,
+        method=method,
+        target=target,
+        headers=headers,
+        body=body,
+        on_durable=on_durable,
+    )
+    if isinstance(started, web.Response):
+        return started
+    job_id, future = started
+    # Handlers run on when their client leaves (runner_options), so the job is
+    # stored all the same; it only misses its 202.
+    try:
+        await future
+    except StoreError as exc:
+        return refused(app, exc, method=method, target=target)
+    stored(app)
+    return accepted(mode, job_id)
+
+
+def store_job(
+    app: web.Application,
+    mode: JobMode,
+    caller: Caller,
+    *,
+    method: str,
+    target: str,
+    headers: CIMultiDict[str],
+    body: bytes,
+    on_durable: Callable[[int], None] | None = None,
+) -> web.Response | tuple[int, asyncio.Future[Any]]:
+    """The job handed to the store: its id and the write's future (`stored` makes its
+    answer), or the refusal to answer at once. Its body must have been checked to
+    decode (`accept`).
 
     x-arango-queue-time-seconds (ArangoDB: 412 at once when its queue time is longer)
     is checked against the proxy's own queue: how long its oldest job not yet sent
     has waited. It is stored with the job too, and ArangoDB checks its own queue
     against it when the job gets there (a 412 is then the job's result)."""
-    refusal = await _undecodable(headers.get("Content-Encoding"), body)
-    if refusal is None:
-        refusal = queue_time_refusal(app, headers.get(QUEUE_TIME_HEADER))
+    refusal = queue_time_refusal(app, headers.get(QUEUE_TIME_HEADER))
     if refusal is not None:
         app[METRICS]["jobs_refused_total"] += 1
         return refusal
@@ -232,24 +273,28 @@ async def accept(
         created=time.time(),
     )
     try:
-        # Handlers run on when their client leaves (runner_options), so the job is
-        # stored all the same; it only misses its 202.
-        job_id = await app[STORE].accept(job, on_durable)
-    except StoreFull as exc:
-        app[METRICS]["jobs_refused_total"] += 1
-        return arango_error(503, ERROR_QUEUE_FULL, f"queue is full ({exc})", handler=False)
-    except CapacityExceeded:
-        app[METRICS]["jobs_refused_total"] += 1
-        return arango_error(503, ERROR_QUEUE_FULL, "queue is full", handler=False)
+        return app[STORE].accept_nowait(job, on_durable)
     except StoreError as exc:
-        app[METRICS]["jobs_refused_total"] += 1
-        log.error("cannot store job %s %s: %s", method, target, exc)  # noqa: TRY400
-        return arango_error(
-            503, ERROR_SERVICE_UNAVAILABLE, f"the proxy cannot store the job: {exc}", handler=False
-        )
+        return refused(app, exc, method=method, target=target)
+
+
+def stored(app: web.Application) -> None:
+    """A job handed to the store (`store_job`) is committed: counted, and sent on."""
     app[METRICS]["jobs_accepted_total"] += 1
     app[DISPATCHER].wake()
-    return accepted(mode, job_id)
+
+
+def refused(app: web.Application, error: StoreError, *, method: str, target: str) -> web.Response:
+    """The answer to a job the store refused (`store_job`): 503, and why."""
+    app[METRICS]["jobs_refused_total"] += 1
+    if isinstance(error, StoreFull):
+        return arango_error(503, ERROR_QUEUE_FULL, f"queue is full ({error})", handler=False)
+    if isinstance(error, CapacityExceeded):
+        return arango_error(503, ERROR_QUEUE_FULL, "queue is full", handler=False)
+    log.error("cannot store job %s %s: %s", method, target, error)
+    return arango_error(
+        503, ERROR_SERVICE_UNAVAILABLE, f"the proxy cannot store the job: {error}", handler=False
+    )
 
 
 def accepted(mode: JobMode, job_id: int) -> web.Response:

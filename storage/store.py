@@ -237,6 +237,16 @@ class JobStore:
         `on_durable`: called with the job's id on the writer's thread as soon as the job
         is on disk, before this returns (`Writer.enqueue`); the fast path sends the 202
         from there."""
+        job_id, future = self.accept_nowait(job, on_durable)
+        await future
+        return job_id
+
+    def accept_nowait(
+        self, job: NewJob, on_durable: Callable[[int], None] | None = None
+    ) -> tuple[int, asyncio.Future[Any]]:
+        """`accept`, without waiting: the job's id, and the write's future (done when
+        the job is committed; a StoreError if it was not). The refusals (capacity,
+        size, ids) are raised here."""
         if self._capacity and self._unfinished + self._queued_accepts >= self._capacity:
             raise CapacityExceeded(
                 f"the job store holds {self._capacity} unfinished jobs, its capacity"
@@ -268,8 +278,7 @@ class JobStore:
         # Ids follow arrival order; one burnt by a failed batch was never revealed.
         self._next_id += 1
         self._queued_accepts += 1
-        await future
-        return job_id
+        return job_id, future
 
     def _accept_committed(self, job: Job) -> None:
         self._queued_accepts -= 1

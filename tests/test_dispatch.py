@@ -93,20 +93,28 @@ async def test_a_job_cancelled_at_arangodb_and_lost_there_is_not_run_again(
 
 async def test_a_cancel_that_never_reached_arangodb_does_not_stop_a_rerun(
     standin_factory: Callable[..., Awaitable[StandIn]],
-    start_proxy: ProxyFactory,
+    serve_proxy: Callable[..., Awaitable[str]],
     http: aiohttp.ClientSession,
+    tmp_path: Path,
 ) -> None:
     """The cancel finds ArangoDB refusing connections: its client gets the 503, and
     the job is as if no cancel had been asked. ArangoDB then restarts and loses
     both jobs: under rerun, both run again."""
     standin = await standin_factory(workers=1)
-    jobs = Client(http, await start_proxy(standin.url, jobs={"lost_job_policy": "rerun"}))
+    app = create_app(proxy_config(standin.url, tmp_path / "d", jobs={"lost_job_policy": "rerun"}))
+    jobs = Client(http, await serve_proxy(app))
     slow, quick = await slow_one_and_one_behind(jobs, Client(http, standin.url), 1.5)
-    outage = asyncio.create_task(standin.unreachable(0.5))
-    await asyncio.sleep(0.1)
+    # recorded as at ArangoDB (until then the proxy takes the cancel itself)
+    for _ in range(400):
+        if len(await app[STORE].submitted()) == 2:
+            break
+        await asyncio.sleep(0.005)
+    else:
+        pytest.fail("the jobs were never recorded as at ArangoDB")
+    await standin.go_offline()
     refused = await jobs.call("PUT", f"/_api/job/{quick}/cancel")
-    assert (refused.status, refused.json["errorNum"]) == (503, 503), refused.json
-    await outage
+    await standin.go_online()
+    assert (refused.status, refused.json.get("errorNum")) == (503, 503), refused.json
     await standin.restart()
     assert (await jobs.result(slow)).status == 201
     assert (await jobs.result(quick)).status == 200

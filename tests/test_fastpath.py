@@ -198,6 +198,8 @@ SAME_ANSWERS = {
 async def test_both_paths_give_the_same_answer(
     proxy: tuple[web.Application, str], case: str
 ) -> None:
+    """The fast path's answer with credentials not known yet (verified in a task),
+    then known (answered at once where it can), and aiohttp's."""
     app, base = proxy
     metrics = app[METRICS]
     raw = SAME_ANSWERS[case]
@@ -207,7 +209,8 @@ async def test_both_paths_give_the_same_answer(
     through_aiohttp = await exchange(base, raw, aiohttp_first=True)
     assert metrics["fast_path_requests_total"] == 1
     assert metrics["connections_handed_over_total"] == 1
-    assert fast.comparable() == through_aiohttp.comparable()
+    known = await exchange(base, raw)
+    assert fast.comparable() == through_aiohttp.comparable() == known.comparable()
     assert (fast.header("x-arango-async-id") is None) == (
         through_aiohttp.header("x-arango-async-id") is None
     )
@@ -476,19 +479,41 @@ async def test_a_pipelined_flood_is_answered_in_full_and_in_order(
 async def test_a_failing_request_gets_a_500_and_the_connection_closes(
     proxy: tuple[web.Application, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """In a task (credentials not known yet) and at once (known since)."""
     app, base = proxy
+    served = count_served(monkeypatch)
 
-    async def broken(*_args: object) -> int:
+    def broken(*_args: object) -> int:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(app[STORE], "accept", broken)
+    monkeypatch.setattr(app[STORE], "accept_nowait", broken)
+    for _ in range(2):
+        connection = await Connection.open(base)
+        await connection.send(req(VERSION, AUTH, STORE_MODE))
+        answer = await connection.answer()
+        assert answer.status == 500
+        assert answer.header("connection") == "close"
+        assert await connection.closed()
+        connection.close()
+    assert served == ["/_api/version"]  # the first, in a task
+
+
+async def test_accepts_with_known_credentials_need_no_task(
+    proxy: tuple[web.Application, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Submissions pipelined behind one that verified their credentials are each
+    handed to the store at once; their answers come back in order."""
+    app, base = proxy
+    served = count_served(monkeypatch)
     connection = await Connection.open(base)
-    await connection.send(req(VERSION, AUTH, STORE_MODE))
-    answer = await connection.answer()
-    assert answer.status == 500
-    assert answer.header("connection") == "close"
-    assert await connection.closed()
+    await connection.send(b"".join(req(VERSION, AUTH, STORE_MODE) for _ in range(20)))
+    answers = [await connection.answer() for _ in range(20)]
     connection.close()
+    assert [a.status for a in answers] == [202] * 20
+    ids = [int(a.header("x-arango-async-id") or 0) for a in answers]
+    assert ids == list(range(ids[0], ids[0] + 20))
+    assert served == ["/_api/version"]  # the first: its credentials were checked
+    await jobs_accepted(app, 20)
 
 
 async def test_a_stop_closes_idle_connections_and_lets_requests_under_way_finish(
@@ -503,16 +528,26 @@ async def test_a_stop_closes_idle_connections_and_lets_requests_under_way_finish
     await idle.send(req(VERSION, AUTH, STORE_MODE))
     assert (await idle.answer()).status == 202
     store = app[STORE]
-    accept = store.accept
+    accept_nowait = store.accept_nowait
     release = asyncio.Event()
     held = asyncio.Event()
+    later: list[asyncio.Task[None]] = []
 
-    async def held_accept(job: NewJob, on_durable: Callable[[int], None] | None = None) -> int:
+    def held_accept(
+        job: NewJob, on_durable: Callable[[int], None] | None = None
+    ) -> tuple[int, asyncio.Future[object]]:
+        """The job goes to the store once `release` is set."""
         held.set()
-        await release.wait()
-        return await accept(job, on_durable)
+        outer: asyncio.Future[object] = asyncio.get_running_loop().create_future()
 
-    monkeypatch.setattr(store, "accept", held_accept)
+        async def accept() -> None:
+            await release.wait()
+            outer.set_result(await accept_nowait(job, on_durable)[1])
+
+        later.append(asyncio.create_task(accept()))
+        return store._next_id, outer
+
+    monkeypatch.setattr(store, "accept_nowait", held_accept)
     busy = await Connection.open(base)
     await busy.send(req(VERSION, AUTH, STORE_MODE))
     await asyncio.wait_for(held.wait(), 10)
@@ -765,14 +800,14 @@ async def test_polls_for_a_job_in_memory_are_answered_at_once_and_alike(
     sleeping = (await connection.answer()).header("x-arango-async-id")
     assert sleeping is not None
     quick = await done_job(connection, app)
-    assert served == ["/_api/cursor", "/_api/version"]  # submissions are tasks
+    assert served == ["/_api/cursor"]  # a submission with credentials not yet known
     asked = polls(sleeping, quick)
     await connection.send(b"".join(asked))
     fast = [await connection.answer() for _ in asked]
     connection.close()
     assert [a.status for a in fast] == [204, 204, 200, 200, 404, 401]
     assert fast[3].header("x-arango-async-id") == quick
-    assert served == ["/_api/cursor", "/_api/version", "/_api/job/" + sleeping]
+    assert served == ["/_api/cursor", "/_api/job/" + sleeping]
     # the same questions about jobs in the same states, through aiohttp
     connection = await Connection.open(base)
     await connection.send(HEALTH)
@@ -848,24 +883,30 @@ async def test_a_bug_after_the_commit_closes_the_connection_after_its_202(
     connection closes."""
     app, base = proxy
 
-    def broken(*_args: object) -> web.Response:
+    served = count_served(monkeypatch)
+
+    def broken(*_args: object) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("proxy.intake.accepted", broken)
-    for raw, status in [
+    # (what the answer to a committed job calls first, in a task and at once)
+    monkeypatch.setattr("proxy.intake.stored", broken)
+    monkeypatch.setattr("proxy.fastpath.stored", broken)
+    cases = [
         (req(VERSION, AUTH, STORE_MODE), 202),  # the 202 left from the writer's thread
         (req(b"HEAD /_api/version HTTP/1.1", AUTH, STORE_MODE), 500),  # the loop sends it
-    ]:
+    ]
+    for raw, status in [*cases, *cases]:  # credentials not known yet, then known
         connection = await Connection.open(base)
         await connection.send(raw)
         assert (await connection.answer(head=raw.startswith(b"HEAD"))).status == status
         assert await connection.closed()
         connection.close()
+    assert served == ["/_api/version"] * 3  # not the second 202: at once
     store = app[STORE]
     # pending first: a job that finishes between the two reads is in one of them
     pending = await store.list_ids(done=False, viewer=None, limit=10)
     done = await store.list_ids(done=True, viewer=None, limit=10)
-    assert len(set(pending) | set(done)) == 2  # both stored
+    assert len(set(pending) | set(done)) == 4  # all stored
 
 
 async def test_polls_after_connection_close_are_not_answered(

@@ -206,6 +206,12 @@ class StandIn:
         served again. Unlike restart(), nothing is forgotten: jobs queued before
         run on, and data, jobs and results are all still there afterwards.
         """
+        await self.go_offline()
+        await asyncio.sleep(seconds)
+        await self.go_online()
+
+    async def go_offline(self) -> None:
+        """`unreachable` until `go_online`."""
         assert self._runner is not None
         assert self._site is not None
         await self._site.stop()
@@ -214,7 +220,9 @@ class StandIn:
         assert server is not None
         for connection in list(server.connections):
             connection.force_close()
-        await asyncio.sleep(seconds)
+
+    async def go_online(self) -> None:
+        assert self._runner is not None
         site = web.TCPSite(self._runner, *self._address, ssl_context=self.ssl_context)
         await site.start()
         self._site = site
