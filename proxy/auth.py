@@ -27,7 +27,6 @@ import os
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
@@ -42,6 +41,7 @@ from proxy.errors import (
     arango_error,
 )
 from proxy.upstream import Upstream
+from storage.records import frozen
 
 SYSTEM_DB = "_system"
 
@@ -52,7 +52,7 @@ _RELAYED = ("Content-Type", _CHALLENGE)
 OMIT_CHALLENGE = "x-omit-www-authenticate"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Caller:
     user: str  # "" is the superuser: no credentials, or a JWT without a user
     authorization: str | None

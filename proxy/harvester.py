@@ -38,7 +38,6 @@ import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from dataclasses import dataclass
 from typing import TypeVar
 
 from proxy.auth import database_prefix, job_at_arangodb
@@ -53,6 +52,7 @@ from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream, end_to_end
 from storage import Job, JobState, ResultTooLarge, StoredResponse, StoreError
+from storage.records import frozen
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -209,7 +209,7 @@ class Submission:
             timer.cancel()
 
 
-@dataclass(frozen=True, slots=True, eq=False)  # each one a key of its own (_fetches)
+@frozen(eq=False)  # each one a key of its own (_fetches)
 class Tracked:
     job_id: int
     upstream_id: str

@@ -15,7 +15,6 @@ import functools
 import json
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -26,6 +25,7 @@ from proxy.config import UpstreamConfig
 from proxy.errors import upstream_failure
 from proxy.http1 import Http1Pool
 from proxy.tls import client_context
+from storage.records import frozen
 
 # RFC 9110 §7.6.1 plus the non-standard ones proxies traditionally drop.
 HOP_BY_HOP = frozenset(
@@ -71,7 +71,7 @@ def _skipping(drop: tuple[str, ...]) -> frozenset[str]:
     return HOP_BY_HOP | {name.lower() for name in drop}
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Reply:
     """A complete (non-streamed) upstream response."""
 

@@ -29,7 +29,7 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Collection, Iterable
 
-from storage.records import Job, JobMode, JobState, StoredResponse
+from storage.records import Job, JobMode, JobState, StoredResponse, frozen
 
 # Small on purpose: the copies serve jobs that pass straight through. A backlog
 # (ArangoDB down, results nobody fetches yet) waits in the file, not in memory.
@@ -171,7 +171,7 @@ class Ready:
         return found
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@frozen
 class FreshResult:
     user: str
     response: StoredResponse

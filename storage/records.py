@@ -16,12 +16,35 @@ when it finishes, exactly like a fire-and-forget job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar, cast, dataclass_transform, overload
 
 Headers = tuple[tuple[str, str], ...]
+C = TypeVar("C", bound=type[Any])
+
+
+@overload
+def frozen(cls: C, /) -> C: ...
+@overload
+def frozen(*, eq: bool = True) -> Callable[[C], C]: ...
+@dataclass_transform(frozen_default=True)
+def frozen(cls: C | None = None, /, *, eq: bool = True) -> C | Callable[[C], C]:
+    """A frozen slots dataclass to the type checker (mypy refuses any assignment to a
+    field), a plain one at run time: hashed by its values as a frozen one (`eq`), or
+    by identity without `eq`.
+
+    Why: a frozen dataclass sets each field through object.__setattr__, a call per
+    field. The records of a job are made several times per job on the event loop's
+    thread (the request, the job, its write, its result), and that made a job's record
+    of 14 fields cost 5.5 us against 1.0 (measured alone)."""
+
+    def make(cls: C) -> C:
+        return cast(C, dataclass(slots=True, eq=eq, unsafe_hash=eq)(cls))
+
+    return make if cls is None else make(cls)
 
 
 class JobState(StrEnum):
@@ -45,7 +68,7 @@ class JobMode(StrEnum):
     FORGET = "true"  # fire and forget (x-arango-async: true), or deleted while unfinished
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class NewJob:
     """A request the intake accepted, before it has an id."""
 
@@ -62,23 +85,23 @@ class NewJob:
     def accepted(self, job_id: int) -> Job:
         """The job as stored under `job_id`, in state accepted, before any attempt."""
         return Job(
-            id=job_id,
-            mode=self.mode,
-            state=JobState.ACCEPTED,
-            user=self.user,
-            database=self.database,
-            method=self.method,
-            target=self.target,
-            headers=self.headers,
-            auth=self.auth,
-            body=self.body,
-            created=self.created,
-            upstream_id=None,
-            attempts=0,
+            job_id,
+            self.mode,
+            JobState.ACCEPTED,
+            self.user,
+            self.database,
+            self.method,
+            self.target,
+            self.headers,
+            self.auth,
+            self.body,
+            self.created,
+            None,  # upstream_id
+            0,  # attempts
         )
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Job:
     """A job that still has to run or be harvested (state accepted or submitted)."""
 
@@ -98,7 +121,7 @@ class Job:
     cancelled: bool = False  # its owner cancelled it at ArangoDB (state submitted)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class StoredResponse:
     """The response a job produced (or the error the proxy gave it)."""
 
@@ -126,7 +149,7 @@ _pickled_as_fields(Job)
 _pickled_as_fields(StoredResponse)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Removed:
     """What a retention sweep removed: how many stored results, and their bytes."""
 

@@ -78,13 +78,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar, cast
 
 import aiosqlite
 
 from storage.errors import StoreError
+from storage.records import frozen
 
 MAX_BATCH = 1024
 MAX_ROWS = 64  # rows of one multi-row statement
@@ -124,7 +124,7 @@ class Want(Enum):
     OUTCOME = "outcome"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen
 class Statement:
     sql: str
     params: Params = ()
@@ -140,13 +140,13 @@ class Statement:
             raise ValueError("a values group is in its sql once, and its parameters positional")
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@frozen(eq=False)
 class _Call:
     function: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@frozen(eq=False)
 class _Write:
     statements: tuple[Statement, ...]
     want: Want

@@ -12,6 +12,7 @@ command, crash, shutdown and torture run the proxy as users do, in this mode.)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import pickle
@@ -171,5 +172,5 @@ def test_jobs_and_responses_cross_the_socket_whole_and_as_field_tuples() -> None
     response = StoredResponse(409, (("Server", "ArangoDB"),), b'{"error":true}')
     for value in (job, response):
         assert pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL)) == value
-        fields = tuple(getattr(value, name) for name in type(value).__slots__)
+        fields = tuple(getattr(value, field.name) for field in dataclasses.fields(value))
         assert value.__reduce__() == (type(value), fields)
