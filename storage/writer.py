@@ -134,10 +134,16 @@ class Statement:
     values: str | None = None
 
     def __post_init__(self) -> None:
+        # (per statement made, several per job: the sql checked once, no ABC isinstance)
         if self.values is not None and (
-            self.sql.count(self.values) != 1 or isinstance(self.params, Mapping)
+            type(self.params) is not tuple or not _one_values_group(self.sql, self.values)
         ):
-            raise ValueError("a values group is in its sql once, and its parameters positional")
+            raise ValueError("a values group is in its sql once, its parameters a positional tuple")
+
+
+@functools.cache
+def _one_values_group(sql: str, values: str) -> bool:
+    return sql.count(values) == 1
 
 
 @frozen(eq=False)
@@ -205,7 +211,10 @@ class Writer:
         must wait for the commit and need not wait for the loop. It must be quick,
         and it is not called if the batch fails.
         """
-        rows = any(statement.values for statement in statements)
+        if len(statements) == 1:  # (the common case, without a generator)
+            rows = statements[0].values is not None
+        else:
+            rows = any(statement.values for statement in statements)
         if (rows or want is Want.OUTCOME) and (
             len(statements) != 1 or not rows or want not in (Want.NOTHING, Want.OUTCOME)
         ):
