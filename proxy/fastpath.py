@@ -336,23 +336,21 @@ class FastPath(asyncio.Protocol):
         close = submission.close
         app = self._front.app
         try:
-            answer: bytes | None
+            response: web.Response | None = None
             try:
                 future.result()  # (never cancelled: nothing else holds it)
             except StoreError as exc:
-                refusal = refused(app, exc, method=submission.method, target=submission.target)
-                answer = self._encode(refusal, close=close or self._front.closing, head=False)
+                response = refused(app, exc, method=submission.method, target=submission.target)
             else:
                 stored(app)
-                if _left(early):
-                    assert early is not None
-                    answer = early.unsent
-                else:
+                if not _left(early):
                     assert submission.mode is not None
                     response = accepted(submission.mode, job_id)
-                    answer = self._encode(response, close=close or self._front.closing, head=False)
-            if answer:
-                self._write(answer)
+            if response is not None:
+                closing = close or self._front.closing
+                self._write(self._encode(response, close=closing, head=False))
+            elif early is not None and early.unsent:
+                self._write(early.unsent)  # what the kernel did not take of the 202
         except Exception:
             self._head_sent = _left(early)  # a bug after the commit: no 500 after a 202
             self._failed(submission)

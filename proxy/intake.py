@@ -248,9 +248,9 @@ def store_job(
     body: bytes,
     on_durable: Callable[[int], None] | None = None,
 ) -> web.Response | tuple[int, asyncio.Future[Any]]:
-    """The job handed to the store: its id and the write's future (`stored` makes its
-    answer), or the refusal to answer at once. Its body must have been checked to
-    decode (`accept`).
+    """The job handed to the store: its id and the write's future (once it is done:
+    `stored` and its 202, or `refused` for its StoreError), or the refusal to answer
+    at once. Its body must have been checked to decode (`accept`).
 
     x-arango-queue-time-seconds (ArangoDB: 412 at once when its queue time is longer)
     is checked against the proxy's own queue: how long its oldest job not yet sent
