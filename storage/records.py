@@ -39,7 +39,7 @@ def frozen(cls: C | None = None, /, *, eq: bool = True) -> C | Callable[[C], C]:
     Why: a frozen dataclass sets each field through object.__setattr__, a call per
     field. The records of a job are made several times per job on the event loop's
     thread (the request, the job, its write, its result), and that made a job's record
-    of 14 fields cost 5.5 us against 1.0 (measured alone)."""
+    of 14 fields cost 5.5 us to make against 0.6 (measured alone)."""
 
     def make(cls: C) -> C:
         return cast(C, dataclass(slots=True, eq=eq, unsafe_hash=eq)(cls))
