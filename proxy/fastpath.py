@@ -10,7 +10,7 @@ running) the proxy's CPU per accept went from about 189 to 134 us with it.
 How: every client connection starts here. A request that has arrived whole and
 that `proxy.fastpath_http.parse` takes (the plainest HTTP/1.1; an async
 submission, or a request for the job API) is answered here by the functions
-aiohttp's path calls (`proxy.intake.admit` and `accept`, `jobs_api.answer`), so
+aiohttp's path calls (`proxy.intake.admit`, `store_job` and the rest, `jobs_api.answer`), so
 the answers are the same. Anything else hands the connection to aiohttp at that
 request's first byte: the transport's protocol becomes aiohttp's, which is fed
 every byte from there on and serves the connection for the rest of its life.
@@ -55,6 +55,7 @@ from yarl import URL
 
 from proxy import jobs_api
 from proxy.app import runner_options
+from proxy.auth import Caller
 from proxy.errors import ERROR_BAD_PARAMETER, UpstreamFailure, arango_error
 from proxy.fastpath_http import (
     HEAD_END,
@@ -68,7 +69,6 @@ from proxy.fastpath_http import (
 from proxy.intake import (
     DECODED,
     NOT_STORED,
-    accept,
     accepted,
     admit,
     body_too_slow,
@@ -76,6 +76,7 @@ from proxy.intake import (
     refused,
     store_job,
     stored,
+    undecodable,
 )
 from proxy.passthrough import CHUNK, forwarded
 from proxy.state import CONFIG, CREDENTIALS, METRICS, SHUTDOWN, UPSTREAM, VERIFIER
@@ -299,30 +300,40 @@ class FastPath(asyncio.Protocol):
         headers = self._stored_headers(submission)
         if headers.get("Content-Encoding") in DECODED:
             return False
-        early = self._early_202(submission)
         try:
-            started = store_job(
-                app,
-                submission.mode,
-                caller,
-                method=submission.method,
-                target=submission.target,
-                headers=headers,
-                body=submission.body,
-                on_durable=early,
-            )
+            refusal = self._to_store(submission, caller, headers)
         except Exception:
             self._failed(submission)
             self._answered_now(submission, close=True)
             return True
+        if refusal is not None:
+            self._answered_now(submission, refusal)
+        return True
+
+    def _to_store(
+        self, submission: Submission, caller: Caller, headers: CIMultiDict[str]
+    ) -> web.Response | None:
+        """Hand an admitted async submission to the store: the connection is busy
+        until the write's future calls `_stored`; or the refusal to answer at once."""
+        assert submission.mode is not None
+        early = self._early_202(submission)
+        started = store_job(
+            self._front.app,
+            submission.mode,
+            caller,
+            method=submission.method,
+            target=submission.target,
+            headers=headers,
+            body=submission.body,
+            on_durable=early,
+        )
         if isinstance(started, web.Response):
-            self._answered_now(submission, started)
-            return True
+            return started
         job_id, future = started
         self._busy = True
         self._early = early
         future.add_done_callback(functools.partial(self._stored, submission, job_id, early))
-        return True
+        return None
 
     def _stored(
         self,
@@ -331,7 +342,7 @@ class FastPath(asyncio.Protocol):
         early: _Early | None,
         future: asyncio.Future[object],
     ) -> None:
-        """The write of `_accept_now` is over: its answer, then the next request."""
+        """The write of `_to_store` is over: its answer, then the next request."""
         self._early = None
         close = submission.close
         app = self._front.app
@@ -348,7 +359,7 @@ class FastPath(asyncio.Protocol):
                     response = accepted(submission.mode, job_id)
             if response is not None:
                 closing = close or self._front.closing
-                self._write(self._encode(response, close=closing, head=False))
+                self._write(self._encode(response, close=closing, head=submission.head))
             elif early is not None and early.unsent:
                 self._write(early.unsent)  # what the kernel did not take of the 202
         except Exception:
@@ -403,9 +414,10 @@ class FastPath(asyncio.Protocol):
                 close = await self._pass_through(submission) or close
             else:
                 response = await self._answer(submission)
-                if response is not None:
-                    closing = close or self._front.closing
-                    self._write(self._encode(response, close=closing, head=submission.head))
+                if response is None:
+                    return  # handed to the store: `_stored` answers and goes on
+                closing = close or self._front.closing
+                self._write(self._encode(response, close=closing, head=submission.head))
         except Exception:
             self._failed(submission)
             close = True
@@ -509,7 +521,7 @@ class FastPath(asyncio.Protocol):
             self._go_on()
 
     async def _answer(self, submission: Submission) -> web.Response | None:
-        """The answer to write; None if it is written already (an early 202)."""
+        """The answer to write; None if the submission went to the store (`_to_store`)."""
         app = self._front.app
         if submission.mode is None:
             return await self._job_api(submission)
@@ -522,34 +534,10 @@ class FastPath(asyncio.Protocol):
         if isinstance(verified, web.Response):
             return verified
         headers = self._stored_headers(submission)
-        early = self._early_202(submission)
-        self._early = early
-        try:
-            response = await accept(
-                app,
-                submission.mode,
-                verified,
-                method=submission.method,
-                target=submission.target,
-                headers=headers,
-                body=submission.body,
-                on_durable=early,
-            )
-        except asyncio.CancelledError:
-            # (the loop is stopping) the write may still commit and send: _early stays,
-            # and with it the socket's copy, which is never closed then
-            raise
-        except BaseException:
-            self._early = None
-            self._head_sent = _left(early)  # a bug after the commit: no 500 after a 202
-            raise
-        self._early = None
-        if not _left(early):
-            return response
-        assert early is not None
-        if early.unsent:
-            self._write(early.unsent)
-        return None
+        refusal = await undecodable(app, headers, submission.body)
+        if refusal is not None:
+            return refusal
+        return self._to_store(submission, verified, headers)
 
     def _stored_headers(self, submission: Submission) -> CIMultiDict[str]:
         """The headers an async submission's job keeps (forwarded, without NOT_STORED)."""

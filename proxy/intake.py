@@ -4,7 +4,8 @@ The caller is verified first (`proxy.auth`), the body is read within a size
 limit and a deadline, the job is written through the store's group commit,
 and only then does the client get its ``202``. A client that hangs up does not
 abort the write half-way: handlers are not cancelled (`runner_options`, and the
-fast path's own rule). `admit` and `accept` serve aiohttp's path (`intake`) and
+fast path's own rule). `admit`, `undecodable` and `store_job` (then `stored` or
+`refused`) serve aiohttp's path (`intake`) and
 the fast path (`proxy.fastpath`) alike.
 
 Refusals, all in ArangoDB's error shape::
@@ -75,14 +76,17 @@ DECODED = frozenset(_WBITS)  # Content-Encodings whose body is checked before qu
 DECODE_CHECK_LIMIT = 256 * 2**20  # bytes decoded: beyond, ArangoDB has the last word
 
 
-async def _undecodable(encoding: str | None, body: bytes) -> web.Response | None:
+async def undecodable(
+    app: web.Application, headers: CIMultiDict[str], body: bytes
+) -> web.Response | None:
     """ArangoDB's 400 "decoding error", at once, for a gzip or deflate body that does
     not decode: it would never queue the job. One that decodes is stored as it came,
     and ArangoDB decodes it when the job gets there. (Decoded beside the event loop,
     the output thrown away: a small body may decode to gigabytes.)"""
-    wbits = _WBITS.get(encoding or "")
+    wbits = _WBITS.get(headers.get("Content-Encoding") or "")
     if wbits is None or await asyncio.to_thread(_decodes, wbits, body):
         return None
+    app[METRICS]["jobs_refused_total"] += 1
     return arango_error(400, ERROR_TRI_BAD_PARAMETER, "decoding error", handler=False)
 
 
@@ -165,15 +169,24 @@ async def intake(request: web.Request, mode: JobMode) -> web.Response:
     if isinstance(body, web.Response):
         return body
     headers = forwarded_headers(request, drop=NOT_STORED)
-    return await accept(
-        request.app,
-        mode,
-        verified,
-        method=request.method,
-        target=request.raw_path,
-        headers=headers,
-        body=body,
+    refusal = await undecodable(request.app, headers, body)
+    if refusal is not None:
+        return refusal
+    method, target = request.method, request.raw_path
+    started = store_job(
+        request.app, mode, verified, method=method, target=target, headers=headers, body=body
     )
+    if isinstance(started, web.Response):
+        return started
+    job_id, future = started
+    # Handlers run on when their client leaves (runner_options), so the job is
+    # stored all the same; it only misses its 202.
+    try:
+        await future
+    except StoreError as exc:
+        return refused(request.app, exc, method=method, target=target)
+    stored(request.app)
+    return accepted(mode, job_id)
 
 
 async def admit(
@@ -196,47 +209,6 @@ async def admit(
     return verified
 
 
-async def accept(
-    app: web.Application,
-    mode: JobMode,
-    caller: Caller,
-    *,
-    method: str,
-    target: str,
-    headers: CIMultiDict[str],
-    body: bytes,
-    on_durable: Callable[[int], None] | None = None,
-) -> web.Response:
-    """Store the job (`headers`: those to forward, without NOT_STORED); its 202.
-
-    `on_durable`: see `JobStore.accept` (the fast path sends the 202 itself)."""
-    refusal = await _undecodable(headers.get("Content-Encoding"), body)
-    if refusal is not None:
-        app[METRICS]["jobs_refused_total"] += 1
-        return refusal
-    started = store_job(
-        app,
-        mode,
-        caller,
-        method=method,
-        target=target,
-        headers=headers,
-        body=body,
-        on_durable=on_durable,
-    )
-    if isinstance(started, web.Response):
-        return started
-    job_id, future = started
-    # Handlers run on when their client leaves (runner_options), so the job is
-    # stored all the same; it only misses its 202.
-    try:
-        await future
-    except StoreError as exc:
-        return refused(app, exc, method=method, target=target)
-    stored(app)
-    return accepted(mode, job_id)
-
-
 def store_job(
     app: web.Application,
     mode: JobMode,
@@ -250,7 +222,9 @@ def store_job(
 ) -> web.Response | tuple[int, asyncio.Future[Any]]:
     """The job handed to the store: its id and the write's future (once it is done:
     `stored` and its 202, or `refused` for its StoreError), or the refusal to answer
-    at once. Its body must have been checked to decode (`accept`).
+    at once. Its body must have been checked to decode (`undecodable`).
+
+    `on_durable`: see `JobStore.accept` (the fast path sends the 202 from there).
 
     x-arango-queue-time-seconds (ArangoDB: 412 at once when its queue time is longer)
     is checked against the proxy's own queue: how long its oldest job not yet sent
