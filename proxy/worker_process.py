@@ -58,6 +58,7 @@ from proxy.tokens import JobCredentials
 from proxy.upstream import Upstream
 from proxy.workers import Workers
 from storage import Job, JobState, Mark, ResultTooLarge, StoredResponse, StoreError
+from storage.store import UNKNOWN
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class WorkerProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._serving: set[asyncio.Task[None]] = set()
+        self._writing: set[asyncio.Future[Any]] = set()  # finish calls, until committed
         self._woken = False  # a wake is on its way and the child has not looked since
 
     @property
@@ -176,6 +178,8 @@ class WorkerProcess:
             await process.wait()
         # what it asked for last is written before the store closes
         await asyncio.gather(*self._serving)
+        if self._writing:
+            await asyncio.wait(self._writing)
         self._channel.close()
 
     async def _spawn(self) -> None:
@@ -226,35 +230,60 @@ class WorkerProcess:
             self._metrics.update(message[1])
             return
         _, call_id, name, args, kwargs = message
+        channel = self._channel  # the reply goes to the child that asked, never to a later one
         call: Awaitable[Any]
         if name == "next_accepted":
-            call = self._next_accepted(*args)
+            self._woken = False  # before the look: a job accepted after it wakes the child
+            jobs = self._store.next_accepted_now(*args)
+            if jobs is not UNKNOWN:
+                channel.send(("reply", call_id, jobs, None))
+                return
+            call = self._store.next_accepted(*args)
+        elif name == "finish":
+            # The commonest call (a result per job): answered from the write's future,
+            # without a task of its own.
+            try:
+                written = self._store.finish_nowait(*args, **kwargs)
+            except Exception as exc:
+                channel.send(_failed(call_id, exc))
+                return
+            self._writing.add(written)
+            written.add_done_callback(functools.partial(self._written, channel, call_id))
+            return
         elif name == "execute":
             call = self._execute(*args)
         else:
             assert name in _STORE_CALLS, name
             call = getattr(self._store, name)(*args, **kwargs)
-        task = asyncio.create_task(self._serve(self._channel, call_id, call))
+        task = asyncio.create_task(self._serve(channel, call_id, call))
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
 
     async def _serve(self, channel: Channel, call_id: int, call: Awaitable[Any]) -> None:
-        # the reply goes to the child that asked, never to one started after it
         try:
             value = await call
-        except (StoreError, ResultTooLarge) as exc:
-            channel.send(("reply", call_id, None, exc))
         except Exception as exc:
-            log.exception("a call from the worker process failed")
-            channel.send(("reply", call_id, None, RuntimeError(f"{type(exc).__name__}: {exc}")))
+            channel.send(_failed(call_id, exc))
         else:
             channel.send(("reply", call_id, value, None))
 
-    async def _next_accepted(
-        self, limit: int, exclude: Collection[int], unsent: Collection[int] = ()
-    ) -> list[Job]:
-        self._woken = False  # before the look: a job accepted after it wakes the child
-        return await self._store.next_accepted(limit, exclude, unsent)
+    def _written(self, channel: Channel, call_id: int, written: asyncio.Future[Any]) -> None:
+        self._writing.discard(written)
+        if written.cancelled():
+            channel.send(_failed(call_id, StoreError("the write was cancelled")))
+        elif (error := written.exception()) is not None:
+            channel.send(_failed(call_id, error))
+        else:
+            channel.send(("reply", call_id, written.result(), None))
+
+
+def _failed(call_id: int, error: BaseException) -> tuple[Any, ...]:
+    """The reply to a call that raised: the store's own errors as they are, a bug as a
+    RuntimeError that says what it was (logged here, with its traceback)."""
+    if isinstance(error, (StoreError, ResultTooLarge)):
+        return ("reply", call_id, None, error)
+    log.error("a call from the worker process failed", exc_info=error)
+    return ("reply", call_id, None, RuntimeError(f"{type(error).__name__}: {error}"))
 
 
 def _child_environment() -> dict[str, str]:

@@ -305,6 +305,34 @@ class JobStore:
         cancel is dropped, as one that came too late."""
         self._unsent.update(unsent)
         found = await self._accepted(limit, exclude)
+        jobs, cancelled = self._hand_out(found, exclude)
+        for job_id, result in cancelled:
+            try:
+                await self._cancel_here(job_id, result)
+            except StoreError:
+                self._cancels.setdefault(job_id, result)  # at the next offer, then
+                self._unsent.add(job_id)
+        return jobs
+
+    def next_accepted_now(
+        self, limit: int, exclude: Collection[int] = (), unsent: Collection[int] = ()
+    ) -> list[Job] | Unknown:
+        """`next_accepted`, when the copy in memory holds the jobs and none of them has
+        a cancel waiting; else UNKNOWN (and nothing changed)."""
+        taken = self._ready.take(limit, exclude)
+        if len(taken) < limit and not self._ready.complete:
+            return UNKNOWN
+        if any(job.id in self._cancels for job in taken):
+            return UNKNOWN
+        self._unsent.update(unsent)
+        jobs, _ = self._hand_out(taken, exclude)
+        return jobs
+
+    def _hand_out(
+        self, found: list[Job], exclude: Collection[int]
+    ) -> tuple[list[Job], list[tuple[int, StoredResponse]]]:
+        """Of the accepted jobs `found`, those the dispatcher gets, and the cancels to
+        carry out here instead (see `next_accepted`)."""
         jobs: list[Job] = []
         cancelled: list[tuple[int, StoredResponse]] = []
         for job in found:
@@ -317,13 +345,7 @@ class JobStore:
                 jobs.append(job)
             self._unsent.discard(job.id)
         self._sending = (self._sending & set(exclude)) | {job.id for job in jobs}
-        for job_id, result in cancelled:
-            try:
-                await self._cancel_here(job_id, result)
-            except StoreError:
-                self._cancels.setdefault(job_id, result)  # at the next offer, then
-                self._unsent.add(job_id)
-        return jobs
+        return jobs, cancelled
 
     def queue_time(self) -> float:
         """Seconds the oldest accepted job the store holds in memory has waited (0 if
@@ -462,10 +484,24 @@ class JobStore:
         or, given `upstream_id`, not at ArangoDB under that id (any more).
         ResultTooLarge if `response` can never fit under the store's size limit.
         """
+        return await self.finish_nowait(
+            job_id, response, from_states=from_states, upstream_id=upstream_id
+        )
+
+    def finish_nowait(
+        self,
+        job_id: int,
+        response: StoredResponse,
+        *,
+        from_states: Collection[JobState] = (JobState.ACCEPTED, JobState.SUBMITTED),
+        upstream_id: str | None = None,
+    ) -> asyncio.Future[bool]:
+        """`finish`, without waiting: the future of its outcome (cancelling it cancels
+        the write, as cancelling `finish` does). ResultTooLarge is raised here."""
         if JobState.DONE in from_states:
             raise ValueError("finish() moves unfinished jobs only; DONE is not a from_state")
         if not valid_id(job_id) or not from_states:
-            return False
+            return _resolved(False)
         states = sorted(JobState(state).value for state in from_states)
         headers = rows.headers_param(response.headers)  # ASCII: characters are bytes
         size = len(headers) + len(response.body)
@@ -483,12 +519,13 @@ class JobStore:
             response.body,
             size,
         )
-        changed = await self._command(
+        written = self._writer.enqueue(
             Statement(sql.FINISH, params, sql.FINISH_VALUES),
+            want=Want.OUTCOME,
             on_commit=lambda result: self._finish_committed(result, job_id, response, size),
             scrubs=True,  # the wiped credentials must leave the -wal file too
         )
-        return len(changed) == 1
+        return _mapped(written, lambda changed: len(cast(list[Any], changed)) == 1)
 
     def _finish_committed(
         self, changed: Result, job_id: int, response: StoredResponse, size: int
@@ -755,6 +792,36 @@ class JobStore:
             *statements, want=Want.ROWS, on_commit=on_commit, scrubs=scrubs
         )
         return cast(list[Any], await future)
+
+
+def _resolved(value: T) -> asyncio.Future[T]:
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+def _mapped(future: asyncio.Future[Any], convert: Callable[[Any], T]) -> asyncio.Future[T]:
+    """A future of `convert(future's result)`, or of its exception; cancelling it
+    cancels `future`. (Cheaper than a task that awaits `future`: no coroutine.)"""
+    mapped: asyncio.Future[T] = future.get_loop().create_future()
+
+    def settle(done: asyncio.Future[Any]) -> None:
+        if mapped.done():
+            return
+        if done.cancelled():
+            mapped.cancel()
+        elif (error := done.exception()) is not None:
+            mapped.set_exception(error)
+        else:
+            mapped.set_result(convert(done.result()))
+
+    def cancelled(outcome: asyncio.Future[T]) -> None:
+        if outcome.cancelled():
+            future.cancel()
+
+    future.add_done_callback(settle)
+    mapped.add_done_callback(cancelled)
+    return mapped
 
 
 def _sees(viewer: str | None, owner: str) -> bool:

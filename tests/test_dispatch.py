@@ -23,6 +23,7 @@ from proxy import harvester, jobs_api
 from proxy.app import create_app
 from proxy.state import METRICS, STORE
 from storage import JobState, JobStore, Mark, StoredResponse, StoreError
+from storage.store import UNKNOWN
 from tests.conftest import ProxyFactory, proxy_config
 from tests.processes import free_port
 from tests.standin import StandIn
@@ -458,7 +459,7 @@ async def test_a_slot_is_free_once_arangodb_has_handed_the_result_over(
     store = app[STORE]
     held = asyncio.Event()
     monkeypatch.setattr(store, "mark_submitted", HeldBack(store.mark_submitted, held))
-    monkeypatch.setattr(store, "finish", HeldBack(store.finish, held))
+    monkeypatch.setattr(store, "finish_nowait", held_back_nowait(store.finish_nowait, held))
     jobs = Client(http, base)
     ids = [await jobs.submit("GET", "/_api/version") for _ in range(3)]
     # one after the other, each fetched from the stand-in, none recorded here yet
@@ -597,6 +598,21 @@ class HeldBack:
         return await self.method(*args, **kwargs)
 
 
+def held_back_nowait(
+    method: Callable[..., Awaitable[Any]], release: asyncio.Event
+) -> Callable[..., asyncio.Future[Any]]:
+    """HeldBack for a store method that returns its future at once (`finish_nowait`)."""
+
+    def call(*args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        async def held() -> Any:
+            await release.wait()
+            return await method(*args, **kwargs)
+
+        return asyncio.ensure_future(held())
+
+    return call
+
+
 @pytest.fixture(params=["inline", "process"])
 async def proxy_app(
     request: pytest.FixtureRequest,
@@ -622,6 +638,8 @@ async def test_store_read_failure_in_dispatcher_is_retried(
     app, base = proxy_app
     failing = FailFirst(app[STORE].next_accepted, 2, "disk I/O error")
     monkeypatch.setattr(app[STORE], "next_accepted", failing)
+    # (the worker process's look is answered from memory when it can: not here)
+    monkeypatch.setattr(app[STORE], "next_accepted_now", lambda *_: UNKNOWN)
     jobs = Client(http, base)
     answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
     assert answer.status == 200
@@ -661,17 +679,19 @@ async def test_an_async_fetch_keeps_the_result_it_took_when_storing_it_fails(
     taken = await jobs.submit("GET", "/_api/version")
     await jobs.wait_done(taken)
     store = app[STORE]
-    finish = store.finish
+    finish = store.finish_nowait  # (finish's too)
     failures = 2
 
-    async def failing(job_id: int, response: StoredResponse, **kwargs: Any) -> bool:
+    def failing(job_id: int, response: StoredResponse, **kwargs: Any) -> asyncio.Future[bool]:
         nonlocal failures
         if failures and dict(response.headers).get("x-arango-async-id") == taken:
             failures -= 1
-            raise StoreError("database or disk is full (injected)")
-        return await finish(job_id, response, **kwargs)
+            failed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            failed.set_exception(StoreError("database or disk is full (injected)"))
+            return failed
+        return finish(job_id, response, **kwargs)
 
-    monkeypatch.setattr(store, "finish", failing)
+    monkeypatch.setattr(store, "finish_nowait", failing)
     fetching = await jobs.submit("PUT", f"/_api/job/{taken}")
     answer = await jobs.result(fetching)
     assert failures == 0

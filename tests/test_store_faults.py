@@ -146,6 +146,34 @@ async def test_a_write_given_up_before_its_batch_starts_is_skipped(
         await store.accept(new_job())
 
 
+async def test_a_result_given_up_before_its_batch_starts_is_not_stored(
+    store: JobStore, other_writer: sqlite3.Connection
+) -> None:
+    """finish_nowait (the worker process's results, stored without a task): its
+    future cancelled, as a cancelled finish, drops the write; a job id that cannot be
+    is answered at once, and a from_state of done is refused at once."""
+    job_id = await store.accept(new_job())
+    other_writer.execute("BEGIN IMMEDIATE")
+    blocked = asyncio.create_task(store.accept(new_job()))
+    await writer_took_everything(store)
+    given_up = store.finish_nowait(job_id, RESULT)
+    given_up.cancel()
+    await asyncio.sleep(0)  # (the write's own future hears of it a turn later)
+    other_writer.execute("ROLLBACK")
+    assert await blocked == 2
+    await store.flush()
+    assert await store.state(job_id, None) is JobState.ACCEPTED
+    stored = store.finish_nowait(job_id, RESULT)
+    assert not stored.done()
+    assert await stored
+    assert not await store.finish_nowait(job_id, RESULT)  # done already
+    nothing = store.finish_nowait(0, RESULT)
+    assert nothing.done()
+    assert not nothing.result()
+    with pytest.raises(ValueError, match="DONE"):
+        store.finish_nowait(job_id, RESULT, from_states=(JobState.DONE,))
+
+
 async def test_a_write_given_up_while_it_commits_is_still_counted(
     store: JobStore, other_writer: sqlite3.Connection
 ) -> None:

@@ -22,8 +22,8 @@ import pytest
 
 from storage import Job, JobMode, JobState, JobStore, Mark, StoredResponse, StoreError
 from storage.memory import JOB_OVERHEAD, READ_AHEAD, READY_MAX_BYTES, Fresh, Pending, Ready
-from storage.store import UNKNOWN
-from tests.test_store import RESULT, new_job, raw_rows
+from storage.store import UNKNOWN, Unknown
+from tests.test_store import CANCELED, RESULT, new_job, raw_rows
 
 USERS = ("alice", "bob")
 
@@ -48,9 +48,10 @@ async def check_against_file(store: JobStore, data: Path, ids: list[int]) -> Non
 class Model:
     """Drives the store at random, records what every fetch handed out."""
 
-    def __init__(self, store: JobStore, rng: random.Random) -> None:
+    def __init__(self, store: JobStore, rng: random.Random, ways: random.Random) -> None:
         self.store = store
         self.rng = rng
+        self.ways = ways  # the worker process's way or not (apart: rng's draws stay as they were)
         self.ids: list[int] = []
         self.submitted: list[int] = []  # marked submitted once (may have moved on since)
         self.finished: list[int] = []  # done once
@@ -68,17 +69,29 @@ class Model:
         self.ids.append(await self.store.accept(new_job(mode=mode, user=user)))
 
     async def dispatch(self) -> None:
-        for job in await self.store.next_accepted(self.rng.randint(1, 4)):
+        limit = self.rng.randint(1, 4)
+        # as the worker process looks: from memory when it can
+        now = self.store.next_accepted_now(limit) if self.ways.random() < 0.5 else UNKNOWN
+        jobs = await self.store.next_accepted(limit) if isinstance(now, Unknown) else now
+        for job in jobs:
             if self.rng.random() < 0.8:
                 if await self.store.mark_submitted(job.id, f"u{job.id}") is not Mark.GONE:
                     self.submitted.append(job.id)
-            elif await self.store.finish(job.id, RESULT, from_states=(JobState.ACCEPTED,)):
+            elif await self.finish(job.id, RESULT, (JobState.ACCEPTED,)):
                 self.finished.append(job.id)  # an immediate reply from ArangoDB
 
     async def harvest(self) -> None:
         job_id = self.pick(self.submitted)
-        if await self.store.finish(job_id, _result(self.rng), from_states=(JobState.SUBMITTED,)):
+        if await self.finish(job_id, _result(self.rng), (JobState.SUBMITTED,)):
             self.finished.append(job_id)
+
+    async def finish(
+        self, job_id: int, result: StoredResponse, from_states: tuple[JobState, ...]
+    ) -> bool:
+        """finish, or as the worker process's results are stored (finish_nowait)."""
+        if self.ways.random() < 0.5:
+            return await self.store.finish_nowait(job_id, result, from_states=from_states)
+        return await self.store.finish(job_id, result, from_states=from_states)
 
     async def cancel(self) -> None:
         await self.store.finish(self.pick(), RESULT, from_states=(JobState.ACCEPTED,))
@@ -129,7 +142,7 @@ def _result(rng: random.Random) -> StoredResponse:
 async def test_memory_follows_the_file_under_concurrent_operations(
     store: JobStore, data: Path, seed: int
 ) -> None:
-    model = Model(store, random.Random(seed))
+    model = Model(store, random.Random(seed), random.Random(-1 - seed))
     for _ in range(60):
         await asyncio.gather(*(operation() for operation in model.operations()))
         await store.flush()  # fetched results' deletes commit in the background
@@ -247,6 +260,34 @@ async def test_the_memory_only_answers_say_unknown_where_a_read_is_needed(data: 
         await store.close()
     with pytest.raises(StoreError):
         store.state_now(job_id, None)
+
+
+async def test_the_dispatchers_look_from_memory_hands_out_the_same_or_says_unknown(
+    data: Path,
+) -> None:
+    """next_accepted_now (the worker process's looks, answered without a task) hands
+    out what next_accepted would; where that takes a read (jobs from before a restart)
+    or a cancel to write, it says UNKNOWN and changes nothing."""
+    store = await JobStore.open(data)
+    left = await store.accept(new_job())
+    await store.close()
+    store = await JobStore.open(data)
+    try:
+        assert store.next_accepted_now(1) is UNKNOWN  # the file holds one the copy lacks
+        assert [job.id for job in await store.next_accepted(1)] == [left]
+        first, second = await store.accept(new_job()), await store.accept(new_job())
+        now = store.next_accepted_now(5, (left,))  # the read found all: the copy answers
+        assert not isinstance(now, Unknown)
+        assert [job.id for job in now] == [first, second]
+        assert [job.id for job in await store.next_accepted(5, (left,))] == [first, second]
+        # `first` is being sent: its cancel waits; given back unsent, it is cancelled here
+        assert await store.cancel_accepted(first, CANCELED)
+        assert store.next_accepted_now(5, (left,), (first,)) is UNKNOWN
+        assert [job.id for job in await store.next_accepted(5, (left,), (first,))] == [second]
+        assert await store.take_result(first, None) == CANCELED
+        assert store.next_accepted_now(0) == []
+    finally:
+        await store.close()
 
 
 def test_pending_keeps_store_jobs_within_its_budget() -> None:
