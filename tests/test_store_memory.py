@@ -218,7 +218,7 @@ async def test_unfinished_jobs_past_the_budget_or_from_before_a_restart_are_read
     store = await JobStore.open(data)
     before = await store.accept(new_job())
     await store.close()
-    monkeypatch.setattr("storage.store.Pending", functools.partial(Pending, max_jobs=1))
+    monkeypatch.setattr("storage.core.Pending", functools.partial(Pending, max_jobs=1))
     store = await JobStore.open(data)
     try:
         kept, past = await store.accept(new_job()), await store.accept(new_job())
