@@ -16,7 +16,7 @@ from typing import Any
 
 from proxy.app import create_app
 from proxy.config import Config, ConfigError, load_config
-from proxy.fastpath import Listener
+from proxy.listener import Listener
 from proxy.tls import server_context
 from storage import StoreError
 

@@ -9,7 +9,7 @@ submission can meet::
 
     202 + x-arango-async-id ─▶ the harvester takes over: submitted, or done at
                                once when its first look finds the result
-                               (harvester.Submission)
+                               (recording.Submission)
     503 (queue full 21003, shutting down 30, maintenance 503),
     connection error, timeout ─▶ stays accepted; back off and retry
     any other reply (401, 404/1228, 400, ...) ─▶ done, that reply is the result
@@ -33,15 +33,8 @@ from multidict import CIMultiDict
 from proxy import jobs_api
 from proxy.auth import job_at_arangodb
 from proxy.errors import UpstreamFailure
-from proxy.harvester import (
-    MARK_AFTER,
-    Harvester,
-    Submission,
-    record,
-    record_result,
-    stored_response,
-    tell,
-)
+from proxy.harvester import MARK_AFTER, Harvester
+from proxy.recording import Submission, record, record_result, stored_response, tell
 from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream

@@ -37,21 +37,19 @@ import functools
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TypeVar
 
 from proxy.auth import database_prefix, job_at_arangodb
 from proxy.errors import (
     ERROR_DATABASE_NOT_FOUND,
-    ERROR_INTERNAL,
-    JSON_TYPE,
     UpstreamFailure,
-    error_body,
 )
+from proxy.recording import Submission, lost_response, record_result, stored_response, tell
 from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
-from proxy.upstream import Reply, Upstream, end_to_end
-from storage import Job, JobState, ResultTooLarge, StoredResponse, StoreError
+from proxy.upstream import Reply, Upstream
+from storage import Job, JobState, StoredResponse
 from storage.records import frozen
 
 log = logging.getLogger(__name__)
@@ -65,31 +63,7 @@ LOST_CHECK_INTERVAL = 1.0
 LIST_SLACK = 1000  # other clients of the same user may have results waiting too
 FETCH_CONCURRENCY = 32
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-RECORD_RETRY_MIN = 0.05
-RECORD_RETRY_MAX = 1.0
 MAX_RERUNS = 5
-
-# Not replayed from a stored response: recomputed, or added by the facade.
-_NOT_KEPT = ("content-length", "date", "x-arango-async-id")
-
-
-def stored_response(reply: Reply) -> StoredResponse:
-    headers = end_to_end(reply.headers.items(), drop=_NOT_KEPT)
-    return StoredResponse(reply.status, tuple(headers.items()), reply.body)
-
-
-def lost_response(upstream_id: str, why: str) -> StoredResponse:
-    return _error_result(
-        f"upstream ArangoDB lost this job (its id there was {upstream_id}): it restarted "
-        "before the job finished, or the job's result was lost on its way to the proxy; "
-        f"it was not run again ({why})"
-    )
-
-
-def _error_result(message: str) -> StoredResponse:
-    """A job's result that the proxy writes itself: 500/4 in ArangoDB's shape."""
-    body = error_body(500, ERROR_INTERNAL, message)
-    return StoredResponse(500, (("Content-Type", JSON_TYPE),), body)
 
 
 def _is_final(reply: Reply) -> bool:
@@ -102,34 +76,6 @@ def _database_gone(reply: Reply) -> bool:
     return reply.status == 404 and reply.error_num() == ERROR_DATABASE_NOT_FOUND
 
 
-UNFINISHED = (JobState.ACCEPTED, JobState.SUBMITTED)
-
-
-async def record_result(
-    store: JobQueue,
-    job_id: int,
-    result: StoredResponse,
-    *,
-    from_states: Collection[JobState] = UNFINISHED,
-) -> bool:
-    """`record` the job's result; one that can never fit under storage.max_db_size is
-    replaced by an error result that says so (waiting would keep the job pending for
-    ever: ArangoDB has handed the result over, and no one else has it)."""
-    try:
-        return await record(
-            f"the result of job {job_id}",
-            lambda: store.finish(job_id, result, from_states=from_states),
-        )
-    except ResultTooLarge as exc:
-        log.warning("the result of job %d was dropped: %s", job_id, exc)
-        why = f"ArangoDB's answer ({result.status}) to this job was dropped: {exc}"
-        dropped = _error_result(why)
-        return await record(
-            f"the result of job {job_id}",
-            lambda: store.finish(job_id, dropped, from_states=from_states),
-        )
-
-
 class _Refused(Exception):
     """ArangoDB refused the credentials a job list was asked with (401/403), or its
     database is gone (404)."""
@@ -137,76 +83,6 @@ class _Refused(Exception):
 
 # (user, stored Authorization, /_db/{name} or ""): whose credentials, and where
 Owner = tuple[str, str | None, str]
-
-
-async def record(what: str, write: Callable[[], Awaitable[T]]) -> T:
-    """Retry a store write until it commits: what ArangoDB did cannot be undone.
-
-    Used after ArangoDB has acted (accepted a job, handed over a result). Giving
-    up would make the job run again, or lose its result; the store's faults
-    (full, busy, I/O) pass, and each try is one more chance. Only cancellation
-    (shutdown) ends the wait; then the job is resumed from its stored state.
-    """
-    delay = RECORD_RETRY_MIN
-    while True:
-        try:
-            return await write()
-        except StoreError as exc:
-            level = logging.WARNING if delay == RECORD_RETRY_MIN else logging.DEBUG
-            log.log(level, "cannot record %s yet, will retry: %s", what, exc)
-        await asyncio.sleep(delay)
-        delay = min(RECORD_RETRY_MAX, delay * 2)
-
-
-async def tell(
-    upstream: Upstream, credentials: JobCredentials, job: Job, *calls: tuple[str, str]
-) -> None:
-    """Best effort, as the job's user: a failure leaves the job to run its course."""
-    headers = credentials.headers(job.user, job.auth)
-    for method, path in calls:
-        try:
-            await upstream.call(method, path, headers)
-        except UpstreamFailure as failure:
-            log.warning("%s %s for job %d failed: %s", method, path, job.id, failure.message)
-
-
-class Submission:
-    """A job just sent, between ArangoDB's 202 and the store's record of it.
-
-    Most jobs are short: the harvester's first look, a millisecond after the 202,
-    finds the result, which is then stored straight from state accepted: one write
-    instead of two (submitted, then done), and the result does not wait for the
-    other's commit. A job still running at its first look, or not looked at within
-    MARK_AFTER, is marked submitted by the dispatcher; a result fetched after the
-    mark began waits for it. Until one of the two writes commits, the store says
-    accepted, and a proxy killed then sends the job again on its next start (as
-    when it dies between the 202 and the mark; README, Guarantees)."""
-
-    __slots__ = ("looked", "marked", "marking", "storing")
-
-    def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        # set at the harvester's first answer about the job (result or not), or when
-        # the dispatcher stops waiting for it (first_look)
-        self.looked: asyncio.Future[None] = loop.create_future()
-        self.marking = False  # the dispatcher began the mark: results wait for it
-        # the mark's outcome: False if the job was cancelled while being sent
-        self.marked: asyncio.Future[bool] = loop.create_future()
-        self.storing: asyncio.Task[None] | None = None  # the result came first: its write
-
-    def answered(self) -> None:
-        if not self.looked.done():
-            self.looked.set_result(None)
-
-    async def first_look(self, seconds: float) -> None:
-        """Until the harvester's first answer about the job, `seconds` at most. (A
-        timer, where asyncio.wait would cost the worker process about 4 us more per
-        job: 6.9 against 2.7, measured alone.)"""
-        timer = asyncio.get_running_loop().call_later(seconds, self.answered)
-        try:
-            await self.looked
-        finally:
-            timer.cancel()
 
 
 @frozen(eq=False)  # each one a key of its own (_fetches)

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import Config, load_config
-from proxy.fastpath import Listener
+from proxy.listener import Listener
 from proxy.state import CONFIG
 from proxy.tls import server_context
 from storage import JobStore

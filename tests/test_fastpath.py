@@ -28,8 +28,9 @@ from yarl import URL
 
 from proxy.app import create_app
 from proxy.arango_headers import ArangoHeaders
-from proxy.fastpath import FastFront, FastPath, Listener, _Early
+from proxy.fastpath import FastFront, FastPath, _Early
 from proxy.fastpath_http import Submission, accepted_head, http_date
+from proxy.listener import Listener
 from proxy.state import METRICS, STORE, VERIFIER
 from storage import JobMode, JobState, NewJob, StoreError
 from tests.conftest import proxy_config
