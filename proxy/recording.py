@@ -20,6 +20,7 @@ from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream, end_to_end
 from storage import Job, JobState, ResultTooLarge, StoredResponse, StoreError
+from storage.records import UNFINISHED
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,9 +49,6 @@ def _error_result(message: str) -> StoredResponse:
     """A job's result that the proxy writes itself: 500/4 in ArangoDB's shape."""
     body = error_body(500, ERROR_INTERNAL, message)
     return StoredResponse(500, (("Content-Type", JSON_TYPE),), body)
-
-
-UNFINISHED = (JobState.ACCEPTED, JobState.SUBMITTED)
 
 
 async def record_result(

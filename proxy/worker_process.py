@@ -58,6 +58,7 @@ from proxy.tokens import JobCredentials
 from proxy.upstream import Upstream
 from proxy.workers import Workers
 from storage import Job, JobState, Mark, ResultTooLarge, StoredResponse, StoreError
+from storage.records import UNFINISHED
 from storage.store import UNKNOWN
 
 log = logging.getLogger(__name__)
@@ -345,7 +346,7 @@ class RemoteStore:
         job_id: int,
         response: StoredResponse,
         *,
-        from_states: Collection[JobState] = (JobState.ACCEPTED, JobState.SUBMITTED),
+        from_states: Collection[JobState] = UNFINISHED,
         upstream_id: str | None = None,
     ) -> bool:
         states = tuple(from_states)

@@ -19,7 +19,7 @@ from storage import rows, sql
 from storage.core import UNKNOWN, StoreCore, Unknown, mapped, resolved
 from storage.errors import ResultTooLarge, StoreError
 from storage.memory import JOB_OVERHEAD, READ_AHEAD
-from storage.records import Job, JobMode, JobState, Mark, StoredResponse
+from storage.records import UNFINISHED, Job, JobMode, JobState, Mark, StoredResponse
 from storage.rows import valid_id
 from storage.writer import Result, Statement, Want
 
@@ -213,7 +213,7 @@ class Dispatching(StoreCore):
         job_id: int,
         response: StoredResponse,
         *,
-        from_states: Collection[JobState] = (JobState.ACCEPTED, JobState.SUBMITTED),
+        from_states: Collection[JobState] = UNFINISHED,
         upstream_id: str | None = None,
     ) -> bool:
         """-> done with `response`, wiping the request; a forgotten job is deleted instead.
@@ -231,7 +231,7 @@ class Dispatching(StoreCore):
         job_id: int,
         response: StoredResponse,
         *,
-        from_states: Collection[JobState] = (JobState.ACCEPTED, JobState.SUBMITTED),
+        from_states: Collection[JobState] = UNFINISHED,
         upstream_id: str | None = None,
     ) -> asyncio.Future[bool]:
         """`finish`, without waiting: the future of its outcome (cancelling it cancels

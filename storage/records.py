@@ -53,6 +53,9 @@ class JobState(StrEnum):
     DONE = "done"
 
 
+UNFINISHED = (JobState.ACCEPTED, JobState.SUBMITTED)  # the states `finish` moves from by default
+
+
 class Mark(StrEnum):
     """What recording a job as submitted (``JobStore.mark_submitted``) found."""
 
