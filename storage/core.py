@@ -19,12 +19,13 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from storage import rows
+from storage.batch import OnCommit, Statement, Want
 from storage.errors import StoreError
 from storage.folder import DataFolder
 from storage.limits import SizeLimit
 from storage.memory import Fresh, Pending, Ready
 from storage.records import StoredResponse
-from storage.writer import OnCommit, Statement, Want, Writer
+from storage.writer import Writer
 
 T = TypeVar("T")
 

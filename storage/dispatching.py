@@ -16,12 +16,12 @@ from collections.abc import Collection
 from typing import Any, cast
 
 from storage import rows, sql
+from storage.batch import Result, Statement, Want
 from storage.core import UNKNOWN, StoreCore, Unknown, mapped, resolved
 from storage.errors import ResultTooLarge, StoreError
 from storage.memory import JOB_OVERHEAD, READ_AHEAD
 from storage.records import UNFINISHED, Job, JobMode, JobState, Mark, StoredResponse
 from storage.rows import valid_id
-from storage.writer import Result, Statement, Want
 
 log = logging.getLogger(__name__)
 

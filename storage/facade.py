@@ -17,10 +17,10 @@ import sqlite3
 from typing import Any, cast
 
 from storage import rows, sql
+from storage.batch import Result, Statement, Want
 from storage.core import UNKNOWN, StoreCore, Unknown, by_id, listing, sees, viewer_param
 from storage.records import Job, JobState, Removed, StoredResponse
 from storage.rows import valid_id
-from storage.writer import Result, Statement, Want
 
 # Most done jobs one retention statement removes: a few milliseconds of the writer.
 RETENTION_CHUNK = 1000

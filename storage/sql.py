@@ -31,7 +31,7 @@ OPEN_COUNTS = (
     f" ({RESULT_BYTES})"
 )
 
-# (storage.writer runs consecutive ones as one statement of many VALUES rows, and fills
+# (storage.batch runs consecutive ones as one statement of many VALUES rows, and fills
 # it up with rows of NULLs: those are left out)
 INSERT_JOB_VALUES = "(?, ?, 'accepted', ?, ?, ?, ?, ?, ?, ?, ?, 0)"
 INSERT_JOB = (
@@ -109,13 +109,13 @@ EVICT = (
 # a view of the writer's connection, whose trigger does the write and records in
 # ``outcome`` what RETURNING would give, under the write's number in its batch (k).
 # The writer runs the consecutive commands of a batch that share a view as one
-# multi-row INSERT and reads every outcome of the batch at once (storage.writer,
+# multi-row INSERT and reads every outcome of the batch at once (storage.batch,
 # Want.OUTCOME): a few statements per batch where one per job, each a wait for
 # Python's interpreter lock on a busy proxy, took most of a batch's time. Each row
 # runs its trigger in turn, so a batch does exactly what the writes would one by one.
 # A row of NULLs does nothing (no job has the id NULL): the writer fills statements up
 # with those.
-# The views and triggers are TEMP, as ``outcome`` (storage.writer.OUTCOME_TABLE):
+# The views and triggers are TEMP, as ``outcome`` (storage.batch.OUTCOME_TABLE):
 # created by the writer's connection when it opens (``COMMANDS``), never in the file.
 
 

@@ -47,6 +47,7 @@ from typing import Any
 import aiosqlite
 
 from storage import rows, schema, sql
+from storage.batch import OUTCOME_TABLE, Statement
 from storage.core import UNKNOWN, Unknown
 from storage.dispatching import Dispatching
 from storage.errors import CapacityExceeded, StoreError
@@ -54,7 +55,6 @@ from storage.facade import Facade
 from storage.folder import DataFolder
 from storage.limits import SizeLimit
 from storage.records import Job, NewJob
-from storage.writer import OUTCOME_TABLE, Statement
 
 SYNCHRONOUS = ("FULL", "NORMAL")
 BUSY_TIMEOUT_MS = 5000

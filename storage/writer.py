@@ -10,28 +10,8 @@ the writer's whole life), not on the event loop: a batch that commits is followe
 at once by the next one, made of whatever was queued meanwhile, and the event loop
 gets one callback per batch with every outcome. Had the loop to schedule each
 batch, a loop busy with HTTP would add a turn or two (milliseconds) to every
-commit, and so to every accept. Inside a batch, consecutive writes with the same
-SQL that need no result share statements: a multi-row INSERT (up to
-MAX_ROWS rows) for a statement that names its ``values`` group, else one
-``executemany``. Commands (``Want.OUTCOME``, see storage.sql) share them the same
-way, and the outcomes of all the commands of a batch are read in one statement;
-other writes that need a rowcount or RETURNING rows run one by one.
-
-Why multi-row INSERTs: SQLite's module releases Python's interpreter lock for
-every step of a statement, and an ``executemany`` steps once per row. On a busy
-proxy the event loop's thread takes the lock at each of those releases, and the
-writer's thread then waits to get it back, often for a millisecond or more (the
-cores are shared with everything else): a batch of a hundred accepts took tens
-to hundreds of milliseconds that way, for about a hundred microseconds of
-SQLite's own work. One statement for the batch's accepts is one such wait, and
-so is one for its results stored (commands), where one per job was two waits.
-
-A multi-row statement has 1, 2, 4, ... or MAX_ROWS rows, the last ones all NULL
-(which every such statement ignores): seven texts per statement for SQLite's
-statement cache, not one per row count. A cached statement keeps the values it was
-last run with until its next run; one that was given more than RELEASE_BYTES runs
-once more right away with NULLs only, to let them go: the writer's cached
-statements never hold more than a few MiB of jobs and results.
+commit, and so to every accept. How a batch runs in SQLite (a few statements
+for many writes) is storage.batch's.
 
 Outcome of a batch::
 
@@ -70,25 +50,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from enum import Enum
-from typing import Any, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import aiosqlite
 
+from storage.batch import (
+    OnAbort,
+    OnCommit,
+    OnDurable,
+    Result,
+    Statement,
+    Want,
+    Write,
+    transaction,
+)
 from storage.errors import StoreError
 from storage.records import frozen
 
 MAX_BATCH = 1024
-MAX_ROWS = 64  # rows of one multi-row statement
-RELEASE_BYTES = 64 * 1024  # values a cached statement may keep until its next run
 SCRUB_INTERVAL = 1.0  # seconds: least time between two scrubbing checkpoints
 SCRUB_MAX_DELAY = 30.0  # seconds: longest a scrub waits for an idle moment
 SCRUB_BUSY_TIMEOUT_MS = 100  # how long a scrub waits for readers before trying later
@@ -97,78 +82,11 @@ IDLE_CHECK = 1.0  # seconds: an idle writer looks this often whether its loop is
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Where commands record their outcome (Want.OUTCOME), on the writer's connection only.
-OUTCOME_TABLE = "CREATE TEMP TABLE outcome (k INTEGER NOT NULL, a ANY, b ANY, c ANY)"
-# One row for the whole batch: each value as its type and hex (lossless for text, blob,
-# integer and NULL, whatever its bytes; JSON itself holds no blob).
-OUTCOMES = (
-    "SELECT json_group_array(json_array(k, typeof(a), hex(a), typeof(b), hex(b),"
-    " typeof(c), hex(c))) FROM outcome"
-)
-CLEAR_OUTCOMES = "DELETE FROM outcome"
-
-Params = Sequence[Any] | Mapping[str, Any]
-Result = int | list[Any] | None
-OnCommit = Callable[[Result], None]
-OnAbort = Callable[[], None]
-OnDurable = Callable[[], None]
-
-
-class Want(Enum):
-    NOTHING = "nothing"  # result None; consecutive ones with the same SQL share statements
-    ROWCOUNT = "rowcount"  # result: total rows changed by the write's statements
-    ROWS = "rows"  # result: rows returned by the write's statements (RETURNING)
-    # A command (storage.sql): one INSERT, with a values group, into a view whose trigger
-    # records rows in OUTCOME_TABLE under k, the INSERT's first parameter, which the
-    # writer binds (params are the rest). Result: those rows, as (a, b, c) tuples.
-    OUTCOME = "outcome"
-
-
-@frozen
-class Statement:
-    sql: str
-    params: Params = ()
-    # Of an INSERT with positional parameters, whose `sql` holds its one VALUES row
-    # once, as this text: consecutive writes of it run as one statement of many rows.
-    # A row whose values are all NULL must do nothing (the rows that fill it up).
-    values: str | None = None
-
-    def __post_init__(self) -> None:
-        # (per statement made, several per job: the sql checked once, no ABC isinstance)
-        if self.values is not None and (
-            type(self.params) is not tuple or not _one_values_group(self.sql, self.values)
-        ):
-            raise ValueError("a values group is in its sql once, its parameters a positional tuple")
-
-
-@functools.cache
-def _one_values_group(sql: str, values: str) -> bool:
-    return sql.count(values) == 1
-
 
 @frozen(eq=False)
 class _Call:
     function: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
-
-
-@frozen(eq=False)
-class _Write:
-    statements: tuple[Statement, ...]
-    want: Want
-    future: asyncio.Future[Result]
-    on_commit: OnCommit | None
-    on_abort: OnAbort | None
-    scrubs: bool = False
-    on_durable: OnDurable | None = None
-
-    def batchable_with(self, other: _Write) -> bool:
-        return (
-            self.want is other.want
-            and self.want in (Want.NOTHING, Want.OUTCOME)
-            and len(self.statements) == len(other.statements) == 1
-            and self.statements[0].sql == other.statements[0].sql
-        )
 
 
 class Writer:
@@ -185,7 +103,7 @@ class Writer:
         self.used_pages = 0
         self._loop = asyncio.get_running_loop()
         # Shared with the writer thread: deque appends and pops are atomic.
-        self._queue: deque[_Write | _Call | None] = deque()
+        self._queue: deque[Write | _Call | None] = deque()
         self._wake = threading.Event()
         self._closing = False
         self._scrub_wanted_since: float | None = None  # read and written by the thread only
@@ -223,7 +141,7 @@ class Writer:
                 " its outcome (a command: such a statement)"
             )
         future: asyncio.Future[Result] = self._loop.create_future()
-        self._put(_Write(statements, want, future, on_commit, on_abort, scrubs, on_durable))
+        self._put(Write(statements, want, future, on_commit, on_abort, scrubs, on_durable))
         return future
 
     def call(self, function: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -236,7 +154,7 @@ class Writer:
         """One statement between two batches, outside their transactions; its rows."""
         return await self.call(lambda conn: conn.execute(sql).fetchall())
 
-    def _put(self, item: _Write | _Call) -> None:
+    def _put(self, item: Write | _Call) -> None:
         if self._closing:
             raise StoreError("the job store is closed")
         self._queue.append(item)
@@ -276,12 +194,12 @@ class Writer:
             # Everything queued behind the stop marker (or left by a fault here) fails;
             # its callers must not wait forever.
             self._closing = True
-            left = [item for item in self._queue if isinstance(item, _Write)]
+            left = [item for item in self._queue if isinstance(item, Write)]
             self._queue.clear()
             if left:
                 self._post(_fail, left, "the job store was stopped before this write ran", None)
 
-    def _next_batch(self, conn: sqlite3.Connection) -> list[_Write] | _Call | None:
+    def _next_batch(self, conn: sqlite3.Connection) -> list[Write] | _Call | None:
         """Writes to commit together, a call, or None at the stop marker; waits for work
         and checkpoints when a scrub is due (see above)."""
         while True:
@@ -303,7 +221,7 @@ class Writer:
             batch = [first]
             while self._queue and len(batch) < MAX_BATCH:
                 item = self._queue[0]
-                if not isinstance(item, _Write):
+                if not isinstance(item, Write):
                     break  # a call or the stop marker: after this batch
                 self._queue.popleft()
                 batch.append(item)
@@ -332,18 +250,18 @@ class Writer:
             self._scrub_wanted_since = None
             self.checkpoints += 1
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+    def _commit(self, conn: sqlite3.Connection, batch: list[Write]) -> None:
         # One look at each future: a caller may cancel at any moment from the loop's
         # thread, and a write must land in exactly one of the two lists.
-        live: list[_Write] = []
-        skipped: list[_Write] = []
+        live: list[Write] = []
+        skipped: list[Write] = []
         for write in batch:
             (skipped if write.future.cancelled() else live).append(write)
         if not live:
             self._post(_settle, skipped, [], [])
             return
         try:
-            results = _transaction(conn, live)
+            results = transaction(conn, live)
         except Exception as exc:
             self._post(
                 _fail, batch, f"the job store could not commit {len(live)} write(s): {exc}", exc
@@ -379,47 +297,6 @@ def used_pages(conn: sqlite3.Connection) -> int:
     return int(pages) - int(free)
 
 
-def _transaction(conn: sqlite3.Connection, writes: list[_Write]) -> list[Result]:
-    """BEGIN, every write, COMMIT; on any error ROLLBACK and raise. In SQLite's thread."""
-    first = writes[0]
-    if len(writes) == 1 and len(first.statements) == 1 and first.want is not Want.OUTCOME:
-        # A lone statement is its own transaction in autocommit mode.
-        return _run(conn, writes, 0)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        results: list[Result] = []
-        start = 0
-        while start < len(writes):
-            end = start + 1
-            while end < len(writes) and writes[start].batchable_with(writes[end]):
-                end += 1
-            results.extend(_run(conn, writes[start:end], start))
-            start = end
-        if any(write.want is Want.OUTCOME for write in writes):
-            _collect_outcomes(conn, writes, results)
-        conn.execute("COMMIT")
-    except BaseException:
-        # SQLite may already have rolled back (e.g. on SQLITE_FULL): then this is a no-op.
-        with contextlib.suppress(sqlite3.Error):
-            conn.rollback()
-        raise
-    return results
-
-
-def _run(conn: sqlite3.Connection, writes: list[_Write], first: int) -> list[Result]:
-    """One write, or consecutive ones joined by `batchable_with`; `first`: the number in
-    its batch of the first (a command's k). A command's result comes later (its
-    outcome, `_collect_outcomes`)."""
-    statements = writes[0].statements
-    if len(statements) == 1 and statements[0].values is not None:
-        _execute_rows(conn, writes, first)
-    elif len(writes) > 1:  # (all of one statement: batchable_with)
-        conn.executemany(statements[0].sql, [write.statements[0].params for write in writes])
-    else:
-        return [_execute_one(conn, writes[0])]
-    return [None] * len(writes)
-
-
 def _checkpoint(conn: sqlite3.Connection) -> bool:
     """Copy the whole WAL into the database and truncate it; False if a reader was in
     the way. In SQLite's thread. The busy timeout is cut short meanwhile: writes queued
@@ -433,77 +310,7 @@ def _checkpoint(conn: sqlite3.Connection) -> bool:
     return bool(busy == 0)
 
 
-def _execute_rows(conn: sqlite3.Connection, writes: list[_Write], first: int) -> None:
-    """Writes of one statement with a values group, as statements of many rows (see
-    above)."""
-    statement = writes[0].statements[0]
-    assert statement.values is not None
-    command = writes[0].want is Want.OUTCOME
-    width = statement.values.count("?")
-    for start in range(0, len(writes), MAX_ROWS):
-        chunk = writes[start : start + MAX_ROWS]
-        rows = 1 << (len(chunk) - 1).bit_length()  # 1, 2, 4, ... MAX_ROWS
-        params: list[Any] = []
-        for k, write in enumerate(chunk, first + start):
-            if command:
-                params.append(k)
-            params.extend(cast(Sequence[Any], write.statements[0].params))
-        params.extend([None] * (width * rows - len(params)))
-        sql = _multi_row(statement.sql, statement.values, rows)
-        conn.execute(sql, params)
-        if sum(len(value) for value in params if isinstance(value, bytes | str)) > RELEASE_BYTES:
-            conn.execute(sql, [None] * len(params))
-
-
-def _collect_outcomes(
-    conn: sqlite3.Connection, writes: list[_Write], results: list[Result]
-) -> None:
-    """Each command's result: the rows its trigger recorded, read in one statement."""
-    [(found,)] = conn.execute(OUTCOMES).fetchall()
-    conn.execute(CLEAR_OUTCOMES)
-    for k, write in enumerate(writes):
-        if write.want is Want.OUTCOME:
-            results[k] = []
-    for k, *typed in json.loads(found):
-        pairs = zip(typed[::2], typed[1::2], strict=True)
-        cast(list[Any], results[k]).append(tuple(_value(kind, digits) for kind, digits in pairs))
-
-
-def _value(kind: str, digits: str) -> Any:
-    """A value of OUTCOMES, from its type and hex."""
-    if kind == "null":
-        return None
-    raw = bytes.fromhex(digits)
-    if kind == "blob":
-        return raw
-    if kind == "text":
-        return raw.decode()
-    if kind == "integer":
-        return int(raw)
-    raise ValueError(f"an outcome cannot hold a {kind} exactly")  # real: hex() rounds it
-
-
-@functools.lru_cache(maxsize=64)
-def _multi_row(sql: str, values: str, rows: int) -> str:
-    """`sql` with its `values` group `rows` times."""
-    return sql.replace(values, ", ".join([values] * rows))
-
-
-def _execute_one(conn: sqlite3.Connection, write: _Write) -> Result:
-    count = 0
-    rows: list[Any] = []
-    for statement in write.statements:
-        cursor = conn.execute(statement.sql, statement.params)
-        if write.want is Want.ROWS:
-            rows.extend(cursor.fetchall())
-        else:
-            count += cursor.rowcount
-    if write.want is Want.ROWS:
-        return rows
-    return count if write.want is Want.ROWCOUNT else None
-
-
-def _durable(live: list[_Write]) -> None:
+def _durable(live: list[Write]) -> None:
     """On the writer's thread: a batch committed."""
     for write in live:
         if write.on_durable is not None:
@@ -513,7 +320,7 @@ def _durable(live: list[_Write]) -> None:
                 log.exception("a commit's on_durable failed")
 
 
-def _settle(skipped: list[_Write], live: list[_Write], results: list[Result]) -> None:
+def _settle(skipped: list[Write], live: list[Write], results: list[Result]) -> None:
     """On the loop: a batch committed. A callback that fails is logged and the rest
     go on: every future of the batch is resolved, each write did commit."""
     for write in skipped:
@@ -538,7 +345,7 @@ def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-def _abort(write: _Write) -> None:
+def _abort(write: Write) -> None:
     if write.on_abort is not None:
         try:
             write.on_abort()
@@ -546,7 +353,7 @@ def _abort(write: _Write) -> None:
             log.exception("a write's on_abort failed")
 
 
-def _fail(writes: list[_Write], message: str, cause: BaseException | None) -> None:
+def _fail(writes: list[Write], message: str, cause: BaseException | None) -> None:
     for write in writes:
         _abort(write)
         if not write.future.done():

@@ -26,7 +26,7 @@ from storage import (
     rows,
     schema,
 )
-from storage.writer import Statement, Want
+from storage.batch import Statement, Want
 
 RESULT = StoredResponse(
     status=201, headers=(("Content-Type", "application/json"),), body=b'{"a":1}'
@@ -511,7 +511,7 @@ async def test_concurrent_accepts_share_commits(store: JobStore) -> None:
 
 async def test_a_batch_of_accepts_is_one_insert_per_64_rows_each_row_exact(data: Path) -> None:
     """Accepts that share a batch are one multi-row INSERT per 64 jobs, not a statement
-    step per job (storage.writer: each step lets the event loop take the interpreter
+    step per job (storage.batch: each step lets the event loop take the interpreter
     lock); and each job's fields land in its own row."""
     store = await JobStore.open(data)
     traced: list[str] = []

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from storage import JobMode, JobState, JobStore, StoredResponse
+from storage.batch import Statement, Want, _value
 from storage.store import UNKNOWN
-from storage.writer import Statement, Want, _value
 from tests.test_store import new_job, raw_rows
 
 USERS = ("alice", "bob", "b\udcffb")  # the last is no UTF-8: stored as a BLOB

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from storage import JobState, JobStore, Mark, StoreError, StoreFull
-from storage.writer import Statement, Want
+from storage.batch import Statement, Want
 from tests.test_store import RESULT, new_job
 
 
