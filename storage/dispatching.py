@@ -57,10 +57,8 @@ class Dispatching(StoreCore):
     ) -> list[Job] | Unknown:
         """`next_accepted`, when the copy in memory holds the jobs and none of them has
         a cancel waiting; else UNKNOWN (and nothing changed)."""
-        taken = self._ready.take(limit, exclude)
-        if len(taken) < limit and not self._ready.complete:
-            return UNKNOWN
-        if any(job.id in self._cancels for job in taken):
+        taken = self._from_memory(limit, exclude)
+        if taken is None or any(job.id in self._cancels for job in taken):
             return UNKNOWN
         self._unsent.update(unsent)
         jobs, _ = self._hand_out(taken, exclude)
@@ -114,11 +112,15 @@ class Dispatching(StoreCore):
         finally:
             self._withheld.discard(job_id)
 
-    async def _accepted(self, limit: int, exclude: Collection[int]) -> list[Job]:
-        if limit <= 0:
-            return []
+    def _from_memory(self, limit: int, exclude: Collection[int]) -> list[Job] | None:
+        """The first `limit` accepted jobs not in `exclude`, if the copy in memory
+        holds them all (or holds every accepted job); else None: the file is read."""
         taken = self._ready.take(limit, exclude)
-        if len(taken) == limit or self._ready.complete:
+        return taken if len(taken) >= limit or self._ready.complete else None
+
+    async def _accepted(self, limit: int, exclude: Collection[int]) -> list[Job]:
+        taken = self._from_memory(limit, exclude)
+        if taken is not None:
             return taken
         limit = min(limit, rows.MAX_ID)
         asked = max(limit, min(READ_AHEAD, self._ready.room))
