@@ -276,7 +276,7 @@ class FastPath(asyncio.Protocol):
         """A request served at once (no task): `response` written, then close or idle."""
         close = close or submission.close or self._front.closing
         if response is not None:
-            self._write(self._encode(response, close=close, head=submission.head))
+            self._answer_with(submission, response, close=close)
         if close:
             self.close()
         self._idle()
@@ -353,8 +353,7 @@ class FastPath(asyncio.Protocol):
                     assert submission.mode is not None
                     response = accepted(submission.mode, job_id)
             if response is not None:
-                closing = close or self._front.closing
-                self._write(self._encode(response, close=closing, head=submission.head))
+                self._answer_with(submission, response, close=close)
             elif early is not None and early.unsent:
                 self._write(early.unsent)  # what the kernel did not take of the 202
         except Exception:
@@ -411,8 +410,7 @@ class FastPath(asyncio.Protocol):
                 response = await self._answer(submission)
                 if response is None:
                     return  # handed to the store: `_stored` answers and goes on
-                closing = close or self._front.closing
-                self._write(self._encode(response, close=closing, head=submission.head))
+                self._answer_with(submission, response, close=close)
         except Exception:
             self._failed(submission)
             close = True
@@ -442,6 +440,12 @@ class FastPath(asyncio.Protocol):
         if not self._closed:
             assert self.transport is not None
             self.transport.resume_reading()
+
+    def _answer_with(self, submission: Submission, response: web.Response, *, close: bool) -> None:
+        """Write `response` to `submission`; it says the connection closes after it when
+        `close` or a stop has begun."""
+        closing = close or self._front.closing
+        self._write(self._encode(response, close=closing, head=submission.head))
 
     def _encode(self, response: web.Response, *, close: bool, head: bool) -> bytes:
         arango = self._front.app[VERIFIER].arango_headers
