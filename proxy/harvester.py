@@ -274,10 +274,12 @@ class Harvester:
     def _by_credentials(self, skip: Collection[str] = ()) -> dict[Owner, list[Tracked]]:
         # (user, stored header): the same header means the same user; with signed
         # tokens nothing is stored, and each user is one group. Per database: a list
-        # is asked where its jobs went (one that fails holds up no other).
+        # is asked where its jobs went (one that fails holds up no other). A job whose
+        # fetch is under way is not listed: that fetch answers for it (result, 204 or
+        # 404), and a list would cost a request for nothing.
         groups: dict[Owner, list[Tracked]] = defaultdict(list)
         for tracked in self._jobs.values():
-            if tracked.upstream_id not in skip:
+            if tracked.upstream_id not in skip and tracked not in self._fetches:
                 groups[tracked.user, tracked.auth, tracked.database].append(tracked)
         return groups
 

@@ -895,6 +895,32 @@ async def test_short_job_costs_one_fetch_and_a_running_one_is_listed(
     assert upstream.seen.count(("PUT", "/_api/job/902")) == 2
 
 
+async def test_a_job_whose_fetch_is_under_way_is_not_listed(
+    fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """The first look's fetch is slow to answer: the ticks meanwhile (every few ms)
+    ask for no done list, the fetch answers for the job."""
+    upstream, url = fake
+    answer = asyncio.Event()
+
+    async def slow_result(upstream_id: str) -> web.Response:
+        await answer.wait()
+        return await upstream._result(upstream_id)
+
+    upstream.fetch_reply = slow_result
+    jobs = Client(http, await start_proxy(url))
+    job_id = await jobs.submit("GET", "/_api/version")
+    for _ in range(200):
+        if ("PUT", "/_api/job/901") in upstream.seen:
+            break  # the first look is under way
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # many ticks of 5 ms
+    assert ("GET", "/_api/job/done") not in upstream.seen
+    answer.set()
+    assert (await jobs.result(job_id)).json == {"ok": "901"}
+    assert upstream.seen.count(("PUT", "/_api/job/901")) == 1
+
+
 async def test_a_queue_time_limit_is_held_against_the_proxys_own_queue(
     standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
