@@ -17,15 +17,9 @@ every byte from there on and serves the connection for the rest of its life.
 aiohttp's parser thus judges everything unusual (malformed, oversize, chunked,
 arriving in parts), and the fast path only has to be exact about what it takes.
 
-The 202 of an async submission leaves from the store's writer thread, the moment
-its job has committed (`_Early`): the event loop hears of the commit a turn or two
-later, and the loop's thread is what limits accepts/s (its own work for the send
-system call was a fifth of its time per accept). A copy of the connection's
-socket (os.dup) is used for that, owned by this connection and closed only when no
-such send can be under way, so the number can never reach another connection. Not
-over TLS (the transport encrypts), nor when the transport still holds unsent bytes,
-nor for HEAD: those 202s leave from the loop as before. A 202 the kernel took only
-in part is finished by the loop.
+The 202 of an async submission leaves from the store's writer thread the moment
+its job has committed (`proxy.early202`); pass-through replies are streamed back
+by `proxy.fastpath_relay`.
 
 A connection stays here while idle for server.idle_timeout at most, as aiohttp's
 keep-alive. A request is never cancelled because its client left (as
@@ -41,26 +35,22 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import cast
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from proxy import jobs_api
 from proxy.auth import Caller
-from proxy.errors import UpstreamFailure
+from proxy.early202 import Early202, left
 from proxy.fastpath_http import (
     HEAD_END,
     Submission,
-    accepted_head,
     encode,
-    http_date,
     parse,
-    stream_head,
 )
+from proxy.fastpath_relay import relay
 from proxy.intake import (
     DECODED,
     NOT_STORED,
@@ -73,67 +63,14 @@ from proxy.intake import (
     stored,
     undecodable,
 )
-from proxy.passthrough import CHUNK, forwarded
-from proxy.state import CONFIG, CREDENTIALS, METRICS, UPSTREAM, VERIFIER
-from proxy.upstream import end_to_end
-from storage import JobMode, StoreError
+from proxy.passthrough import forwarded
+from proxy.state import CONFIG, CREDENTIALS, METRICS, VERIFIER
+from storage import StoreError
 
 log = logging.getLogger(__name__)
 
 _PAUSE_AT = 256 * 1024  # bytes waiting behind a request under way: stop reading
 _AWAITED_BODY = 1024 * 1024  # a body still coming is awaited here up to this size
-
-
-def _reason(reply: aiohttp.ClientResponse) -> str:
-    """ArangoDB's reason phrase; the standard one if it sent none (as aiohttp's path)."""
-    if reply.reason is not None:
-        return reply.reason
-    try:
-        return HTTPStatus(reply.status).phrase
-    except ValueError:
-        return ""
-
-
-def _chunk(data: bytes) -> bytes:
-    return b"%x\r\n%b\r\n" % (len(data), data)
-
-
-class _Early:
-    """An async submission's 202, sent on the store's writer thread as soon as its job
-    is on disk (`JobStore.accept`'s on_durable). `unsent` is what the loop must still
-    write: None if this never ran (the job was not stored: the loop answers as usual),
-    the rest of the 202 if the kernel took only part of it."""
-
-    __slots__ = ("_arango", "_close", "_date", "_fd", "_front", "_store", "unsent")
-
-    def __init__(self, fd: int, submission: Submission, front: FastFront) -> None:
-        self._fd = fd
-        self._store = submission.mode is JobMode.STORE
-        self._close = submission.close
-        self._front = front
-        self._date = http_date()
-        self._arango = front.app[VERIFIER].arango_headers.encoded
-        self.unsent: bytes | None = None
-
-    def __call__(self, job_id: int) -> None:
-        close = self._close or self._front.closing  # (a stop may have begun meanwhile)
-        data = accepted_head(
-            job_id if self._store else None, self._date, close=close, arango=self._arango
-        )
-        try:
-            # (non-blocking, as the transport set the socket: a client that does not
-            # read never holds up the writer's thread, or the commits behind it)
-            sent = os.write(self._fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            sent = len(data)  # the client is gone: the loop sees it too
-        self.unsent = data[sent:]
-
-
-def _left(early: _Early | None) -> bool:
-    """Whether the 202 left from the writer's thread (whole, or what the kernel took)."""
-    return early is not None and early.unsent is not None
 
 
 class FastPath(asyncio.Protocol):
@@ -153,8 +90,8 @@ class FastPath(asyncio.Protocol):
         self._peer = ""
         self._idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._fd = -1  # a copy of the socket for early 202s, once needed (see _Early)
-        self._early: _Early | None = None  # its 202 may be being sent on another thread
+        self._fd = -1  # a copy of the socket for early 202s, once needed (see Early202)
+        self._early: Early202 | None = None  # its 202 may be being sent on another thread
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -334,7 +271,7 @@ class FastPath(asyncio.Protocol):
         self,
         submission: Submission,
         job_id: int,
-        early: _Early | None,
+        early: Early202 | None,
         future: asyncio.Future[object],
     ) -> None:
         """The write of `_to_store` is over: its answer, then the next request."""
@@ -349,15 +286,15 @@ class FastPath(asyncio.Protocol):
                 response = refused(app, exc, method=submission.method, target=submission.target)
             else:
                 stored(app)
-                if not _left(early):
+                if not left(early):
                     assert submission.mode is not None
                     response = accepted(submission.mode, job_id)
             if response is not None:
                 self._answer_with(submission, response, close=close)
             elif early is not None and early.unsent:
-                self._write(early.unsent)  # what the kernel did not take of the 202
+                self.write(early.unsent)  # what the kernel did not take of the 202
         except Exception:
-            self._head_sent = _left(early)  # a bug after the commit: no 500 after a 202
+            self._head_sent = left(early)  # a bug after the commit: no 500 after a 202
             self._failed(submission)
             close = True
         self._served(close=close)
@@ -367,7 +304,7 @@ class FastPath(asyncio.Protocol):
         (the connection must then close)."""
         log.exception("error serving %s %s", submission.method, submission.target)
         if not self._head_sent:
-            self._write(self._encode(web.Response(status=500), close=True, head=submission.head))
+            self.write(self._encode(web.Response(status=500), close=True, head=submission.head))
 
     def _await_body(self, submission: Submission, start: int) -> None:
         """A body still coming: awaited here up to _AWAITED_BODY bytes, for at most
@@ -396,7 +333,7 @@ class FastPath(asyncio.Protocol):
         self._body_timer = None
         self._stop_awaiting()
         if submission.mode is not None:
-            self._write(self._encode(body_too_slow(), close=True, head=submission.head))
+            self.write(self._encode(body_too_slow(), close=True, head=submission.head))
             self.close()
         else:
             self._hand_over()
@@ -405,7 +342,14 @@ class FastPath(asyncio.Protocol):
         close = submission.close
         try:
             if submission.mode is None and not submission.job_api:
-                close = await self._pass_through(submission) or close
+                close = await relay(
+                    self._front.app,
+                    submission,
+                    self,
+                    peer=self._peer,
+                    secure=self._front.secure,
+                    close=close or self._front.closing,
+                )
             else:
                 response = await self._answer(submission)
                 if response is None:
@@ -445,60 +389,26 @@ class FastPath(asyncio.Protocol):
         """Write `response` to `submission`; it says the connection closes after it when
         `close` or a stop has begun."""
         closing = close or self._front.closing
-        self._write(self._encode(response, close=closing, head=submission.head))
+        self.write(self._encode(response, close=closing, head=submission.head))
 
     def _encode(self, response: web.Response, *, close: bool, head: bool) -> bytes:
         arango = self._front.app[VERIFIER].arango_headers
         return encode(response, close=close, head=head, arango=arango)
 
-    def _write(self, data: bytes) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def write(self, data: bytes) -> None:
         if not self._closed:
             assert self.transport is not None
             self.transport.write(data)
 
-    async def _pass_through(self, submission: Submission) -> bool:
-        """As `proxy.passthrough` answers; True when the connection must close."""
-        app = self._front.app
-        headers = forwarded(
-            submission.headers, peer=self._peer, secure=self._front.secure, host=submission.host
-        )
-        data = submission.body if submission.length else None
-        close = submission.close or self._front.closing
-        try:
-            async with app[UPSTREAM].stream(
-                submission.method, submission.target, headers, data
-            ) as reply:
-                head, length = stream_head(
-                    reply.status,
-                    _reason(reply),
-                    end_to_end(reply.headers.items()),
-                    close=close,
-                    head=submission.head,
-                )
-                self._write(head)
-                self._head_sent = True
-                if length == 0:
-                    return close
-                try:
-                    async for chunk in reply.content.iter_chunked(CHUNK):
-                        if self._closed:
-                            return True  # the client left: read no further
-                        self._write(chunk if length is not None else _chunk(chunk))
-                        await self._drain()
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    # The status line is already sent: cut the connection, as aiohttp's path.
-                    log.warning(
-                        "upstream broke off %s %s: %r", submission.method, submission.target, exc
-                    )
-                    return True
-                if length is None:
-                    self._write(b"0\r\n\r\n")
-                return close
-        except UpstreamFailure as failure:
-            self._write(self._encode(failure.response(), close=close, head=submission.head))
-            return close
+    def write_head(self, data: bytes) -> None:
+        self.write(data)
+        self._head_sent = True
 
-    async def _drain(self) -> None:
+    async def drain(self) -> None:
         if self._writable is not None:
             await self._writable
 
@@ -548,8 +458,8 @@ class FastPath(asyncio.Protocol):
             drop=NOT_STORED,
         )
 
-    def _early_202(self, submission: Submission) -> _Early | None:
-        """An `_Early` for this submission's 202, or None where the loop must send it."""
+    def _early_202(self, submission: Submission) -> Early202 | None:
+        """An `Early202` for this submission's 202, or None where the loop must send it."""
         assert self.transport is not None
         if (
             self._front.secure
@@ -563,7 +473,7 @@ class FastPath(asyncio.Protocol):
             if sock is None:
                 return None
             self._fd = os.dup(sock.fileno())
-        return _Early(self._fd, submission, self._front)
+        return Early202(self._fd, submission, self._front)
 
     def _close_fd(self) -> None:
         """Close the socket's copy, unless an early 202 may be using it (then this is

@@ -28,7 +28,8 @@ from yarl import URL
 
 from proxy.app import create_app
 from proxy.arango_headers import ArangoHeaders
-from proxy.fastpath import FastFront, FastPath, _Early
+from proxy.early202 import Early202
+from proxy.fastpath import FastFront, FastPath
 from proxy.fastpath_http import Submission, accepted_head, http_date
 from proxy.listener import Listener
 from proxy.state import METRICS, STORE, VERIFIER
@@ -614,7 +615,7 @@ def test_an_early_202_says_what_is_left_to_send() -> None:
     whole = accepted_head(7, http_date(), close=False)
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        early = _Early(ours.fileno(), submission, front)
+        early = Early202(ours.fileno(), submission, front)
         early(7)
         assert early.unsent == b""
         assert theirs.recv(4096) == whole
@@ -622,11 +623,11 @@ def test_an_early_202_says_what_is_left_to_send() -> None:
         with contextlib.suppress(BlockingIOError):
             while True:
                 ours.send(b"x" * 65536)  # the kernel's buffer is full
-        early = _Early(ours.fileno(), submission, front)
+        early = Early202(ours.fileno(), submission, front)
         early(7)
         assert early.unsent == whole
         theirs.close()
-        early = _Early(ours.fileno(), submission, front)
+        early = Early202(ours.fileno(), submission, front)
         early(7)
         assert early.unsent == b""  # the client is gone: nothing left to send
 
@@ -646,7 +647,7 @@ async def test_the_socket_copies_for_early_202s_are_closed(
     copies: set[int] = set()
     early_202 = FastPath._early_202
 
-    def noting(self: FastPath, submission: Submission) -> _Early | None:
+    def noting(self: FastPath, submission: Submission) -> Early202 | None:
         early = early_202(self, submission)
         copies.add(self._fd)
         return early
