@@ -213,7 +213,7 @@ class FastPath(asyncio.Protocol):
         """A request served at once (no task): `response` written, then close or idle."""
         close = close or submission.close or self._front.closing
         if response is not None:
-            self._answer_with(submission, response, close=close)
+            self.answer_with(submission, response, close=close)
         if close:
             self.close()
         self._idle()
@@ -290,7 +290,7 @@ class FastPath(asyncio.Protocol):
                     assert submission.mode is not None
                     response = accepted(submission.mode, job_id)
             if response is not None:
-                self._answer_with(submission, response, close=close)
+                self.answer_with(submission, response, close=close)
             elif early is not None and early.unsent:
                 self.write(early.unsent)  # what the kernel did not take of the 202
         except Exception:
@@ -354,7 +354,7 @@ class FastPath(asyncio.Protocol):
                 response = await self._answer(submission)
                 if response is None:
                     return  # handed to the store: `_stored` answers and goes on
-                self._answer_with(submission, response, close=close)
+                self.answer_with(submission, response, close=close)
         except Exception:
             self._failed(submission)
             close = True
@@ -385,7 +385,7 @@ class FastPath(asyncio.Protocol):
             assert self.transport is not None
             self.transport.resume_reading()
 
-    def _answer_with(self, submission: Submission, response: web.Response, *, close: bool) -> None:
+    def answer_with(self, submission: Submission, response: web.Response, *, close: bool) -> None:
         """Write `response` to `submission`; it says the connection closes after it when
         `close` or a stop has begun."""
         closing = close or self._front.closing

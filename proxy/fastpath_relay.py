@@ -13,9 +13,9 @@ import aiohttp
 from aiohttp import web
 
 from proxy.errors import UpstreamFailure
-from proxy.fastpath_http import Submission, encode, stream_head
+from proxy.fastpath_http import Submission, stream_head
 from proxy.passthrough import CHUNK, forwarded
-from proxy.state import UPSTREAM, VERIFIER
+from proxy.state import UPSTREAM
 from proxy.upstream import end_to_end
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,9 @@ class Sink(Protocol):
         """The client has left."""
 
     def write(self, data: bytes) -> None: ...
+
+    def answer_with(self, submission: Submission, response: web.Response, *, close: bool) -> None:
+        """Write `response`, whole, as the answer to `submission`."""
 
     def write_head(self, data: bytes) -> None:
         """Write a streamed answer's head: from now on no other answer can be sent."""
@@ -92,6 +95,5 @@ async def relay(
                 sink.write(b"0\r\n\r\n")
             return close
     except UpstreamFailure as failure:
-        arango = app[VERIFIER].arango_headers
-        sink.write(encode(failure.response(), close=close, head=submission.head, arango=arango))
+        sink.answer_with(submission, failure.response(), close=close)
         return close
