@@ -5,8 +5,8 @@ limit and a deadline, the job is written through the store's group commit,
 and only then does the client get its ``202``. A client that hangs up does not
 abort the write half-way: handlers are not cancelled (`runner_options`, and the
 fast path's own rule). `admit`, `undecodable` and `store_job` (then `stored` or
-`refused`) serve aiohttp's path (`intake`) and
-the fast path (`proxy.fastpath`) alike.
+`refused`) serve aiohttp's path (`intake`) and the fast path (`proxy.fastpath`)
+alike.
 
 Refusals, all in ArangoDB's error shape::
 
