@@ -39,14 +39,23 @@ _MAX_LINE = 8190  # aiohttp's max_line_size: a longer request line gets its 400
 _REQUEST_LINE = re.compile(
     r"(GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.1"
 )
-_FIELD = r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~]+(?:[ \t]+[!-~]+)*)?)[ \t]*\r\n"
-_FIELDS = re.compile(f"(?:{_FIELD})*")  # the whole block, each field ending with CRLF
-_EACH_FIELD = re.compile(_FIELD)
-# the fields the fast path looks at, found in the block (checked by _FIELDS) at once
-_NOTED = re.compile(
-    r"^(host|x-arango-async|content-length|connection|authorization|transfer-encoding|expect"
-    r"|upgrade|x-omit-www-authenticate|x-arango-queue-time-seconds):[ \t]*(.*?)[ \t]*\r$",
-    re.IGNORECASE | re.MULTILINE,
+# a field: a token name, a colon, a value of printable ASCII, spaces and tabs (which
+# is llhttp's rule: leading and trailing spaces and tabs are not part of the value)
+_FIELDS = re.compile(r"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[ \t!-~]*\r\n)*")  # the whole block
+# the fields the fast path looks at (in _take)
+_NOTED = frozenset(
+    {
+        "host",
+        "x-arango-async",
+        "content-length",
+        "connection",
+        "authorization",
+        "transfer-encoding",
+        "expect",
+        "upgrade",
+        "x-omit-www-authenticate",
+        "x-arango-queue-time-seconds",
+    }
 )
 _ODD_PATH = re.compile(r"%|//|/\.\.?(?:/|$)")
 _REFUSED_FIELDS = frozenset({"transfer-encoding", "expect", "upgrade"})
@@ -100,18 +109,24 @@ def parse(head: bytes, max_header_size: int, max_body_size: int) -> Submission |
     submission = _request_line(line)
     if submission is None or _FIELDS.fullmatch(fields) is None:
         return None
-    headers: list[tuple[str, str]] = _EACH_FIELD.findall(fields)
-    size = sum(len(name) + len(value) for name, value in headers) + 4 * len(headers)
+    headers: list[tuple[str, str]] = []
+    size = 0
+    seen = {"host": 0, ASYNC_HEADER: 0, "content-length": 0}
+    # (one field a line, each checked by _FIELDS: a name holds no colon, a value no CR)
+    for field in fields.split("\r\n")[:-1]:
+        name, _, value = field.partition(":")
+        value = value.strip(" \t")
+        headers.append((name, value))
+        size += len(name) + len(value) + 4
+        lower = name.lower()
+        if lower in _NOTED:
+            if lower in seen:
+                seen[lower] += 1
+            if not _take(submission, lower, value):
+                return None
     if size > max_header_size or len(headers) >= max_header_size // 8:
         return None  # refuse_unservable's 431, or aiohttp's 400 for too many fields
     submission.headers = headers
-    seen = {"host": 0, ASYNC_HEADER: 0, "content-length": 0}
-    for name, value in _NOTED.findall(fields):
-        lower = name.lower()
-        if lower in seen:
-            seen[lower] += 1
-        if not _take(submission, lower, value):
-            return None
     if (
         seen["host"] != 1
         or seen[ASYNC_HEADER] > 1

@@ -24,13 +24,16 @@ from typing import cast
 
 import pytest
 from aiohttp import web
+from aiohttp.http_parser import HttpRequestParser
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from yarl import URL
 
 from proxy.app import create_app
 from proxy.arango_headers import ArangoHeaders
 from proxy.early202 import Early202
 from proxy.fastpath import FastFront, FastPath
-from proxy.fastpath_http import Submission, accepted_head, http_date
+from proxy.fastpath_http import Submission, accepted_head, http_date, parse
 from proxy.listener import Listener
 from proxy.state import METRICS, STORE, VERIFIER
 from storage import JobMode, JobState, NewJob, StoreError
@@ -321,6 +324,51 @@ HANDED_OVER = {
     ),
     "request line over 8 KiB": (req(b"PUT /_api/version?" + b"a" * 9000 + b" HTTP/1.1", AUTH), 400),
 }
+
+
+# Header fields as clients write them, and as they should not: names that are
+# tokens or not, the fields the fast path reads in any case, separators with spaces
+# and tabs around values that hold them too, and characters outside printable ASCII.
+_NAMES = st.sampled_from(
+    ["Host", "host", "x-arango-async", "X-Arango-Async", "Content-Length", "Connection",
+     "Authorization", "Transfer-Encoding", "Expect", "Upgrade", "x-omit-www-authenticate",
+     "x-arango-queue-time-seconds", "X-N", "a", "bad name", "x:y", "", "é"]
+)  # fmt: skip
+_VALUES = st.one_of(
+    st.sampled_from(["store", "true", " store", "12", "0", "close", "keep-alive", "Upgrade"]),
+    st.text(alphabet=" \t!~aZ0:é\x7f\x01", max_size=8),
+)
+_FIELD = st.tuples(_NAMES, st.sampled_from([": ", ":", " : ", ":\t", ": \t "]), _VALUES)
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True, database=None)
+@given(
+    st.sampled_from(["PUT /_api/version", "GET /_api/job/7", "POST /_db/d/_api/cursor?x=1"]),
+    st.lists(_FIELD, max_size=7),
+    st.booleans(),
+)
+def test_what_the_fast_path_takes_it_reads_as_aiohttp_does(
+    line: str, fields: list[tuple[str, str, str]], host: bool
+) -> None:
+    """`parse` takes a request only if aiohttp's own parser (llhttp) reads the same
+    method, target and fields (names and values, in order) from it."""
+    head = "\r\n".join([f"{line} HTTP/1.1"] + (["Host: h"] if host else []))
+    head += "".join(f"\r\n{name}{colon}{value}" for name, colon, value in fields)
+    raw = head.encode()
+    taken = parse(raw, 65536, 1 << 30)
+    if taken is None:
+        return
+    loop = asyncio.new_event_loop()
+    try:
+        parser = HttpRequestParser(None, loop, 65536)
+        [(message, _)], _, _ = parser.feed_data(raw + b"\r\n\r\n")
+    finally:
+        loop.close()
+    assert (taken.method, taken.target) == (message.method, message.path)
+    assert taken.headers == [
+        (name.decode("latin-1"), value.decode("latin-1")) for name, value in message.raw_headers
+    ]
+    assert taken.host == message.headers["Host"]
 
 
 @pytest.mark.parametrize("case", list(HANDED_OVER))
