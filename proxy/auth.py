@@ -201,7 +201,8 @@ class Verifier:
         self._ttl = ttl
         self._max_entries = max_entries
         self._key = os.urandom(32)
-        self._verified: OrderedDict[bytes, float] = OrderedDict()  # digest -> expiry
+        # digest -> (expiry, user): the user known_caller gives (None: caller_of tells)
+        self._verified: OrderedDict[bytes, tuple[float, str | None]] = OrderedDict()
         self._checking: dict[bytes, asyncio.Future[web.Response | None]] = {}
 
     def _digest(self, authorization: str | None, database: str) -> bytes:
@@ -245,16 +246,14 @@ class Verifier:
     def known_caller(self, authorization: str | None, raw_target: str) -> Caller | None:
         """`caller_of`, when its credentials are remembered as verified; else None."""
         database, raw_database = database_of(raw_target)
-        if not self._known(self._digest(authorization, raw_database)):
+        known = self._verified.get(self._digest(authorization, raw_database))
+        if known is None or known[0] <= time.monotonic() or known[1] is None:
             return None
-        user = user_of(authorization)
-        if user == UNREADABLE or allowed_paths(authorization) is not None:
-            return None  # (rare) caller_of tells
-        return Caller(user, authorization, database)
+        return Caller(known[1], authorization, database)
 
     def _known(self, digest: bytes) -> bool:
-        expiry = self._verified.get(digest)
-        return expiry is not None and expiry > time.monotonic()
+        known = self._verified.get(digest)
+        return known is not None and known[0] > time.monotonic()
 
     async def verify(self, authorization: str | None, raw_database: str) -> web.Response | None:
         digest = self._digest(authorization, raw_database)
@@ -284,7 +283,10 @@ class Verifier:
         expires = _expires(authorization)
         if expires is not None:
             lifetime = min(lifetime, expires - time.time())
-        self._verified[digest] = time.monotonic() + lifetime
+        user: str | None = user_of(authorization)
+        if user == UNREADABLE or allowed_paths(authorization) is not None:
+            user = None  # (rare) caller_of tells
+        self._verified[digest] = (time.monotonic() + lifetime, user)
         self._verified.move_to_end(digest)
         while len(self._verified) > self._max_entries:
             self._verified.popitem(last=False)

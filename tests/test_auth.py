@@ -155,6 +155,34 @@ async def test_a_jwt_is_remembered_no_longer_than_its_exp(
         await connection.close()
 
 
+async def test_a_known_caller_is_the_caller_that_caller_of_gives(
+    standin_factory: StandInFactory,
+) -> None:
+    """What the fast path asks (`known_caller`, no await) agrees with `caller_of` for
+    remembered credentials, and leaves to it the tokens it cannot judge alone."""
+    standin = await standin_factory(jwt_secret=SECRET)
+    connection = Upstream(UpstreamConfig(url=standin.url))
+    await connection.start()
+    try:
+        verifier = Verifier(connection, ttl=30)
+        alice, root = ALICE["authorization"], ROOT["authorization"]
+        limited = bearer({"preferred_username": "bob", "allowed_paths": ["/_api/job/done"]})
+        assert verifier.known_caller(alice, "/_db/_system/_api/job/done") is None  # not yet
+        for authorization in (alice, root, limited["authorization"]):
+            assert await verifier.verify(authorization, "_system") is None
+        for authorization, target in ((alice, "/_db/_system/_api/job/done"), (root, "/x?y")):
+            known = verifier.known_caller(authorization, target)
+            assert known is not None
+            assert known == await verifier.caller_of(authorization, target)
+        assert verifier.known_caller(alice, "/_db/other/_api/job/done") is None
+        # (caller_of checks the path against allowed_paths)
+        assert verifier.known_caller(limited["authorization"], "/_api/job/done") is None
+        # the remembered verdicts hold user names, never credentials
+        assert not any(alice.split()[1] in str(known) for known in verifier._verified.values())
+    finally:
+        await connection.close()
+
+
 async def test_a_refusal_is_never_remembered(
     standin: StandIn, upstream: Upstream, clock: Clock
 ) -> None:
