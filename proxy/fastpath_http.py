@@ -232,7 +232,7 @@ def stream_head(
         # The proxy's own answers (no header of ArangoDB's yet): its lines as made
         # once, where proxy.app's response hook puts them (after aiohttp's own Date,
         # Server, which ArangoDB's replaces, and Connection): a third of the cost.
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+        lines.extend([f"{name}: {value}\r\n" for name, value in headers.items()])
         server, rest = arango.lines
         lines.append(server or _SERVER_LINE)
         if close:
@@ -244,7 +244,7 @@ def stream_head(
             headers.setdefault("Connection", "close")
         if arango is not None:  # (proxy.app's response hook runs after aiohttp's own)
             arango.apply(headers)
-        lines.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+        lines.extend([f"{name}: {value}\r\n" for name, value in headers.items()])
     lines.append("\r\n")
     # (surrogateescape: bytes ArangoDB sent that are not UTF-8 go back as they came)
     return "".join(lines).encode("utf-8", "surrogateescape"), length
@@ -290,11 +290,8 @@ def encode(
     its body, then frames it as a stream's."""
     body = response.body or b""
     assert isinstance(body, bytes)
-    headers = CIMultiDict(
-        (name, value)
-        for name, value in response.headers.items()
-        if name.lower() != "content-length"
-    )
+    headers = CIMultiDict(response.headers)
+    headers.popall("Content-Length", None)
     if body or not head:
         headers["Content-Length"] = str(len(body))
     block, length = stream_head(
