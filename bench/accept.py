@@ -8,12 +8,20 @@ and a bare aiohttp server whose handler only answers 202 (bench/bare.py), the
 most any aiohttp process serves on this machine. The proxy runs for real with
 dispatcher and harvester busy behind it (the stand-in executes every job), and
 synchronous=FULL.
+
+Then the same load once more with the stand-in stopped (SIGSTOP): ArangoDB
+unresponsive, the dispatcher waiting on it, the proxy accepting on its own. That is
+the rate at which the proxy absorbs a burst while ArangoDB is busy or away, and,
+with nothing else on the cores, its own ceiling (the first figure also pays for the
+stand-in and the worker process running every job on the same two cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import sqlite3
 import sys
 import tempfile
@@ -86,6 +94,12 @@ async def main() -> None:
         try:
             durable = await accepts(proxy.url, args.clients, args.seconds, meter)
             cpu = meter.per_job(durable.requests, durable.seconds)
+            os.kill(standin.proc.pid, signal.SIGSTOP)
+            try:
+                alone = await accepts(proxy.url, args.clients, args.seconds, meter)
+                cpu_alone = meter.per_job(alone.requests, alone.seconds)
+            finally:
+                os.kill(standin.proc.pid, signal.SIGCONT)
         finally:
             proxy.stop()
             standin.stop()
@@ -100,6 +114,9 @@ async def main() -> None:
     print(f"ratio bare aiohttp / single-commit rate (ceiling): {bare.rate / fsync_rate:.2f}")
     print(f"ratio accepts / bare aiohttp: {durable.rate / bare.rate:.2f}")
     print(cpu)
+    print(alone.row("accepts, ArangoDB stopped"))
+    print(f"ratio accepts (ArangoDB stopped) / single-commit rate: {alone.rate / fsync_rate:.2f}")
+    print(cpu_alone)
 
 
 if __name__ == "__main__":
