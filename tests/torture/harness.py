@@ -157,12 +157,15 @@ def used_bytes(database: Path) -> int:
     return int(size) * (int(pages) - int(free))
 
 
+_LOOK = aiohttp.ClientTimeout(total=5)
+
+
 async def unfinished_jobs(session: aiohttp.ClientSession, proxy: str) -> int | None:
     """The proxy's count of jobs not done yet (its metrics), or None without an answer."""
     try:
-        async with session.get(proxy + "/_proxy/metrics") as resp:
+        async with session.get(proxy + "/_proxy/metrics", timeout=_LOOK) as resp:
             text = await resp.text()
-    except aiohttp.ClientError:
+    except (aiohttp.ClientError, TimeoutError):
         return None
     found = re.search(r"^arango_async_proxy_jobs_unfinished (\d+)$", text, re.MULTILINE)
     return int(found[1]) if found else None
