@@ -157,20 +157,6 @@ def used_bytes(database: Path) -> int:
     return int(size) * (int(pages) - int(free))
 
 
-_LOOK = aiohttp.ClientTimeout(total=5)
-
-
-async def unfinished_jobs(session: aiohttp.ClientSession, proxy: str) -> int | None:
-    """The proxy's count of jobs not done yet (its metrics), or None without an answer."""
-    try:
-        async with session.get(proxy + "/_proxy/metrics", timeout=_LOOK) as resp:
-            text = await resp.text()
-    except (aiohttp.ClientError, TimeoutError):
-        return None
-    found = re.search(r"^arango_async_proxy_jobs_unfinished (\d+)$", text, re.MULTILINE)
-    return int(found[1]) if found else None
-
-
 async def control(session: aiohttp.ClientSession, method: str, url: str, data: Any = None) -> Any:
     async with session.request(method, url, data=data) as resp:
         assert resp.status == 200, await resp.text()
@@ -350,9 +336,12 @@ async def disk_full_phase(
             run.disk_recovered += 1
             break
         await asyncio.sleep(0.5)
-        unfinished = await unfinished_jobs(session, target.url)
-        if backlog is not None and unfinished is not None and unfinished < backlog:
+        try:
+            left = await asyncio.wait_for(unfinished(session, target.url), 5)
+        except (aiohttp.ClientError, TimeoutError):
+            left = None
+        if backlog is not None and left is not None and left < backlog:
             deadline = max(deadline, time.monotonic() + 30)
-        backlog = unfinished
+        backlog = left
     proxy.kill()
     target.url = proxy.start()
