@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable, Collection
 from typing import TypeVar
 
@@ -83,6 +84,11 @@ async def record(what: str, write: Callable[[], Awaitable[T]]) -> T:
     up would make the job run again, or lose its result; the store's faults
     (full, busy, I/O) pass, and each try is one more chance. Only cancellation
     (shutdown) ends the wait; then the job is resumed from its stored state.
+
+    Each wait is drawn between half and all of the doubling delay: writes that
+    failed in one batch (a batch fails as a whole, e.g. results that together
+    overshoot storage.max_db_size where each alone fits) must not try again in
+    lock-step, each time in one batch again.
     """
     delay = RECORD_RETRY_MIN
     while True:
@@ -91,7 +97,7 @@ async def record(what: str, write: Callable[[], Awaitable[T]]) -> T:
         except StoreError as exc:
             level = logging.WARNING if delay == RECORD_RETRY_MIN else logging.DEBUG
             log.log(level, "cannot record %s yet, will retry: %s", what, exc)
-        await asyncio.sleep(delay)
+        await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - not a secret
         delay = min(RECORD_RETRY_MAX, delay * 2)
 
 

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from proxy import harvester, jobs_api
 from proxy.app import create_app
+from proxy.recording import record
 from proxy.state import METRICS, STORE
 from storage import JobState, JobStore, Mark, StoredResponse, StoreError
 from storage.store import UNKNOWN
@@ -1019,3 +1020,26 @@ async def test_a_cancel_recorded_but_never_sent_is_sent_at_the_next_start(
     answer = await jobs.result(str(job_id))
     assert (answer.status, answer.json["errorNum"]) == (410, 21), answer.json
     assert standin.executed[("GET", "/_api/version")] == 0
+
+
+async def test_writes_that_failed_together_are_retried_apart() -> None:
+    """A batch fails as a whole: results that together overshoot the store's size
+    limit, where each alone fits, fail again and again if their retries keep meeting
+    in one batch. Here a write fails whenever another one came within 5 ms of it; the
+    retries of five such writes, all failed at once, must come apart."""
+    tries: list[float] = []
+
+    async def write() -> bool:
+        loop = asyncio.get_running_loop()
+        mine = loop.time()
+        tries.append(mine)
+        await asyncio.sleep(0.005)  # the batch forms
+        if sum(1 for other in tries if abs(other - mine) < 0.005) > 1:
+            raise StoreError("database or disk is full (injected)")
+        return True
+
+    done = await asyncio.wait_for(
+        asyncio.gather(*(record(f"write {k}", write) for k in range(5))), 20
+    )
+    assert done == [True] * 5
+    assert len(tries) > 5  # (they did fail together first)
