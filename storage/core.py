@@ -66,6 +66,7 @@ class StoreCore:
         self._result_bytes = result_bytes
         self._result_listener: Callable[[], None] | None = None
         self._queued_accepts = 0  # enqueued, neither committed nor failed yet
+        self._queued_bytes = 0  # the request bodies of those
         self._taken: set[int] = set()  # results handed out, deletes not committed yet
         self._ready = Ready()  # accepted jobs, for the dispatcher (storage.memory)
         self._ready.complete = unfinished == 0  # else the dispatcher's first look reads

@@ -59,12 +59,14 @@ class SizeLimit:
             f"{self.hard_pages * self.page_size} bytes (storage.max_db_size)"
         )
 
-    def check_room(self, size: int, used_pages: int) -> None:
-        """Raise StoreFull unless a new job of `size` bytes fits beside `used_pages`."""
+    def check_room(self, size: int, used_pages: int, queued: int = 0) -> None:
+        """Raise StoreFull unless a new job of `size` bytes fits beside `used_pages` and
+        the `queued` bytes of jobs accepted but not committed yet (a burst's jobs pass
+        this check before any of them commits: without them, it could fill the reserve)."""
         reason = self.too_large("a job", size)
         if reason is not None:
             raise StoreFull(reason)
-        if used_pages + size // self.page_size >= self.intake_pages:
+        if used_pages + (size + queued) // self.page_size >= self.intake_pages:
             raise StoreFull(
                 "the job store is near its size limit (storage.max_db_size); "
                 "fetch or delete job results to make room"

@@ -197,7 +197,7 @@ class JobStore(Dispatching, Facade):
                 f"the job store holds {self._capacity} unfinished jobs, its capacity"
             )
         if self._size_limit:
-            self._size_limit.check_room(len(job.body), self._writer.used_pages)
+            self._size_limit.check_room(len(job.body), self._writer.used_pages, self._queued_bytes)
         job_id = self._next_id
         if job_id > rows.MAX_ID:
             raise StoreError("the job store has used up all 2**63-1 job ids")
@@ -217,19 +217,22 @@ class JobStore(Dispatching, Facade):
         future = self._writer.enqueue(
             Statement(sql.INSERT_JOB, params, sql.INSERT_JOB_VALUES),
             on_commit=lambda _result: self._accept_committed(accepted),
-            on_abort=self._accept_aborted,
+            on_abort=functools.partial(self._accept_aborted, len(job.body)),
             on_durable=None if on_durable is None else functools.partial(on_durable, job_id),
         )
         # Ids follow arrival order; one burnt by a failed batch was never revealed.
         self._next_id += 1
         self._queued_accepts += 1
+        self._queued_bytes += len(job.body)
         return job_id, future
 
     def _accept_committed(self, job: Job) -> None:
         self._queued_accepts -= 1
+        self._queued_bytes -= len(job.body)
         self._unfinished += 1
         self._ready.add((job,))
         self._pending.add(job)
 
-    def _accept_aborted(self) -> None:
+    def _accept_aborted(self, size: int) -> None:
         self._queued_accepts -= 1
+        self._queued_bytes -= size

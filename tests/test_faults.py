@@ -80,8 +80,9 @@ async def test_size_limit_refuses_with_503_and_recovers_when_jobs_move_on(
 async def test_a_burst_at_the_size_limit_gets_202_only_for_what_committed(
     standin: StandIn, serve_proxy: ServeApp, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    """Concurrent accepts pass the check together and may overshoot SQLite's own
-    limit in one batch: that batch fails as a whole, each of its jobs a 503."""
+    """Concurrent accepts count towards the limit as they queue (not only once
+    committed); a batch that still overshoots SQLite's own limit fails as a whole,
+    each of its jobs a 503. Those answered 202 all run, their results stored."""
     limit = 256 * 1024
     _, url = await start(serve_proxy, standin.url, tmp_path / "d", storage={"max_db_size": limit})
     jobs = Client(http, url)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import JobState, JobStore, Mark, StoreError, StoreFull
+from storage import JobState, JobStore, Mark, StoredResponse, StoreError, StoreFull
 from storage.batch import Statement, Want
 from tests.test_store import RESULT, new_job
 
@@ -230,6 +230,41 @@ async def test_a_size_limit_below_the_file_keeps_it_from_growing(tmp_path: Path)
         assert await store.take_result(1, None) == RESULT
         assert (tmp_path / "jobs.sqlite3").stat().st_size == size
     finally:
+        await store.close()
+
+
+async def test_a_burst_at_the_size_limit_counts_the_jobs_not_committed_yet(
+    tmp_path: Path,
+) -> None:
+    """Accepts that queue behind a commit under way pass the size check before any of
+    them is on disk: they count towards it as they queue, so a burst cannot fill the
+    reserve that jobs already held need to move on (their results)."""
+    limit = 256 * 1024
+    store = await JobStore.open(tmp_path, max_size=limit)
+    release = threading.Event()
+    try:
+        held = store._writer.call(lambda _conn: release.wait())  # nothing commits meanwhile
+        queued: list[asyncio.Future[object]] = []
+        refused: StoreFull | None = None
+        try:
+            for _ in range(40):  # 40 x 12 KB: twice the limit
+                queued.append(store.accept_nowait(new_job(body=b"b" * 12_000))[1])
+        except StoreFull as exc:
+            refused = exc
+        finally:
+            release.set()
+            await held
+        assert refused is not None
+        assert "near its size limit" in str(refused)
+        # what was let through fits in the three quarters new jobs may fill
+        assert 0 < len(queued) * 12_000 <= limit * 3 // 4
+        await asyncio.gather(*queued)  # all of them commit
+        # and each can move on with a result as large as its request
+        big = StoredResponse(status=201, headers=(), body=b"r" * 12_000)
+        for job_id in range(1, len(queued) + 1):
+            assert await store.finish(job_id, big)
+    finally:
+        release.set()
         await store.close()
 
 
