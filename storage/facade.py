@@ -3,7 +3,9 @@
 The facade's reads answer from the copies in memory where they can (the
 ``*_now`` methods, for the fast path, say UNKNOWN where the file must be read).
 A result handed out (`take_result`) is gone at once for every later read; its
-row's delete commits in the background and is retried until it does. Retention
+row's delete commits in the background, with the next commit another write starts
+(a lazy write, storage.writer: within LAZY_DELAY at most), and is retried until
+it does. Retention
 (`expire_results`, `evict_results`) removes done jobs only, oldest finished
 first, through the partial index on their finish time: a sweep that finds
 nothing costs one index probe and no write.
@@ -73,8 +75,9 @@ class Facade(StoreCore):
     ) -> StoredResponse | JobState | None:
         """Done: the result, and the row is gone. Unfinished: its state. Not visible: None.
 
-        The result is handed out at once; its delete commits in the background (the
-        client has its answer and need not wait for an fsync). Until then the job is
+        The result is handed out at once; its delete commits in the background, with
+        the next batch (the client has its answer and need not wait for an fsync, and
+        the delete needs no fsync of its own). Until then the job is
         in ``_taken``, and readers treat it as gone. Exactly one of two concurrent
         takes gets the result: each checks ``_taken``, reads and claims in one call
         on the reader's thread (`_claim_result`), one after the other, and the id
@@ -141,6 +144,7 @@ class Facade(StoreCore):
             want=Want.OUTCOME,
             on_commit=deleted,
             scrubs=True,
+            lazy=True,
         )
         deleting.add_done_callback(failed)
 
@@ -160,8 +164,8 @@ class Facade(StoreCore):
 
     async def delete(self, job_id: int, viewer: str | None) -> bool:
         """Done: the row is deleted. Unfinished: forgotten (runs on, result dropped)."""
-        if not valid_id(job_id):
-            return False
+        if not valid_id(job_id) or job_id in self._taken:
+            return False  # (a result handed out is gone, its row's delete on its way)
         params = by_id(job_id, viewer)
         deleted = await self._delete(
             Statement(sql.DELETE_DONE_ONE, params), Statement(sql.FORGET_ONE, params)

@@ -25,6 +25,14 @@ Outcome of a batch::
 
 A write whose caller gave up (future cancelled) before its batch started is skipped.
 
+Lazy writes. A write enqueued with ``lazy=True`` is one nobody waits for (the delete
+of a result its client has fetched): it never starts a commit of its own, but joins
+the next batch that another write starts, or starts one after at most LAZY_DELAY.
+Under the job API's load a third of the commits were fetched results' deletes
+alone, each an fsync and a turn of the writer and of the loop for nothing urgent.
+Writes still commit in the order they were enqueued: any other write, a call, or
+``stop()`` puts the lazy writes waiting into the queue ahead of itself.
+
 Scrubbing the WAL. ``secure_delete`` zeroes wiped credentials and deleted results in
 the database pages, but every earlier version of those pages stays in the -wal file
 as a frame until SQLite happens to overwrite it, which on a quiet proxy can be never.
@@ -78,6 +86,7 @@ SCRUB_INTERVAL = 1.0  # seconds: least time between two scrubbing checkpoints
 SCRUB_MAX_DELAY = 30.0  # seconds: longest a scrub waits for an idle moment
 SCRUB_BUSY_TIMEOUT_MS = 100  # how long a scrub waits for readers before trying later
 IDLE_CHECK = 1.0  # seconds: an idle writer looks this often whether its loop is gone
+LAZY_DELAY = 0.1  # seconds: longest a lazy write waits for a batch to join
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,6 +113,8 @@ class Writer:
         self._loop = asyncio.get_running_loop()
         # Shared with the writer thread: deque appends and pops are atomic.
         self._queue: deque[Write | _Call | None] = deque()
+        self._lazy: deque[Write] = deque()  # lazy writes: join the next batch
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._wake = threading.Event()
         self._closing = False
         self._scrub_wanted_since: float | None = None  # read and written by the thread only
@@ -120,10 +131,12 @@ class Writer:
         on_abort: OnAbort | None = None,
         scrubs: bool = False,
         on_durable: OnDurable | None = None,
+        lazy: bool = False,
     ) -> asyncio.Future[Result]:
         """Queue one write (its statements run in order, in the same transaction).
 
         `scrubs`: the write wipes or deletes data that must not linger in the -wal file.
+        `lazy`: nobody waits for it; it joins the next batch (see above).
         `on_durable`: called on the writer's thread as soon as the write has committed,
         before the event loop hears of it (a turn of a busy loop later): for work that
         must wait for the commit and need not wait for the loop. It must be quick,
@@ -141,7 +154,11 @@ class Writer:
                 " its outcome (a command: such a statement)"
             )
         future: asyncio.Future[Result] = self._loop.create_future()
-        self._put(Write(statements, want, future, on_commit, on_abort, scrubs, on_durable))
+        write = Write(statements, want, future, on_commit, on_abort, scrubs, on_durable)
+        if lazy:
+            self._put_lazy(write)
+        else:
+            self._put(write)
         return future
 
     def call(self, function: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
@@ -157,9 +174,35 @@ class Writer:
     def _put(self, item: Write | _Call) -> None:
         if self._closing:
             raise StoreError("the job store is closed")
+        if self._lazy:  # ahead of this one: a write commits after every write before it
+            self._queue_lazy()
         self._queue.append(item)
         if not self._wake.is_set():  # the thread clears it before it looks at the queue
             self._wake.set()
+
+    def _put_lazy(self, write: Write) -> None:
+        if self._closing:
+            raise StoreError("the job store is closed")
+        self._lazy.append(write)
+        if self._lazy_timer is None:
+            self._lazy_timer = self._loop.call_later(LAZY_DELAY, self._lazy_due)
+
+    def _lazy_due(self) -> None:
+        """No batch took the lazy writes in time: they start one."""
+        self._lazy_timer = None
+        self._queue_lazy()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _queue_lazy(self) -> None:
+        """Move the lazy writes to the queue. (The writer's thread may take some of
+        them meanwhile: each pop is atomic, so each write goes one way only.)"""
+        while True:
+            try:
+                write = self._lazy.popleft()
+            except IndexError:
+                return
+            self._queue.append(write)
 
     async def stop(self) -> None:
         """Commit everything queued so far, then end the thread's loop."""
@@ -170,6 +213,10 @@ class Writer:
     def _stop(self) -> None:
         if not self._closing:
             self._closing = True
+            if self._lazy_timer is not None:
+                self._lazy_timer.cancel()
+                self._lazy_timer = None
+            self._queue_lazy()
             self._queue.append(None)  # behind every write queued so far
             self._wake.set()
 
@@ -195,7 +242,9 @@ class Writer:
             # its callers must not wait forever.
             self._closing = True
             left = [item for item in self._queue if isinstance(item, Write)]
+            left.extend(self._lazy)
             self._queue.clear()
+            self._lazy.clear()
             if left:
                 self._post(_fail, left, "the job store was stopped before this write ran", None)
 
@@ -225,6 +274,12 @@ class Writer:
                     break  # a call or the stop marker: after this batch
                 self._queue.popleft()
                 batch.append(item)
+            # the lazy writes last: the runs of one statement above stay whole
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._lazy.popleft())
+                except IndexError:  # (none left, or the loop moved them to the queue)
+                    break
             return batch
 
     def _scrub_due(self) -> bool:

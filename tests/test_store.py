@@ -25,6 +25,7 @@ from storage import (
     StoreError,
     rows,
     schema,
+    writer,
 )
 from storage.batch import Statement, Want
 
@@ -583,6 +584,84 @@ async def test_a_batch_of_mixed_writes_commits_once_and_in_order(store: JobStore
     assert outcomes == [2, 3, Mark.SUBMITTED, True, 4, True, 5]
     assert store.commits - before == 1
     assert store.unfinished == 4
+
+
+async def _taken(store: JobStore) -> int:
+    """A done job whose result was just handed out: its delete is a lazy write."""
+    job_id = await store.accept(new_job())
+    assert await store.finish(job_id, RESULT)
+    assert await store.take_result(job_id, None) == RESULT
+    return job_id
+
+
+async def test_a_fetched_results_delete_joins_the_next_commit(
+    store: JobStore, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delete of a result handed out starts no commit (no fsync) of its own: it
+    commits with the next write, and the job is gone for readers meanwhile."""
+    monkeypatch.setattr(writer, "LAZY_DELAY", 60.0)
+    taken = await _taken(store)
+    before = store.commits
+    await asyncio.sleep(0.05)
+    assert store.commits == before
+    assert raw_rows(data, "SELECT id FROM jobs WHERE id = ?", taken) == [(taken,)]
+    assert await store.take_result(taken, None) is None
+    assert await store.state(taken, None) is None
+    assert taken not in await store.list_ids(done=True, viewer=None, limit=10)
+    assert not await store.delete(taken, None)  # (as ArangoDB: 404 once fetched)
+    await store.accept(new_job())
+    await asyncio.sleep(0)  # (the delete's own callback runs after the accept's future)
+    assert store.commits == before + 1
+    assert raw_rows(data, "SELECT id FROM jobs WHERE id = ?", taken) == []
+    assert store.result_bytes == 0
+    assert taken not in store._taken
+
+
+async def test_writes_after_a_lazy_delete_commit_after_it(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writes commit in the order they came: a delete of every done job after a fetch
+    finds the fetched one gone already (and does not count it)."""
+    monkeypatch.setattr(writer, "LAZY_DELAY", 60.0)
+    await _taken(store)
+    assert await store.delete_all(None) == 0
+    assert store.result_bytes == 0
+
+
+async def test_a_fetched_results_delete_commits_alone_within_the_lazy_delay(
+    store: JobStore, data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "LAZY_DELAY", 0.2)
+    taken = await _taken(store)
+    await asyncio.sleep(0.05)
+    assert raw_rows(data, "SELECT id FROM jobs WHERE id = ?", taken) == [(taken,)]
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if not raw_rows(data, "SELECT id FROM jobs WHERE id = ?", taken):
+            break
+    assert raw_rows(data, "SELECT id FROM jobs WHERE id = ?", taken) == []
+    assert taken not in store._taken
+
+
+async def test_flush_and_close_commit_the_lazy_writes(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "LAZY_DELAY", 60.0)
+    monkeypatch.setattr(writer, "MAX_BATCH", 2)  # more lazy writes than one batch takes
+    store = await JobStore.open(data)
+    try:
+        done = [await store.accept(new_job()) for _ in range(3)]
+        for job_id in done:
+            assert await store.finish(job_id, RESULT)
+        for job_id in done:  # three lazy deletes waiting, none of them in a batch yet
+            assert await store.take_result(job_id, None) == RESULT
+        await store.flush()
+        assert raw_rows(data, "SELECT id FROM jobs WHERE state = 'done'") == []
+        assert store._taken == set()
+        closed = await _taken(store)
+    finally:
+        await store.close()
+    assert raw_rows(data, "SELECT id FROM jobs WHERE id = ?", closed) == []
 
 
 async def test_close_commits_queued_writes_and_then_refuses(data: Path) -> None:
