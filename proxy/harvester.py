@@ -135,9 +135,11 @@ class Harvester:
         self._last_lost_check = time.monotonic()
         self._fetching = asyncio.Semaphore(FETCH_CONCURRENCY)
         # Each fetch is a task of its own, which no tick waits for: one that ArangoDB
-        # is slow to answer (request_timeout at most) holds up no other job's.
+        # is slow to answer (request_timeout at most) holds up no other job's. The
+        # task then stores the result it fetched.
         self._fetches: dict[Tracked, asyncio.Task[None]] = {}
-        # results fetched, being stored; cancels sent again (load)
+        # jobs whose ArangoDB ids were given out again, being ended; cancels sent
+        # again (load)
         self._storing: set[asyncio.Task[None]] = set()
 
     @property
@@ -358,24 +360,22 @@ class Harvester:
             return
         submission = tracked.submission
         final = reply is not None and _is_final(reply)
+        first = False
         if final:
-            assert reply is not None
             # ArangoDB has handed the result over and forgotten the job: its slot is
             # free at once (and no fetch must ask for it again: that would be a 404,
-            # "lost"). Storing the result goes on beside the next ticks, which need
-            # not wait for commits.
+            # "lost"). This fetch's task goes on to store the result, beside the next
+            # ticks, which wait for no fetch.
             self._untrack(tracked)
             first = submission is not None and not submission.marking
-            storing = asyncio.create_task(
-                self._store_result(tracked, stored_response(reply), first=first)
-            )
-            self._storing.add(storing)
-            storing.add_done_callback(self._storing.discard)
             if submission is not None and first:
-                submission.storing = storing
+                submission.storing = asyncio.current_task()
         if submission is not None:
             submission.answered()  # result or not, the dispatcher need wait no longer
-        if reply is not None and reply.status == 404 and not final and await tracked.submitted():
+        if final:
+            assert reply is not None
+            await self._store_result(tracked, stored_response(reply), first=first)
+        elif reply is not None and reply.status == 404 and await tracked.submitted():
             # ArangoDB does not know the job (a job's own result may be a 404 too: that
             # one is final). Not submitted: cancelled while being sent, the dispatcher
             # deals with it.

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Collection
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from proxy.errors import ERROR_INTERNAL, JSON_TYPE, UpstreamFailure, error_body
 from proxy.state import JobQueue
@@ -135,7 +135,8 @@ class Submission:
         self.marking = False  # the dispatcher began the mark: results wait for it
         # the mark's outcome: False if the job was cancelled while being sent
         self.marked: asyncio.Future[bool] = loop.create_future()
-        self.storing: asyncio.Task[None] | None = None  # the result came first: its write
+        # the result came first: the task that stores it
+        self.storing: asyncio.Task[Any] | None = None
 
     def answered(self) -> None:
         if not self.looked.done():
