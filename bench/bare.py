@@ -7,8 +7,8 @@ same run, so the accept figure can be read against what aiohttp itself serves.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import sys
 
 import uvloop
 from aiohttp import web
@@ -29,7 +29,9 @@ async def serve(port: int) -> None:
 
 
 def main() -> None:
-    uvloop.run(serve(int(sys.argv[1])))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("port", type=int)
+    uvloop.run(serve(parser.parse_args().port))
 
 
 if __name__ == "__main__":
