@@ -5,10 +5,9 @@ The facade's reads answer from the copies in memory where they can (the
 A result handed out (`take_result`) is gone at once for every later read; its
 row's delete commits in the background, with the next commit another write starts
 (a lazy write, storage.writer: within LAZY_DELAY at most), and is retried until
-it does. Retention
-(`expire_results`, `evict_results`) removes done jobs only, oldest finished
-first, through the partial index on their finish time: a sweep that finds
-nothing costs one index probe and no write.
+it does. Retention (`expire_results`, `evict_results`) removes done jobs only,
+oldest finished first, through the partial index on their finish time: a sweep
+that finds nothing costs one index probe and no write.
 """
 
 from __future__ import annotations

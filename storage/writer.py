@@ -31,7 +31,10 @@ the next batch that another write starts, or starts one after at most LAZY_DELAY
 Under the job API's load a third of the commits were fetched results' deletes
 alone, each an fsync and a turn of the writer and of the loop for nothing urgent.
 Writes still commit in the order they were enqueued: any other write, a call, or
-``stop()`` puts the lazy writes waiting into the queue ahead of itself.
+``stop()`` puts the lazy writes waiting into the queue ahead of itself, and a batch
+takes lazy writes only once the queue is empty. (Two lazy writes may swap, when the
+loop moves them while the writer's thread takes them: they are deletes of distinct
+rows.)
 
 Scrubbing the WAL. ``secure_delete`` zeroes wiped credentials and deleted results in
 the database pages, but every earlier version of those pages stays in the -wal file
@@ -274,8 +277,9 @@ class Writer:
                     break  # a call or the stop marker: after this batch
                 self._queue.popleft()
                 batch.append(item)
-            # the lazy writes last: the runs of one statement above stay whole
-            while len(batch) < MAX_BATCH:
+            # the lazy writes last (the runs of one statement above stay whole), and
+            # not past a call: a write queued before the call commits before them
+            while len(batch) < MAX_BATCH and not self._queue:
                 try:
                     batch.append(self._lazy.popleft())
                 except IndexError:  # (none left, or the loop moved them to the queue)

@@ -628,6 +628,27 @@ async def test_writes_after_a_lazy_delete_commit_after_it(
     assert store.result_bytes == 0
 
 
+async def test_a_lazy_write_does_not_pass_a_write_queued_before_a_call(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that ends at a call takes no lazy write: one queued after the write
+    behind the call commits after that write."""
+    monkeypatch.setattr(writer, "LAZY_DELAY", 60.0)
+    queue = store._writer
+    await queue.execute_fetchall("CREATE TABLE scratch (id INTEGER PRIMARY KEY, key TEXT)")
+    insert = "INSERT INTO scratch (key) VALUES (?)"
+    release = threading.Event()
+    held = queue.call(lambda _conn: release.wait())  # the thread is busy meanwhile
+    first = queue.enqueue(Statement(insert, ("first",)))
+    between = queue.call(lambda _conn: None)
+    behind = queue.enqueue(Statement(insert, ("behind the call",)))
+    lazy = queue.enqueue(Statement(insert, ("lazy",)), lazy=True)
+    release.set()
+    await asyncio.wait_for(asyncio.gather(held, first, between, behind, lazy), 5)
+    rows = await queue.execute_fetchall("SELECT key FROM scratch ORDER BY id")
+    assert [key for (key,) in rows] == ["first", "behind the call", "lazy"]
+
+
 async def test_a_fetched_results_delete_commits_alone_within_the_lazy_delay(
     store: JobStore, data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
