@@ -37,7 +37,7 @@ import functools
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Coroutine, Iterable
 from typing import TypeVar
 
 from proxy.auth import database_prefix, job_at_arangodb
@@ -138,9 +138,9 @@ class Harvester:
         # is slow to answer (request_timeout at most) holds up no other job's. The
         # task then stores the result it fetched.
         self._fetches: dict[Tracked, asyncio.Task[None]] = {}
-        # jobs whose ArangoDB ids were given out again, being ended; cancels sent
-        # again (load)
-        self._storing: set[asyncio.Task[None]] = set()
+        # other work no tick waits for: jobs whose ArangoDB ids were given out again,
+        # being ended; cancels sent again (load)
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def inflight(self) -> int:
@@ -167,9 +167,12 @@ class Harvester:
         if previous is not None and previous.job_id != job.id:
             # ArangoDB gave the id out again: it is a new server (restarted on fresh
             # data, or replaced), and the job that had the id is lost there.
-            reissued = asyncio.create_task(self._reissued(previous))
-            self._storing.add(reissued)
-            reissued.add_done_callback(self._storing.discard)
+            self._in_background(self._reissued(previous))
+
+    def _in_background(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _reissued(self, tracked: Tracked) -> None:
         try:
@@ -195,25 +198,22 @@ class Harvester:
             self.track(job, job.upstream_id)
             if job.cancelled:
                 at_arangodb = job_at_arangodb(job.target, job.upstream_id)
-                call = tell(
-                    self._upstream, self._credentials, job, ("PUT", f"{at_arangodb}/cancel")
+                self._in_background(
+                    tell(self._upstream, self._credentials, job, ("PUT", f"{at_arangodb}/cancel"))
                 )
-                cancel = asyncio.create_task(call)
-                self._storing.add(cancel)
-                cancel.add_done_callback(self._storing.discard)
 
     async def run(self) -> None:
         """Harvest until stop(); a tick under way is finished first, and every result
         fetched is stored."""
         try:
             await self._run()
-            while self._fetches or self._storing:
-                await asyncio.wait({*self._fetches.values(), *self._storing})
+            while self._fetches or self._background:
+                await asyncio.wait({*self._fetches.values(), *self._background})
         finally:
             # Cancelled (the stop's grace is over): the fetches and results still being
             # stored go too; those jobs are still submitted in the store, and asked for
             # again.
-            tasks = {*self._fetches.values(), *self._storing}
+            tasks = {*self._fetches.values(), *self._background}
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
