@@ -23,6 +23,13 @@ its work (a closed loop: jobs/s = clients / time per job). Both are measured at
 each number of clients given, 8 and 32 by default: at 8 the wait dominates, at
 32 the proxy is busy.
 
+The ceiling: after the rounds at each number of clients, one more round runs the
+same load direct and against two bare relays (bench/relay.py): the least a proxy of
+this shape does per job, without a store and with the proxy's commits (accept and
+result fsync'd before anyone hears of them). Their ratios to direct say what a proxy
+of this shape could reach on this machine, in Python, where the proxy's own is read
+against them.
+
 Both figures swing by a fifth from one measurement to the next on these
 machines (2 shared cores), so each number of clients is measured in `--rounds`
 (3) rounds, direct and through the proxy one after the other, and the round
@@ -34,16 +41,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 from common import (
     CpuMeter,
     Load,
+    ServerProcess,
     StandInProcess,
     add_workers_option,
     closed_loop,
+    free_port,
     run_wrk,
     start_proxy,
 )
@@ -89,36 +100,61 @@ def wrk_batches(
     return int(found[1]), int(found[2]), float(found[4])
 
 
-async def jobs_per_second(
-    base: str, clients: int, batch: int, seconds: float, meter: CpuMeter
-) -> tuple[Load, str]:
-    """The batch load's jobs/s with the latency of one job at a time, and the CPU per
-    job of each part during the batch load."""
+async def batch_load(
+    base: str, clients: int, batch: int, seconds: float, measuring: Callable[[], None]
+) -> tuple[int, int, float, str]:
+    """The batch load after a warm-up (`measuring` is called between the two): jobs
+    fetched, 204 answers, seconds, and the tool that made the load."""
 
     async def one_batch(session: aiohttp.ClientSession) -> None:
         job_ids = [await submit(session, base) for _ in range(batch)]
         for job_id in job_ids:
             await fetch(session, base, job_id)
 
+    if wrk_batches(base, clients, batch, 1.0) is not None:  # warm-up
+        measuring()
+        measured = wrk_batches(base, clients, batch, seconds)
+        assert measured is not None
+        return (*measured, "wrk")
+    await closed_loop(one_batch, clients=clients, seconds=1.0)  # warm-up
+    measuring()
+    PENDING[0] = 0
+    batches = await closed_loop(one_batch, clients=clients, seconds=seconds)
+    return batches.requests * batch, PENDING[0], batches.seconds, "aiohttp"
+
+
+async def jobs_per_second(
+    base: str, clients: int, batch: int, seconds: float, meter: CpuMeter
+) -> tuple[Load, str]:
+    """The batch load's jobs/s with the latency of one job at a time, and the CPU per
+    job of each part during the batch load."""
+
     async def one_job(session: aiohttp.ClientSession) -> None:
         await fetch(session, base, await submit(session, base))
 
-    if wrk_batches(base, clients, batch, 1.0) is not None:  # warm-up
-        meter.start()
-        measured = wrk_batches(base, clients, batch, seconds)
-        assert measured is not None
-        jobs, waits, elapsed = measured
-        tool = "wrk"
-    else:
-        await closed_loop(one_batch, clients=clients, seconds=1.0)  # warm-up
-        meter.start()
-        PENDING[0] = 0
-        batches = await closed_loop(one_batch, clients=clients, seconds=seconds)
-        jobs, waits, elapsed = batches.requests * batch, PENDING[0], batches.seconds
-        tool = "aiohttp"
+    jobs, waits, elapsed, tool = await batch_load(base, clients, batch, seconds, meter.start)
     cpu = meter.per_job(jobs, elapsed) + f"; 204 answers per job {waits / jobs:.2f}"
     latency = await closed_loop(one_job, clients=1, seconds=min(seconds, 2.0))
     return Load(jobs, elapsed, latency.p50, latency.p99, tool), cpu
+
+
+async def ceiling(
+    standin: str, relays: dict[str, str], args: argparse.Namespace, clients: int
+) -> None:
+    """Direct and each bare relay (bench/relay.py) one after the other: what a proxy of
+    this shape could reach on this machine, as ratios to direct."""
+    rates = {}
+    for name, base in {"direct": standin, **relays}.items():
+        jobs, _, elapsed, _ = await batch_load(
+            base, clients, args.batch, args.seconds, lambda: None
+        )
+        rates[name] = jobs / elapsed
+    print(
+        "the ceiling, one round: "
+        + ", ".join(f"{name} {rate:.0f}/s" for name, rate in rates.items())
+        + "; ratios "
+        + ", ".join(f"{name} {rates[name] / rates['direct']:.2f}" for name in relays)
+    )
 
 
 async def main() -> None:
@@ -132,6 +168,12 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         standin = StandInProcess.start("--no-auth", "--workers", "4", "--queue-size", "4096")
         proxy = start_proxy(standin.url, Path(tmp), args.workers)
+        relay = [sys.executable, str(Path(__file__).with_name("relay.py"))]
+        bare = ServerProcess.run([*relay, str(free_port()), standin.url])
+        durable = ServerProcess.run(
+            [*relay, str(free_port()), standin.url, "--durable", str(Path(tmp) / "relay")]
+        )
+        relays = {"bare relay": bare.url, "durable bare relay": durable.url}
         try:
             meter = CpuMeter(proxy, standin)
             for clients in args.clients:
@@ -167,7 +209,10 @@ async def main() -> None:
                 )
                 print(f"direct: {direct_cpu}")
                 print(f"through the proxy: {cpu}")
+                await ceiling(standin.url, relays, args, clients)
         finally:
+            durable.stop()
+            bare.stop()
             proxy.stop()
             standin.stop()
 
