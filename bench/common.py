@@ -129,8 +129,9 @@ def wrk(
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_seconds(stat: Path) -> float:
-    """User + system CPU of a process or thread, from its /proc stat file."""
+def cpu_seconds(stat: Path) -> float:
+    """User + system CPU of a process (all its threads) or a thread, from its /proc stat
+    file."""
     fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
 
@@ -150,7 +151,7 @@ class CpuMeter:
 
     def _read(self) -> dict[str, float]:
         proxy = Path(f"/proc/{self._proxy}")
-        threads = {int(t.name): _cpu_seconds(t / "stat") for t in (proxy / "task").iterdir()}
+        threads = {int(t.name): cpu_seconds(t / "stat") for t in (proxy / "task").iterdir()}
         loop = threads.pop(self._proxy)
         children = (proxy / "task" / str(self._proxy) / "children").read_text().split()
         mine, waited = (
@@ -160,8 +161,8 @@ class CpuMeter:
         return {
             "proxy loop": loop,
             "proxy SQLite threads": sum(threads.values()),
-            "worker process": sum(_cpu_seconds(Path(f"/proc/{c}/stat")) for c in children),
-            "stand-in": _cpu_seconds(Path(f"/proc/{self._standin}/stat")),
+            "worker process": sum(cpu_seconds(Path(f"/proc/{c}/stat")) for c in children),
+            "stand-in": cpu_seconds(Path(f"/proc/{self._standin}/stat")),
             "load generator": mine.ru_utime + mine.ru_stime + waited.ru_utime + waited.ru_stime,
         }
 
@@ -239,6 +240,7 @@ __all__ = [
     "StandInProcess",
     "add_workers_option",
     "closed_loop",
+    "cpu_seconds",
     "free_port",
     "load",
     "run_wrk",

@@ -54,6 +54,7 @@ from common import (
     StandInProcess,
     add_workers_option,
     closed_loop,
+    cpu_seconds,
     free_port,
     run_wrk,
     start_proxy,
@@ -139,21 +140,34 @@ async def jobs_per_second(
 
 
 async def ceiling(
-    standin: str, relays: dict[str, str], args: argparse.Namespace, clients: int
+    standin: ServerProcess,
+    relays: dict[str, ServerProcess],
+    args: argparse.Namespace,
+    clients: int,
 ) -> None:
     """Direct and each bare relay (bench/relay.py) one after the other: what a proxy of
-    this shape could reach on this machine, as ratios to direct."""
-    rates = {}
-    for name, base in {"direct": standin, **relays}.items():
+    this shape could reach on this machine, as ratios to direct, with the relay's CPU
+    per job (all its threads) to read the proxy's against."""
+    rates, cpu = {}, {}
+    for name, server in {"direct": standin, **relays}.items():
+        stat = Path(f"/proc/{server.proc.pid}/stat")
+        began: list[float] = []
+
+        def measuring(stat: Path = stat, began: list[float] = began) -> None:
+            began.append(cpu_seconds(stat))
+
         jobs, _, elapsed, _ = await batch_load(
-            base, clients, args.batch, args.seconds, lambda: None
+            server.url, clients, args.batch, args.seconds, measuring
         )
         rates[name] = jobs / elapsed
+        cpu[name] = (cpu_seconds(stat) - began[0]) / jobs * 1e6
     print(
-        "the ceiling, one round: "
-        + ", ".join(f"{name} {rate:.0f}/s" for name, rate in rates.items())
-        + "; ratios "
-        + ", ".join(f"{name} {rates[name] / rates['direct']:.2f}" for name in relays)
+        f"the ceiling, one round: direct {rates['direct']:.0f}/s; "
+        + "; ".join(
+            f"{name} {rates[name]:.0f}/s, ratio {rates[name] / rates['direct']:.2f},"
+            f" CPU per job {cpu[name]:.0f} us"
+            for name in relays
+        )
     )
 
 
@@ -173,7 +187,7 @@ async def main() -> None:
         durable = ServerProcess.run(
             [*relay, str(free_port()), standin.url, "--durable", str(Path(tmp) / "relay")]
         )
-        relays = {"bare relay": bare.url, "durable bare relay": durable.url}
+        relays = {"bare relay": bare, "durable bare relay": durable}
         try:
             meter = CpuMeter(proxy, standin)
             for clients in args.clients:
@@ -209,7 +223,7 @@ async def main() -> None:
                 )
                 print(f"direct: {direct_cpu}")
                 print(f"through the proxy: {cpu}")
-                await ceiling(standin.url, relays, args, clients)
+                await ceiling(standin, relays, args, clients)
         finally:
             durable.stop()
             bare.stop()
