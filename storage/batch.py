@@ -45,11 +45,18 @@ _TEXTS = (bytes, str)  # the values that count towards it (the store binds exact
 
 # Where commands record their outcome (Want.OUTCOME), on the writer's connection only.
 OUTCOME_TABLE = "CREATE TEMP TABLE outcome (k INTEGER NOT NULL, a ANY, b ANY, c ANY)"
-# One row for the whole batch: each value as its type and hex (lossless for text, blob,
-# integer and NULL, whatever its bytes; JSON itself holds no blob).
+# One row for the whole batch, in JSON: each outcome as [k, a, b, c, blobs]. NULL,
+# integers and text are themselves (exact: SQLite writes integers in full, and the
+# store's text is valid UTF-8); JSON holds no blob, so a blob is its hex, and `blobs`
+# has bit n set when value n is one (no JSON subtypes: their rules vary by version);
+# a real would be rounded, and is refused on reading.
 OUTCOMES = (
-    "SELECT json_group_array(json_array(k, typeof(a), hex(a), typeof(b), hex(b),"
-    " typeof(c), hex(c))) FROM outcome"
+    "SELECT json_group_array(json_array(k,"
+    " CASE typeof(a) WHEN 'blob' THEN hex(a) ELSE a END,"
+    " CASE typeof(b) WHEN 'blob' THEN hex(b) ELSE b END,"
+    " CASE typeof(c) WHEN 'blob' THEN hex(c) ELSE c END,"
+    " (typeof(a) = 'blob') + 2 * (typeof(b) = 'blob') + 4 * (typeof(c) = 'blob')"
+    ")) FROM outcome"
 )
 CLEAR_OUTCOMES = "DELETE FROM outcome"
 
@@ -191,23 +198,24 @@ def _collect_outcomes(conn: sqlite3.Connection, writes: list[Write], results: li
     for k, write in enumerate(writes):
         if write.want is Want.OUTCOME:
             results[k] = []
-    for k, *typed in json.loads(found):
-        pairs = zip(typed[::2], typed[1::2], strict=True)
-        cast(list[Any], results[k]).append(tuple(_value(kind, digits) for kind, digits in pairs))
+    for k, a, b, c, blobs in json.loads(found):
+        values = (a, b, c)
+        if blobs or float in (type(a), type(b), type(c)):
+            values = _decoded(values, blobs)
+        cast(list[Any], results[k]).append(values)
 
 
-def _value(kind: str, digits: str) -> Any:
-    """A value of OUTCOMES, from its type and hex."""
-    if kind == "null":
-        return None
-    raw = bytes.fromhex(digits)
-    if kind == "blob":
-        return raw
-    if kind == "text":
-        return raw.decode()
-    if kind == "integer":
-        return int(raw)
-    raise ValueError(f"an outcome cannot hold a {kind} exactly")  # real: hex() rounds it
+def _decoded(values: tuple[Any, ...], blobs: int) -> tuple[Any, ...]:
+    """An outcome's values read from OUTCOMES with its blobs (bits of `blobs`) as bytes."""
+    decoded = []
+    for n, value in enumerate(values):
+        if blobs >> n & 1:
+            decoded.append(bytes.fromhex(value))
+        elif type(value) is float:
+            raise ValueError("an outcome cannot hold a real exactly")  # JSON rounds it
+        else:
+            decoded.append(value)
+    return tuple(decoded)
 
 
 @functools.lru_cache(maxsize=64)

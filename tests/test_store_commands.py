@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import itertools
 import random
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import pytest
 
 from storage import JobMode, JobState, JobStore, StoredResponse
-from storage.batch import Statement, Want, _value
+from storage.batch import OUTCOME_TABLE, OUTCOMES, Statement, Want, Write, _collect_outcomes
 from storage.store import UNKNOWN
 from tests.test_store import new_job, raw_rows
 
@@ -166,13 +167,35 @@ async def test_a_command_is_one_statement_with_a_values_group(store: JobStore) -
         store._writer.enqueue(Statement("INSERT INTO t VALUES (?)", (1,)), want=Want.OUTCOME)
 
 
-def test_outcome_values_cross_exactly() -> None:
-    assert _value("null", "") is None
-    assert _value("integer", b"-42".hex()) == -42
-    assert _value("text", "d\u00e9j\u00e0".encode().hex()) == "d\u00e9j\u00e0"
-    assert _value("blob", "00ff") == b"\x00\xff"
+def read_outcomes(rows: list[tuple[Any, ...]]) -> list[Any]:
+    """`rows` put in an outcome table and read back as the writer reads the outcomes of
+    a batch of three commands (k 0-2)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute(OUTCOME_TABLE)
+    conn.executemany("INSERT INTO outcome (k, a, b, c) VALUES (?, ?, ?, ?)", rows)
+    command = Statement("INSERT INTO v (k) VALUES (?)", (), values="(?)")
+    future = asyncio.get_running_loop().create_future()
+    writes = [Write((command,), Want.OUTCOME, future, None, None) for _ in range(3)]
+    results: list[Any] = [None] * len(writes)
+    _collect_outcomes(conn, writes, results)
+    return results
+
+
+async def test_outcome_values_cross_exactly() -> None:
+    text = 'd\u00e9j\u00e0 "q" \\ \n\x01 [1] \U0001f600'
+    rows = [
+        (0, None, -42, 2**63 - 1),
+        (0, text, b"\x00\xff", '["00"]'),  # (text that looks like JSON stays text)
+        (2, -(2**63), "", b""),
+    ]
+    assert read_outcomes(rows) == [
+        [(None, -42, 2**63 - 1), (text, b"\x00\xff", '["00"]')],
+        [],
+        [(-(2**63), "", b"")],
+    ]
+    assert OUTCOMES.count("?") == 0  # (one statement, nothing bound)
     with pytest.raises(ValueError, match="real"):
-        _value("real", b"1.5".hex())
+        read_outcomes([(1, "store", 1.5, None)])
 
 
 def sqlite_memory() -> int:
