@@ -139,6 +139,19 @@ async def jobs_per_second(
     return Load(jobs, elapsed, latency.p50, latency.p99, tool), cpu
 
 
+async def rate_and_cpu(
+    server: ServerProcess, clients: int, args: argparse.Namespace
+) -> tuple[float, float]:
+    """The batch load's jobs/s against `server`, and the server's CPU per job in us (all
+    its threads)."""
+    stat = Path(f"/proc/{server.proc.pid}/stat")
+    began: list[float] = []
+    jobs, _, elapsed, _ = await batch_load(
+        server.url, clients, args.batch, args.seconds, lambda: began.append(cpu_seconds(stat))
+    )
+    return jobs / elapsed, (cpu_seconds(stat) - began[0]) / jobs * 1e6
+
+
 async def ceiling(
     standin: ServerProcess,
     relays: dict[str, ServerProcess],
@@ -147,26 +160,14 @@ async def ceiling(
 ) -> None:
     """Direct and each bare relay (bench/relay.py) one after the other: what a proxy of
     this shape could reach on this machine, as ratios to direct, with the relay's CPU
-    per job (all its threads) to read the proxy's against."""
-    rates, cpu = {}, {}
-    for name, server in {"direct": standin, **relays}.items():
-        stat = Path(f"/proc/{server.proc.pid}/stat")
-        began: list[float] = []
-
-        def measuring(stat: Path = stat, began: list[float] = began) -> None:
-            began.append(cpu_seconds(stat))
-
-        jobs, _, elapsed, _ = await batch_load(
-            server.url, clients, args.batch, args.seconds, measuring
-        )
-        rates[name] = jobs / elapsed
-        cpu[name] = (cpu_seconds(stat) - began[0]) / jobs * 1e6
+    per job to read the proxy's against."""
+    direct, _ = await rate_and_cpu(standin, clients, args)
+    measured = [(name, *await rate_and_cpu(relay, clients, args)) for name, relay in relays.items()]
     print(
-        f"the ceiling, one round: direct {rates['direct']:.0f}/s; "
+        f"the ceiling, one round: direct {direct:.0f}/s; "
         + "; ".join(
-            f"{name} {rates[name]:.0f}/s, ratio {rates[name] / rates['direct']:.2f},"
-            f" CPU per job {cpu[name]:.0f} us"
-            for name in relays
+            f"{name} {rate:.0f}/s, ratio {rate / direct:.2f}, CPU per job {cpu:.0f} us"
+            for name, rate, cpu in measured
         )
     )
 
