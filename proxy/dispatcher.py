@@ -7,9 +7,9 @@ over, before the proxy's writes about that job (state submitted, the result)
 have committed: those wait for the store, not for ArangoDB. What a
 submission can meet::
 
-    202 + x-arango-async-id ─▶ the harvester takes over: submitted, or done at
-                               once when its first look finds the result
-                               (recording.Submission)
+    202 + x-arango-async-id ─▶ its first look, a millisecond later: done at once
+                               when it finds the result, otherwise submitted and
+                               the harvester takes over (recording.Submission)
     503 (queue full 21003, shutting down 30, maintenance 503),
     connection error, timeout ─▶ stays accepted; back off and retry
     any other reply (401, 404/1228, 400, ...) ─▶ done, that reply is the result
@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 
 from multidict import CIMultiDict
 
@@ -176,27 +176,47 @@ class Dispatcher:
             await record_result(self._store, job.id, result)
             return
         self._metrics["jobs_submitted_total"] += 1
-        # Watched from now: its first look may find the result, and then no mark is
-        # needed (see Submission).
         submission = Submission()
-        self._harvester.track(job, upstream_id, submission)
+        tracked = self._harvester.track(job, upstream_id, submission)
         self._handed.add(job.id)
+        timer = asyncio.get_running_loop().call_later(
+            MARK_AFTER, self._mark_meanwhile, job, upstream_id, submission
+        )
         try:
-            await submission.first_look(MARK_AFTER)
-            if submission.storing is not None:
-                # The claim holds until the result's write takes the job out of state
-                # accepted: the next look must not send it again.
-                await asyncio.wait([submission.storing])
-                return
-            submission.marking = True
+            found = await self._harvester.first_look(tracked)
+            timer.cancel()
+            # The claim holds until the result's or the mark's write takes the job out
+            # of state accepted: the next look must not send it again.
+            if submission.marker is not None:
+                await submission.marker
+            elif not found:
+                await self._mark(job, upstream_id, submission)
+        finally:
+            timer.cancel()
+            if submission.marker is not None:
+                submission.marker.cancel()  # (no-op once done) shutdown
+            submission.marked.cancel()  # (no-op once set) shutdown: the harvester must not wait
+
+    def _mark_meanwhile(self, job: Job, upstream_id: str, submission: Submission) -> None:
+        """The first look is still under way after MARK_AFTER: mark the job beside it."""
+        submission.marker = asyncio.create_task(self._mark(job, upstream_id, submission))
+
+    def _mark(
+        self, job: Job, upstream_id: str, submission: Submission
+    ) -> Coroutine[None, None, None]:
+        """Record the job as submitted; from now on a result fetched waits for that."""
+        submission.marking = True
+        return self._record_mark(job, upstream_id, submission)
+
+    async def _record_mark(self, job: Job, upstream_id: str, submission: Submission) -> None:
+        try:
             mark = await record(
                 f"job {job.id} as submitted",
                 lambda: self._store.mark_submitted(job.id, upstream_id),
             )
             submission.marked.set_result(mark is not Mark.GONE)
         finally:
-            # (no-op once set) shutdown: the harvester must not wait
-            submission.marked.cancel()
+            submission.marked.cancel()  # (no-op once set) shutdown
         at_arangodb = job_at_arangodb(job.target, upstream_id)
         if mark is Mark.CANCEL:
             # Its owner cancelled it while we were sending it: ArangoDB's result (410

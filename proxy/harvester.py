@@ -1,8 +1,9 @@
 """Harvester: notices jobs ArangoDB finished, fetches their results, stores them.
 
 Cheap noticing. Most jobs are short, so a job just submitted is asked for
-once, directly, a millisecond later (its first look): done, that one
-request fetches its result; still running (204), it joins the others. For the
+once, directly, a millisecond later, by the dispatcher's task that sent it (its
+first look): done, that one request fetches its result; still running (204),
+it joins the others. For the
 others, one ``GET /_api/job/done`` per distinct credential per tick (ArangoDB
 lists only the caller's own jobs), never one request per job. The tick follows
 the age of the youngest job at ArangoDB (a twentieth of it, between 5 ms and
@@ -147,8 +148,10 @@ class Harvester:
         """Jobs at ArangoDB: sent, their results not fetched yet."""
         return len(self._jobs)
 
-    def track(self, job: Job, upstream_id: str, submission: Submission | None = None) -> None:
-        """Watch a job at ArangoDB; `submission`: it was just sent (not yet recorded)."""
+    def track(self, job: Job, upstream_id: str, submission: Submission | None = None) -> Tracked:
+        """Watch a job at ArangoDB. `submission`: it was just sent (not yet recorded),
+        and the task that sent it makes its first look (`first_look`); otherwise the
+        next tick does."""
         tracked = Tracked(
             job.id,
             upstream_id,
@@ -159,15 +162,18 @@ class Harvester:
             job.attempts,
             submission,
         )
+        if submission is None or not self._jobs:  # (idle: the lists must start)
+            self._new.set()
+        if submission is None:
+            self._fresh.append(tracked)
         previous = self._jobs.get(upstream_id)
         self._jobs[upstream_id] = tracked
-        self._fresh.append(tracked)
         self._youngest = time.monotonic()
-        self._new.set()
         if previous is not None and previous.job_id != job.id:
             # ArangoDB gave the id out again: it is a new server (restarted on fresh
             # data, or replaced), and the job that had the id is lost there.
             self._in_background(self._reissued(previous))
+        return tracked
 
     def _in_background(self, work: Coroutine[None, None, None]) -> None:
         task = asyncio.create_task(work)
@@ -332,54 +338,88 @@ class Harvester:
         """Fetch each job (unless a fetch of it is under way), without waiting."""
         for tracked in jobs:
             if tracked not in self._fetches:
-                fetch = asyncio.create_task(self._fetch(tracked))
-                self._fetches[tracked] = fetch
-                fetch.add_done_callback(functools.partial(self._fetched, tracked))
+                self._as_fetch(tracked, self._fetch(tracked))
+
+    def _as_fetch(self, tracked: Tracked, work: Coroutine[None, None, None]) -> None:
+        """Run `work` about the job in a task that counts as its fetch under way."""
+        fetch = asyncio.create_task(work)
+        self._fetches[tracked] = fetch
+        fetch.add_done_callback(functools.partial(self._fetched, tracked))
 
     def _fetched(self, tracked: Tracked, _: asyncio.Task[None]) -> None:
         del self._fetches[tracked]
 
     async def _fetch(self, tracked: Tracked) -> None:
         try:
-            await self._collect(tracked)
+            reply = await self._ask(tracked)
+            if reply is None:
+                return
+            if _is_final(reply):
+                await self._take(tracked, reply)
+            elif reply.status == 404:
+                await self._unknown(tracked)
         except Exception:
             log.exception("fetching job %d failed; asking again later", tracked.job_id)
 
-    async def _collect(self, tracked: Tracked) -> None:
+    async def _unknown(self, tracked: Tracked) -> None:
+        """ArangoDB does not know the job (a job's own result may be a 404 too: that
+        one is final). Not submitted: cancelled while being sent, the dispatcher deals
+        with it."""
+        try:
+            if await tracked.submitted():
+                await self._lost(tracked)
+        except Exception:
+            log.exception("ending job %d, which ArangoDB lost, failed", tracked.job_id)
+
+    async def first_look(self, tracked: Tracked) -> bool:
+        """The first look at a job just sent, made by the task that sent it right
+        after `track`: no task, tick or wake-up of its own. True if it found the job's
+        result (stored when this returns); False if the job is still at ArangoDB, or
+        no answer came: the sender marks it, and the ticks' lists take it from there.
+        Until the answer, ticks leave the job alone, as one whose fetch is under way."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._fetches[tracked] = task
+        try:
+            await asyncio.sleep(NEW_JOB_DELAY)  # it needs a moment to run anyway
+            reply = await self._ask(tracked)
+        except Exception:
+            log.exception("fetching job %d failed; asking again later", tracked.job_id)
+            reply = None
+        finally:
+            del self._fetches[tracked]
+        if reply is None:
+            return False
+        if _is_final(reply):
+            await self._take(tracked, reply)
+            return True
+        if reply.status == 404:
+            self._as_fetch(tracked, self._unknown(tracked))  # once the sender's mark is in
+        return False
+
+    async def _ask(self, tracked: Tracked) -> Reply | None:
+        """ArangoDB's answer to a fetch of the job; None if none came, or the job is
+        not watched under its id any more."""
         async with self._fetching:
             if self._jobs.get(tracked.upstream_id) is not tracked:
-                return  # settled while this fetch waited for its turn
+                return None  # settled while this fetch waited for its turn
             reply = await self._fetch_result(tracked)
         holder = self._jobs.get(tracked.upstream_id)
         if holder is not None and holder is not tracked:
             # Its id went to another job meanwhile (see track): the answer is that
             # one's, which then finds nothing, and ArangoDB's loss rules apply to it.
             log.warning("job %d: the answer came after its ArangoDB id was reused", tracked.job_id)
-            if tracked.submission is not None:
-                tracked.submission.answered()
-            return
-        submission = tracked.submission
-        final = reply is not None and _is_final(reply)
-        first = False
-        if final:
-            # ArangoDB has handed the result over and forgotten the job: its slot is
-            # free at once (and no fetch must ask for it again: that would be a 404,
-            # "lost"). This fetch's task goes on to store the result, beside the next
-            # ticks, which wait for no fetch.
-            self._untrack(tracked)
-            first = submission is not None and not submission.marking
-            if submission is not None and first:
-                submission.storing = asyncio.current_task()
-        if submission is not None:
-            submission.answered()  # result or not, the dispatcher need wait no longer
-        if final:
-            assert reply is not None
-            await self._store_result(tracked, stored_response(reply), first=first)
-        elif reply is not None and reply.status == 404 and await tracked.submitted():
-            # ArangoDB does not know the job (a job's own result may be a 404 too: that
-            # one is final). Not submitted: cancelled while being sent, the dispatcher
-            # deals with it.
-            await self._lost(tracked)
+            return None
+        return reply
+
+    async def _take(self, tracked: Tracked, reply: Reply) -> None:
+        """ArangoDB has handed the result over and forgotten the job: its slot is free
+        at once (and no fetch must ask for it again: that would be a 404, "lost").
+        Then the result is stored, beside the next ticks, which wait for no fetch:
+        straight from state accepted if no mark of the job began (Submission)."""
+        self._untrack(tracked)
+        first = tracked.submission is not None and not tracked.submission.marking
+        await self._store_result(tracked, stored_response(reply), first=first)
 
     async def _fetch_result(self, tracked: Tracked) -> Reply | None:
         """ArangoDB's answer to PUT /_api/job/{id}, asked at the job's database; None

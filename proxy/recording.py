@@ -14,7 +14,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from proxy.errors import ERROR_INTERNAL, JSON_TYPE, UpstreamFailure, error_body
 from proxy.state import JobQueue
@@ -116,38 +116,22 @@ async def tell(
 class Submission:
     """A job just sent, between ArangoDB's 202 and the store's record of it.
 
-    Most jobs are short: the harvester's first look, a millisecond after the 202,
-    finds the result, which is then stored straight from state accepted: one write
-    instead of two (submitted, then done), and the result does not wait for the
-    other's commit. A job still running at its first look, or not looked at within
-    harvester.MARK_AFTER, is marked submitted by the dispatcher; a result fetched after the
-    mark began waits for it. Until one of the two writes commits, the store says
-    accepted, and a proxy killed then sends the job again on its next start (as
-    when it dies between the 202 and the mark; README, Guarantees)."""
+    Most jobs are short: the first look (by the task that sent the job, a
+    millisecond after the 202: `Harvester.first_look`) finds the result, which is
+    then stored straight from state accepted: one write instead of two
+    (submitted, then done), and the result does not wait for the other's commit.
+    A job still running at its first look is marked submitted; so is one whose
+    first look is still under way after harvester.MARK_AFTER (by a task of its
+    own: a fetch under way is never given up, since ArangoDB forgets a result it
+    has handed over), and a result fetched after the mark began waits for it.
+    Until one of the two writes commits, the store says accepted, and a proxy
+    killed then sends the job again on its next start (as when it dies between
+    the 202 and the mark; README, Guarantees)."""
 
-    __slots__ = ("looked", "marked", "marking", "storing")
+    __slots__ = ("marked", "marker", "marking")
 
     def __init__(self) -> None:
-        loop = asyncio.get_running_loop()
-        # set at the harvester's first answer about the job (result or not), or when
-        # the dispatcher stops waiting for it (first_look)
-        self.looked: asyncio.Future[None] = loop.create_future()
-        self.marking = False  # the dispatcher began the mark: results wait for it
+        self.marking = False  # the mark began: results wait for it
         # the mark's outcome: False if the job was cancelled while being sent
-        self.marked: asyncio.Future[bool] = loop.create_future()
-        # the result came first: the task that stores it
-        self.storing: asyncio.Task[Any] | None = None
-
-    def answered(self) -> None:
-        if not self.looked.done():
-            self.looked.set_result(None)
-
-    async def first_look(self, seconds: float) -> None:
-        """Until the harvester's first answer about the job, `seconds` at most. (A
-        timer, where asyncio.wait would cost the worker process about 4 us more per
-        job: 6.9 against 2.7, measured alone.)"""
-        timer = asyncio.get_running_loop().call_later(seconds, self.answered)
-        try:
-            await self.looked
-        finally:
-            timer.cancel()
+        self.marked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.marker: asyncio.Task[None] | None = None  # the mark, begun during the look

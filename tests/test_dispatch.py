@@ -568,6 +568,34 @@ async def test_a_job_arangodb_loses_every_time_is_ended_after_max_reruns(
     assert len(submissions) == runs
 
 
+async def test_a_job_arangodb_forgets_before_its_first_look_is_sent_again_at_once(
+    fake: tuple[FakeArango, str],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ArangoDB restarted between its 202 and the job's first look (404): the job is
+    lost, and under rerun sent again once it is marked, not at the next check for
+    lost jobs (here never) nor by a list (empty here)."""
+    monkeypatch.setattr(harvester, "LOST_CHECK_INTERVAL", 3600.0)
+    upstream, url = fake
+    upstream.list_reply = lambda _which: web.json_response([])
+
+    async def forgotten_once(upstream_id: str) -> web.Response:
+        if upstream_id == "901":
+            return web.json_response(
+                {"code": 404, "error": True, "errorMessage": "not found", "errorNum": 404},
+                status=404,
+            )
+        return await upstream._result(upstream_id)
+
+    upstream.fetch_reply = forgotten_once
+    jobs = Client(http, await start_proxy(url, jobs={"lost_job_policy": "rerun"}))
+    answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
+    assert answer.json == {"ok": "902"}
+    assert upstream.seen.count(("PUT", "/_api/job/901")) == 1
+
+
 class FailFirst:
     """A store method whose first `left` calls raise StoreError, then it works."""
 
