@@ -179,12 +179,9 @@ class Dispatcher:
         submission = Submission()
         tracked = self._harvester.track(job, upstream_id, submission)
         self._handed.add(job.id)
-        timer = asyncio.get_running_loop().call_later(
-            MARK_AFTER, self._mark_meanwhile, job, upstream_id, submission
-        )
+        submission.mark_after(MARK_AFTER, self._mark_meanwhile, job, upstream_id, submission)
         try:
             found = await self._harvester.first_look(tracked)
-            timer.cancel()
             # The claim holds until the result's or the mark's write takes the job out
             # of state accepted: the next look must not send it again.
             if submission.marker is not None:
@@ -192,7 +189,7 @@ class Dispatcher:
             elif not found:
                 await self._mark(job, upstream_id, submission)
         finally:
-            timer.cancel()
+            submission.answered()  # (no-op once answered) shutdown
             if submission.marker is not None:
                 submission.marker.cancel()  # (no-op once done) shutdown
             submission.marked.cancel()  # (no-op once set) shutdown: the harvester must not wait

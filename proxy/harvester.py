@@ -388,6 +388,8 @@ class Harvester:
             reply = None
         finally:
             del self._fetches[tracked]
+            if tracked.submission is not None:
+                tracked.submission.answered()
         if reply is None:
             return False
         if _is_final(reply):

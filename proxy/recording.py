@@ -128,10 +128,22 @@ class Submission:
     killed then sends the job again on its next start (as when it dies between
     the 202 and the mark; README, Guarantees)."""
 
-    __slots__ = ("marked", "marker", "marking")
+    __slots__ = ("_timer", "marked", "marker", "marking")
 
     def __init__(self) -> None:
         self.marking = False  # the mark began: results wait for it
         # the mark's outcome: False if the job was cancelled while being sent
         self.marked: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self.marker: asyncio.Task[None] | None = None  # the mark, begun during the look
+        self._timer: asyncio.TimerHandle | None = None
+
+    def mark_after(self, seconds: float, mark: Callable[..., None], *args: object) -> None:
+        """`mark(*args)` unless the first look has its answer within `seconds`."""
+        self._timer = asyncio.get_running_loop().call_later(seconds, mark, *args)
+
+    def answered(self) -> None:
+        """The first look has its answer, or is over: no mark meanwhile. (A result
+        found must not meet a mark that began while it was being stored: the mark
+        would find the job done, or commit first and leave the result no job.)"""
+        if self._timer is not None:
+            self._timer.cancel()

@@ -778,6 +778,37 @@ async def test_a_job_done_at_its_first_look_is_never_marked_submitted(
     await eventually(lambda: app[METRICS]["jobs_submitted_total"] == len(ids))
 
 
+async def test_a_result_found_at_the_first_look_is_never_marked_while_it_is_stored(
+    fake: tuple[FakeArango, str],
+    serve_proxy: Callable[[web.Application], Awaitable[str]],
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first look has its answer, the result: its write taking longer than
+    MARK_AFTER (a busy store) must not start the mark, which would find the job
+    done and send ArangoDB a cancel and a delete for a job it no longer has."""
+    upstream, url = fake
+    app = create_app(proxy_config(url, tmp_path / "data"))
+    jobs = Client(http, await serve_proxy(app))
+    store = app[STORE]
+    marks = FailFirst(store.mark_submitted, 0, "")  # (fails none: counts the calls)
+    monkeypatch.setattr(store, "mark_submitted", marks)
+    finish = store.finish
+
+    async def slow_finish(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(harvester.MARK_AFTER * 3)
+        return await finish(*args, **kwargs)
+
+    monkeypatch.setattr(store, "finish", slow_finish)
+    assert (await jobs.result(await jobs.submit("GET", "/_api/version"))).json == {"ok": "901"}
+    await asyncio.sleep(harvester.MARK_AFTER * 2)  # a mark, and what follows it, would be in
+    assert marks.calls == 0
+    assert [call for call in upstream.seen if call[1] != "/_api/version"] == [
+        ("PUT", "/_api/job/901")
+    ]
+
+
 async def test_a_result_after_the_mark_began_waits_for_it(
     standin: StandIn,
     proxy_app: tuple[web.Application, str],
