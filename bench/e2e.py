@@ -9,7 +9,9 @@ and starts over: the way a program that hands work to ArangoDB in bulk uses
 the job API. The same loop runs direct against the stand-in and through the
 proxy in one run; jobs/s counts fetched results. The median time from submit
 to fetched result is printed too: through the proxy it adds the dispatch
-and harvest hops.
+and harvest hops. So are the requests per job the stand-in served (its
+/_standin/counters): through the proxy, the proxy's own, one submit and one
+fetch a job when the first looks find the results.
 
 The clients are wrk's, running bench/e2e.lua (one thread per client), when wrk
 is installed: as in the other benchmarks, a load generator in C leaves the two
@@ -40,9 +42,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import sys
 import tempfile
+import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,17 +129,36 @@ async def batch_load(
     return batches.requests * batch, PENDING[0], batches.seconds, "aiohttp"
 
 
+def requests_served(standin: str) -> Counter[str]:
+    """The requests the stand-in has served, by method and path (/_standin/counters)."""
+    with urllib.request.urlopen(standin + "/_standin/counters") as reply:
+        return Counter(json.load(reply)["requests"])
+
+
 async def jobs_per_second(
-    base: str, clients: int, batch: int, seconds: float, meter: CpuMeter
+    base: str, clients: int, batch: int, seconds: float, meter: CpuMeter, standin: str
 ) -> tuple[Load, str]:
-    """The batch load's jobs/s with the latency of one job at a time, and the CPU per
-    job of each part during the batch load."""
+    """The batch load's jobs/s with the latency of one job at a time; the CPU per job
+    of each part during the batch load, and the requests per job the stand-in served
+    (through the proxy: the proxy's own; one submit and one fetch per job when the
+    first looks find the results)."""
 
     async def one_job(session: aiohttp.ClientSession) -> None:
         await fetch(session, base, await submit(session, base))
 
-    jobs, waits, elapsed, tool = await batch_load(base, clients, batch, seconds, meter.start)
-    cpu = meter.per_job(jobs, elapsed) + f"; 204 answers per job {waits / jobs:.2f}"
+    before: list[Counter[str]] = []
+
+    def measuring() -> None:
+        before.append(requests_served(standin))
+        meter.start()
+
+    jobs, waits, elapsed, tool = await batch_load(base, clients, batch, seconds, measuring)
+    served = requests_served(standin) - before[0]
+    cpu = (
+        meter.per_job(jobs, elapsed)
+        + f"; 204 answers per job {waits / jobs:.2f}; ArangoDB's requests per job: "
+        + ", ".join(f"{name} {count / jobs:.2f}" for name, count in served.most_common())
+    )
     latency = await closed_loop(one_job, clients=1, seconds=min(seconds, 2.0))
     return Load(jobs, elapsed, latency.p50, latency.p99, tool), cpu
 
@@ -200,10 +224,10 @@ async def main() -> None:
                 rounds = []
                 for number in range(1, args.rounds + 1):
                     direct, direct_cpu = await jobs_per_second(
-                        standin.url, clients, args.batch, args.seconds, meter
+                        standin.url, clients, args.batch, args.seconds, meter, standin.url
                     )
                     through, cpu = await jobs_per_second(
-                        proxy.url, clients, args.batch, args.seconds, meter
+                        proxy.url, clients, args.batch, args.seconds, meter, standin.url
                     )
                     ratio = through.rate / direct.rate
                     print(

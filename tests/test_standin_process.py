@@ -47,6 +47,15 @@ async def test_process_controls() -> None:
             first, second = counters["repeats"]["_system/c/k"]  # when each write ran
             assert first <= second
             assert counters["executed"]["POST /_api/document/c"] == 2
+            # every request served, a job id as {id}; the controls are not counted
+            requests = counters["requests"]
+            assert requests.keys() == {
+                "POST /_api/collection",
+                "POST /_api/document/c",
+                "GET /_api/job/{id}",
+            }
+            assert requests["POST /_api/document/c"] == 2
+            assert requests["GET /_api/job/{id}"] >= 1
 
             full = await client.call("PUT", "/_standin/queue-full", b"true", user={})
             assert full.json == {"queueFull": True}

@@ -103,6 +103,9 @@ def decoded(encoding: str | None, body: bytes) -> bytes | None:
     return plain if decoder.eof else None
 
 
+_NUMBER = re.compile(r"/\d+(?=/|$)")
+
+
 class StandIn:
     """An ArangoDB stand-in, in-process. See tests/standin/__init__.py for the API."""
 
@@ -359,6 +362,11 @@ class StandIn:
         return self._send(request, json_reply(200, {"outage": seconds}))
 
     async def _control_counters(self, request: web.Request) -> web.Response:
+        # every request served, by method and path, each number in it (a job id) as {id}
+        requests = Counter(
+            f"{method} {_NUMBER.sub('/{id}', target.partition('?')[0])}"
+            for method, target, _ in self.received
+        )
         writes = {"/".join(key): n for key, n in sorted(self.store.writes.items())}
         executed: dict[str, Any] = {
             f"{method} {path}": n for (method, path), n in sorted(self.executed.items())
@@ -368,7 +376,12 @@ class StandIn:
             for key, times in sorted(self.store.write_times.items())
             if len(times) > 1
         }
-        body = {"writes": writes, "executed": executed, "repeats": repeats}
+        body = {
+            "writes": writes,
+            "executed": executed,
+            "repeats": repeats,
+            "requests": dict(sorted(requests.items())),
+        }
         return self._send(request, json_reply(200, body))
 
 
