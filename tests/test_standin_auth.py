@@ -179,7 +179,8 @@ async def test_controls_need_no_credentials_and_are_never_async(
         "GET", "/_standin/counters", headers={"x-arango-async": "store"}, user={}
     )
     assert answer.status == 200
-    assert answer.json == {"writes": {}, "executed": {}, "repeats": {}}
+    assert answer.json == {"writes": {}, "executed": {}, "repeats": {}, "requests": {}}
     await standin_client.call("GET", "/_api/version", user=ROOT)
     answer = await standin_client.call("GET", "/_standin/counters", user={})
     assert answer.json["executed"] == {"GET /_api/version": 1}
+    assert answer.json["requests"] == {"GET /_api/version": 1}
