@@ -178,7 +178,7 @@ class Harvester:
         if previous is not None and previous.job_id != job.id:
             # ArangoDB gave the id out again: it is a new server (restarted on fresh
             # data, or replaced), and the job that had the id is lost there.
-            self._in_background(self._reissued(previous))
+            self._in_background(self._lost_once_marked(previous, "whose ArangoDB id was reused"))
         return tracked
 
     def _in_background(self, work: Coroutine[None, None, None]) -> None:
@@ -186,12 +186,14 @@ class Harvester:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _reissued(self, tracked: Tracked) -> None:
+    async def _lost_once_marked(self, tracked: Tracked, why: str) -> None:
+        """ArangoDB no longer has the job (`why`): lost, once its mark is in. Not
+        submitted: cancelled while being sent, the dispatcher deals with it."""
         try:
             if await tracked.submitted():
                 await self._lost(tracked)
         except Exception:
-            log.exception("ending job %d, whose ArangoDB id was reused, failed", tracked.job_id)
+            log.exception("ending job %d, %s, failed", tracked.job_id, why)
 
     async def adopt(self, job_id: int) -> None:
         """Watch `job_id` if the store has it at ArangoDB under an id nobody watches: the
@@ -362,20 +364,10 @@ class Harvester:
                 return
             if _is_final(reply):
                 await self._take(tracked, reply)
-            elif reply.status == 404:
-                await self._unknown(tracked)
+            elif reply.status == 404:  # (a job's own result may be a 404 too: final)
+                await self._lost_once_marked(tracked, "which ArangoDB does not know")
         except Exception:
             log.exception("fetching job %d failed; asking again later", tracked.job_id)
-
-    async def _unknown(self, tracked: Tracked) -> None:
-        """ArangoDB does not know the job (a job's own result may be a 404 too: that
-        one is final). Not submitted: cancelled while being sent, the dispatcher deals
-        with it."""
-        try:
-            if await tracked.submitted():
-                await self._lost(tracked)
-        except Exception:
-            log.exception("ending job %d, which ArangoDB lost, failed", tracked.job_id)
 
     async def first_look(self, tracked: Tracked) -> bool:
         """The first look at a job just sent, made by the task that sent it right
@@ -401,8 +393,8 @@ class Harvester:
         if _is_final(reply):
             await self._take(tracked, reply)
             return True
-        if reply.status == 404:
-            self._as_fetch(tracked, self._unknown(tracked))  # once the sender's mark is in
+        if reply.status == 404:  # (the sender marks it meanwhile)
+            self._as_fetch(tracked, self._lost_once_marked(tracked, "which ArangoDB does not know"))
         return False
 
     async def _ask(self, tracked: Tracked) -> Reply | None:
