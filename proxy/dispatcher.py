@@ -189,7 +189,7 @@ class Dispatcher:
             elif not found:
                 await self._mark(job, upstream_id, submission)
         finally:
-            submission.answered()  # (no-op once answered) shutdown
+            # (first_look has stopped the mark's timer, however it ended)
             if submission.marker is not None:
                 submission.marker.cancel()  # (no-op once done) shutdown
             submission.marked.cancel()  # (no-op once set) shutdown: the harvester must not wait

@@ -143,7 +143,8 @@ class Harvester:
         self._fetching = asyncio.Semaphore(FETCH_CONCURRENCY)
         # Each fetch is a task of its own, which no tick waits for: one that ArangoDB
         # is slow to answer (request_timeout at most) holds up no other job's. The
-        # task then stores the result it fetched.
+        # task then stores the result it fetched. (A job's first look is the task
+        # that sent it, registered here while the look is under way.)
         self._fetches: dict[Tracked, asyncio.Task[None]] = {}
         # other work no tick waits for: jobs whose ArangoDB ids were given out again,
         # being ended; cancels sent again (load)
