@@ -169,26 +169,32 @@ class CpuMeter:
     def start(self) -> None:
         self._start = self._read()
 
+    def used(self) -> dict[str, float]:
+        """Since start(): each part's CPU seconds."""
+        return {name: cpu - self._start[name] for name, cpu in self._read().items()}
+
     def per_job(self, jobs: int, seconds: float) -> str:
         """Since start(): each part's CPU per job (us) and share of a core (%)."""
-        now = self._read()
-        parts = []
-        for name, cpu in now.items():
-            used = cpu - self._start[name]
-            parts.append(f"{name} {used / jobs * 1e6:.0f} us ({used / seconds * 100:.0f} %)")
+        parts = [
+            f"{name} {used / jobs * 1e6:.0f} us ({used / seconds * 100:.0f} %)"
+            for name, used in self.used().items()
+        ]
         return "CPU per job (share of one core): " + ", ".join(parts)
 
 
-def start_proxy(upstream: str, folder: Path, workers: str = "process") -> ProxyProcess:
+def start_proxy(
+    upstream: str, folder: Path, workers: str = "process", code: Path | None = None
+) -> ProxyProcess:
     """The proxy's command on `folder`, with dispatcher and harvester where `workers` says
-    (jobs.workers: "process" or "inline"). The benchmarks measure rates, not the durable
-    capacity: a fast machine piles up more than the default 100,000 unfinished jobs in
-    bench/accept.py's run with ArangoDB stopped, so the capacity is raised out of reach."""
+    (jobs.workers: "process" or "inline"); `code`: another tree of its code to run. The
+    benchmarks measure rates, not the durable capacity: a fast machine piles up more
+    than the default 100,000 unfinished jobs in bench/accept.py's run with ArangoDB
+    stopped, so the capacity is raised out of reach."""
     config = folder / "proxy.toml"
     config.write_text(f'[jobs]\nworkers = "{workers}"\ncapacity = 10_000_000\n')
     listen = f"127.0.0.1:{free_port()}"
     args = ("--config", str(config), "--listen", listen, "--upstream", upstream)
-    return ProxyProcess.start(*args, data=folder / "data")
+    return ProxyProcess.start(*args, data=folder / "data", code=code)
 
 
 def add_workers_option(parser: argparse.ArgumentParser) -> None:

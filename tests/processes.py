@@ -35,11 +35,20 @@ class ServerProcess:
     output: list[str] = field(default_factory=list)
 
     @classmethod
-    def run(cls, command: list[str], timeout: float = 15.0, *, new_session: bool = False) -> Self:
+    def run(
+        cls,
+        command: list[str],
+        timeout: float = 15.0,
+        *,
+        new_session: bool = False,
+        cwd: Path | None = None,
+    ) -> Self:
         """Start `command` and wait for its 'listening on' line; with `new_session`,
-        in a process group of its own (as a service manager or a shell starts it)."""
+        in a process group of its own (as a service manager or a shell starts it); in
+        `cwd` if given."""
         proc = subprocess.Popen(
             command,
+            cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -96,12 +105,16 @@ class ServerProcess:
 
 class ProxyProcess(ServerProcess):
     @classmethod
-    def start(cls, *args: str, data: Path, new_session: bool = False) -> Self:
-        """`python -m proxy --data DATA ARGS`, on a free port unless ARGS say otherwise."""
+    def start(
+        cls, *args: str, data: Path, new_session: bool = False, code: Path | None = None
+    ) -> Self:
+        """`python -m proxy --data DATA ARGS`, on a free port unless ARGS say otherwise;
+        `code`: a folder holding another tree of the proxy's code, run instead of this
+        one (bench/ab.py)."""
         command = [sys.executable, "-m", "proxy", "--data", str(data), *args]
         if "--listen" not in args and "--config" not in args:
             command += ["--listen", f"127.0.0.1:{free_port()}"]
-        return cls.run(command, new_session=new_session)
+        return cls.run(command, new_session=new_session, cwd=code)
 
     def children(self) -> list[int]:
         """Its child processes (the worker process)."""
