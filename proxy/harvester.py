@@ -3,9 +3,10 @@
 Cheap noticing. Most jobs are short, so a job just submitted is asked for
 once, directly, a millisecond later, by the dispatcher's task that sent it (its
 first look): done, that one request fetches its result; still running (204),
-it joins the others. For the others, one ``GET /_api/job/done`` per
+it joins the others. For the others, one ``GET /_api/job/pending`` per
 distinct credential (and database) per tick (ArangoDB lists only the caller's
-own jobs), never one request per job. The tick follows the age of the youngest
+own jobs), never one request per job: those of ours not on it are fetched
+(`_harvest` says why not the done list). The tick follows the age of the youngest
 job at ArangoDB, a twentieth of it, between POLL_MIN and POLL_MAX (5 and 15
 ms). The target is a median delay of at most 20 ms between ArangoDB finishing
 a job and its result at the facade, whatever the job's length: a tick is
@@ -67,7 +68,7 @@ TICK_RETRY = 0.5  # seconds before a tick that failed (a bug) is tried again
 NEW_JOB_DELAY = 0.001  # a new job's first look
 MARK_AFTER = 0.02  # seconds a job just sent waits for its first look before its mark
 LOST_CHECK_INTERVAL = 1.0
-LIST_SLACK = 1000  # other clients of the same user may have results waiting too
+LIST_SLACK = 1000  # other clients of the same user may have jobs at ArangoDB too
 FETCH_CONCURRENCY = 32
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 MAX_RERUNS = 5
@@ -234,7 +235,7 @@ class Harvester:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self) -> None:
-        next_list = 0.0  # when the done lists are due (monotonic)
+        next_list = 0.0  # when the lists are due (monotonic)
         while not self._stopping.is_set():
             if not self._jobs:
                 self._new.clear()
@@ -276,7 +277,7 @@ class Harvester:
                     self._new.clear()
 
     async def tick(self, *, lists: bool = True) -> None:
-        """First looks at new jobs; with `lists`, the done lists for the others too.
+        """First looks at new jobs; with `lists`, the lists for the others too.
         (A tick that a new job brings on early looks at that job only: the lists
         keep their own pace, whatever the rate of new jobs.)"""
         fresh, self._fresh = self._fresh, []
@@ -320,7 +321,18 @@ class Harvester:
         return None
 
     async def _harvest(self, owner: Owner, jobs: list[Tracked]) -> None:
+        """Fetch those of `jobs` that ArangoDB has finished. The pending list first:
+        whole, it says that each of ours not on it is done (or lost, and its fetch says
+        so). The done list would hold every result the same user left unfetched at
+        ArangoDB, through the proxy or not, in no set order: cut short at `count`, it
+        can leave ours out, and they would wait for the check for lost jobs. The done
+        list is asked only when the pending list is cut short (that many of the user's
+        jobs pending at ArangoDB) or fails."""
         try:
+            pending = await self._list(owner, "pending", len(jobs))
+            if pending is not None and len(pending) < len(jobs) + LIST_SLACK:
+                self._collect_all(t for t in jobs if t.upstream_id not in pending)
+                return
             done = await self._list(owner, "done", len(jobs))
         except _Refused:
             # The credentials no longer work (password changed, token expired, user

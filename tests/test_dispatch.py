@@ -208,6 +208,11 @@ class FakeArango:
         return app
 
 
+def lists(upstream: FakeArango) -> int:
+    """The lists of jobs the proxy asked ArangoDB for, pending and done."""
+    return sum(upstream.seen.count(("GET", f"/_api/job/{which}")) for which in ("pending", "done"))
+
+
 @pytest.fixture
 async def fake(serve_app: Callable[[web.Application], Awaitable[str]]) -> tuple[FakeArango, str]:
     upstream = FakeArango()
@@ -298,7 +303,7 @@ async def test_a_jobs_calls_to_arangodbs_job_api_go_to_its_own_database(
     upstream.fetch_reply = running_until_cancelled
     jobs = Client(http, await start_proxy(url))
     job_id = await jobs.submit("GET", "/_db/shop/_api/version")
-    await eventually(lambda: ("GET", "/_db/shop/_api/job/done") in upstream.seen_in_full)
+    await eventually(lambda: ("GET", "/_db/shop/_api/job/pending") in upstream.seen_in_full)
     assert (await jobs.call("PUT", f"/_api/job/{job_id}/cancel")).json == {"result": True}
     assert (await jobs.result(job_id)).json == {"ok": "901"}
     job_api = [(method, path) for method, path in upstream.seen_in_full if "/_api/job" in path]
@@ -884,7 +889,7 @@ async def test_new_job_is_harvested_without_waiting_out_a_long_poll(
     jobs = Client(http, await start_proxy(url))
     await jobs.submit("GET", "/_api/version")  # 901: pending at ArangoDB for ever
     for _ in range(100):
-        if ("GET", "/_api/job/done") in upstream.seen:
+        if ("GET", "/_api/job/pending") in upstream.seen:
             break  # the first tick is over: the harvester now waits 10 s
         await asyncio.sleep(0.01)
     quick = await jobs.submit("GET", "/_api/version")
@@ -918,14 +923,14 @@ async def test_new_jobs_do_not_make_the_lists_come_faster(
         for _ in range(5):
             await jobs.wait_done(await jobs.submit("GET", "/_api/version"))
     # (a tick for each new job would have listed 901 each time, five lists)
-    assert upstream.seen.count(("GET", "/_api/job/done")) <= 1
+    assert lists(upstream) <= 1
 
 
 async def test_short_job_costs_one_fetch_and_a_running_one_is_listed(
     fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
     """The first look fetches a finished job directly (no list); a job still
-    running there (204) is found later through the done list."""
+    running there (204) is fetched once the pending list no longer has it."""
     upstream, url = fake
     running = {"902"}
 
@@ -942,7 +947,7 @@ async def test_short_job_costs_one_fetch_and_a_running_one_is_listed(
     short = await jobs.submit("GET", "/_api/version")
     assert (await jobs.result(short)).json == {"ok": "901"}
     assert upstream.seen.count(("PUT", "/_api/job/901")) == 1
-    assert ("GET", "/_api/job/done") not in upstream.seen
+    assert lists(upstream) == 0
 
     long = await jobs.submit("GET", "/_api/version")
     for _ in range(200):
@@ -951,8 +956,56 @@ async def test_short_job_costs_one_fetch_and_a_running_one_is_listed(
         await asyncio.sleep(0.01)
     running.clear()
     assert (await jobs.result(long)).json == {"ok": "902"}
-    assert ("GET", "/_api/job/done") in upstream.seen
+    assert ("GET", "/_api/job/pending") in upstream.seen
     assert upstream.seen.count(("PUT", "/_api/job/902")) == 2
+
+
+async def test_results_the_user_left_unfetched_at_arangodb_do_not_hide_a_finished_job(
+    standin: StandIn,
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same user left more results at ArangoDB, directly, than a done list of
+    the proxy's size holds (the stand-in lists ids in ascending order: theirs first).
+    The proxy's job, running at its first look, is fetched once it leaves the pending
+    list, not at the next check for lost jobs (here never)."""
+    monkeypatch.setattr(harvester, "LIST_SLACK", 3)
+    monkeypatch.setattr(harvester, "LOST_CHECK_INTERVAL", 3600.0)
+    direct = Client(http, standin.url)
+    for _ in range(10):
+        await direct.submit("GET", "/_api/version")
+    for _ in range(500):
+        if len((await direct.call("GET", "/_api/job/done")).json) == 10:
+            break  # all ten done, unfetched
+        await asyncio.sleep(0.01)
+    jobs = Client(http, await start_proxy(standin.url))
+    job_id = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.3)"})
+    await jobs.wait_done(job_id, seconds=3.0)
+    answer = await jobs.call("PUT", f"/_api/job/{job_id}")
+    assert (answer.status, answer.json["result"]) == (201, [None])
+    assert len((await direct.call("GET", "/_api/job/done")).json) == 10  # theirs, left there
+
+
+async def test_a_long_pending_list_falls_back_to_the_done_list(
+    standin_factory: Callable[..., Awaitable[StandIn]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """More of the user's jobs pending at ArangoDB than a pending list of the proxy's
+    size holds: it cannot tell which are done, the done list can."""
+    monkeypatch.setattr(harvester, "LIST_SLACK", 3)
+    monkeypatch.setattr(harvester, "LOST_CHECK_INTERVAL", 3600.0)
+    standin = await standin_factory(workers=8)
+    direct = Client(http, standin.url)
+    for _ in range(5):
+        await direct.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(5)"})
+    jobs = Client(http, await start_proxy(standin.url))
+    job_id = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.3)"})
+    await jobs.wait_done(job_id, seconds=3.0)
+    assert (await jobs.call("PUT", f"/_api/job/{job_id}")).status == 201
+    assert len((await direct.call("GET", "/_api/job/pending")).json) == 5  # still running
 
 
 async def test_a_job_whose_fetch_is_under_way_is_not_listed(
@@ -975,7 +1028,7 @@ async def test_a_job_whose_fetch_is_under_way_is_not_listed(
             break  # the first look is under way
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)  # many ticks of 5 ms
-    assert ("GET", "/_api/job/done") not in upstream.seen
+    assert lists(upstream) == 0
     answer.set()
     assert (await jobs.result(job_id)).json == {"ok": "901"}
     assert upstream.seen.count(("PUT", "/_api/job/901")) == 1
