@@ -46,12 +46,11 @@ class Round:
     cpu: float  # the proxy's CPU per job over the stand-in's
 
 
-def code_of(version: str, worktrees: Path, stack: ExitStack) -> Path:
+def code_of(version: str, tree: Path, stack: ExitStack) -> Path:
     """The folder of `version`'s code: itself if it is one, else a worktree of the
-    revision, removed when `stack` closes."""
+    revision made at `tree`, removed when `stack` closes."""
     if (Path(version) / "proxy" / "__init__.py").is_file():
         return Path(version).resolve()
-    tree = worktrees / f"{len(list(worktrees.iterdir()))}"
     git = ["git", "-C", str(REPOSITORY), "worktree"]
     subprocess.run([*git, "add", "--detach", "--quiet", str(tree), version], check=True)
     stack.callback(subprocess.run, [*git, "remove", "--force", str(tree)], check=True)
@@ -87,10 +86,9 @@ async def main() -> None:
     args = parser.parse_args()
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=Path.cwd())))
-        (tmp / "trees").mkdir()
         # (labelled A and B: the same version twice shows the noise alone)
         versions = {
-            f"{label} ({version})": code_of(version, tmp / "trees", stack)
+            f"{label} ({version})": code_of(version, tmp / f"code-{label}", stack)
             for label, version in (("A", args.a), ("B", args.b))
         }
         standin = StandInProcess.start("--no-auth", "--workers", "4", "--queue-size", "4096")
