@@ -1008,6 +1008,42 @@ async def test_a_long_pending_list_falls_back_to_the_done_list(
     assert len((await direct.call("GET", "/_api/job/pending")).json) == 5  # still running
 
 
+async def test_a_lost_job_a_long_pending_list_hides_is_found_by_the_lost_check(
+    fake: tuple[FakeArango, str],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pending list is cut short (others' jobs fill it) and the done list does not
+    have the job: the check for lost jobs finds it on neither, and its fetch (404)
+    says ArangoDB lost it: run again."""
+    monkeypatch.setattr(harvester, "LIST_SLACK", 3)
+    monkeypatch.setattr(harvester, "LOST_CHECK_INTERVAL", 0.05)
+    upstream, url = fake
+    upstream.list_reply = lambda which: web.json_response(
+        ["1", "2", "3", "4"] if which == "pending" else []
+    )
+    looks = {"901": 0}
+
+    async def running_then_forgotten(upstream_id: str) -> web.Response:
+        if upstream_id != "901":
+            return await upstream._result(upstream_id)
+        looks["901"] += 1
+        if looks["901"] == 1:
+            return web.Response(status=204)  # its first look: running
+        return web.json_response(
+            {"code": 404, "error": True, "errorMessage": "not found", "errorNum": 404},
+            status=404,
+        )
+
+    upstream.fetch_reply = running_then_forgotten
+    jobs = Client(http, await start_proxy(url, jobs={"lost_job_policy": "rerun"}))
+    answer = await jobs.result(await jobs.submit("GET", "/_api/version"))
+    assert answer.json == {"ok": "902"}
+    assert looks["901"] == 2
+    assert ("GET", "/_api/job/done") in upstream.seen
+
+
 async def test_a_job_whose_fetch_is_under_way_is_not_listed(
     fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
