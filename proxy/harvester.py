@@ -22,9 +22,11 @@ longer work: each of those jobs is fetched, and ArangoDB's refusal becomes its
 result.
 
 Each finished job is fetched with ``PUT /_api/job/{upstream-id}``, which also
-frees ArangoDB's memory. Once a second, jobs that are neither pending nor
-done at ArangoDB are asked for one by one; a 404 then means ArangoDB lost the
-job (it restarted), and ``jobs.lost_job_policy`` decides::
+frees ArangoDB's memory. A job that ArangoDB lost (it restarted) is not on a
+whole pending list either, so it is fetched at the next tick; where the pending
+list is cut short, jobs that are on neither list are asked for one by one, once
+a second. A 404 to a fetch means ArangoDB lost the job, and
+``jobs.lost_job_policy`` decides::
 
     rerun       ─▶ accepted again (at-least-once)
     rerun-safe  ─▶ GET/HEAD/OPTIONS accepted again, others as "fail"
@@ -284,10 +286,17 @@ class Harvester:
         looked_at = {t.upstream_id for t in fresh}
         groups = self._by_credentials(skip=looked_at) if lists else {}
         self._collect_all(fresh)
-        await asyncio.gather(*(self._harvest(owner, jobs) for owner, jobs in groups.items()))
+        whole = await asyncio.gather(*(self._harvest(o, jobs) for o, jobs in groups.items()))
         if lists and time.monotonic() - self._last_lost_check >= LOST_CHECK_INTERVAL:
             self._last_lost_check = time.monotonic()
-            await asyncio.gather(*(self._find_lost(owner, jobs) for owner, jobs in groups.items()))
+            # (a whole pending list has sent each of its group's lost jobs to its fetch)
+            await asyncio.gather(
+                *(
+                    self._find_lost(owner, jobs)
+                    for (owner, jobs), listed in zip(groups.items(), whole, strict=True)
+                    if not listed
+                )
+            )
 
     def _by_credentials(self, skip: Collection[str] = ()) -> dict[Owner, list[Tracked]]:
         # (user, stored header): the same header means the same user; with signed
@@ -320,28 +329,30 @@ class Harvester:
         log.warning("listing %s jobs at ArangoDB gave %d, no list of ids", which, reply.status)
         return None
 
-    async def _harvest(self, owner: Owner, jobs: list[Tracked]) -> None:
+    async def _harvest(self, owner: Owner, jobs: list[Tracked]) -> bool:
         """Fetch those of `jobs` that ArangoDB has finished. The pending list first:
         whole, it says that each of ours not on it is done (or lost, and its fetch says
         so). The done list would hold every result the same user left unfetched at
         ArangoDB, through the proxy or not, in no set order: cut short at `count`, it
         can leave ours out, and they would wait for the check for lost jobs. The done
         list is asked only when the pending list is cut short (that many of the user's
-        jobs pending at ArangoDB) or fails."""
+        jobs pending at ArangoDB) or fails. True when every job of ours that ArangoDB
+        lost is sent to its fetch already: the check for lost jobs has nothing to add."""
         try:
             pending = await self._list(owner, "pending", len(jobs))
             if pending is not None and len(pending) < len(jobs) + LIST_SLACK:
                 self._collect_all(t for t in jobs if t.upstream_id not in pending)
-                return
+                return True
             done = await self._list(owner, "done", len(jobs))
         except _Refused:
             # The credentials no longer work (password changed, token expired, user
             # gone): fetching each job gets ArangoDB's refusal, which becomes its result.
             # (The database is gone: each fetch asks for its job without it.)
             self._collect_all(jobs)
-            return
+            return True
         if done:
             self._collect_all(t for t in jobs if t.upstream_id in done)
+        return False
 
     async def _find_lost(self, owner: Owner, jobs: list[Tracked]) -> None:
         # pending first: a job that finishes in between then shows up as done

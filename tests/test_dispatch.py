@@ -1044,6 +1044,37 @@ async def test_a_lost_job_a_long_pending_list_hides_is_found_by_the_lost_check(
     assert ("GET", "/_api/job/done") in upstream.seen
 
 
+async def test_a_whole_pending_list_leaves_the_check_for_lost_jobs_nothing_to_ask(
+    fake: tuple[FakeArango, str],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check for lost jobs is due at every tick here, and the job runs for a
+    while: the pending lists are whole (shorter than asked for), and each sends any job
+    of ours not on it, a lost one too, to its fetch, so no done list is asked for."""
+    monkeypatch.setattr(harvester, "LOST_CHECK_INTERVAL", 0.0)
+    upstream, url = fake
+    running = asyncio.Event()
+    running.set()
+
+    async def result_once_finished(upstream_id: str) -> web.Response:
+        if running.is_set():
+            return web.Response(status=204)
+        return await upstream._result(upstream_id)
+
+    upstream.fetch_reply = result_once_finished
+    upstream.list_reply = lambda which: web.json_response(
+        ["901"] if which == "pending" and running.is_set() else []
+    )
+    jobs = Client(http, await start_proxy(url))
+    job_id = await jobs.submit("GET", "/_api/version")
+    asyncio.get_running_loop().call_later(0.3, running.clear)
+    assert (await jobs.result(job_id)).json == {"ok": "901"}
+    assert upstream.seen.count(("GET", "/_api/job/pending")) >= 5
+    assert ("GET", "/_api/job/done") not in upstream.seen
+
+
 async def test_a_job_whose_fetch_is_under_way_is_not_listed(
     fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
