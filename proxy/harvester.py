@@ -7,14 +7,17 @@ it joins the others. For the others, one ``GET /_api/job/pending`` per
 distinct credential (and database) per tick (ArangoDB lists only the caller's
 own jobs), never one request per job: those of ours not on it are fetched
 (`_harvest` says why not the done list). The tick follows the age of the youngest
-job at ArangoDB, a twentieth of it, between POLL_MIN and POLL_MAX (5 and 15
+job at ArangoDB, a twentieth of it, between POLL_MIN and POLL_MAX (5 and 10
 ms). The target is a median delay of at most 20 ms between ArangoDB finishing
 a job and its result at the facade, whatever the job's length: a tick is
-never more than 15 ms away, and a long job's result is there about 12 ms
-later than direct at the median, its dispatch included (bench/e2e.py's long
-jobs; 55 ms when the ticks stretched to 0.5 s). The price: about 65 small
-lists a second per credential (and database) while its jobs run at ArangoDB,
-none once they are done.
+never more than 10 ms away, and a long job's result is there 11-12 ms later
+than direct at the median, its dispatch included (bench/e2e.py's long jobs;
+55 ms when the ticks stretched to 0.5 s, 12-19 ms with 15 ms ticks). Of the
+time from ArangoDB's finish to the result at the facade, the wait for the
+tick is half a tick at the median; the rest is the list and the fetch, the
+result's commit (an fsync, ~1.4 ms) and the hop between the processes. The
+price: about 100 small lists a second per credential (and database) while its
+jobs run at ArangoDB, none once they are done.
 
 The credentials come from ``proxy.tokens`` (the caller's stored header, or a
 token signed for the job's user). A list refused with 401/403 means they no
@@ -65,7 +68,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_MIN = 0.005
-POLL_MAX = 0.015
+POLL_MAX = 0.010
 TICK_RETRY = 0.5  # seconds before a tick that failed (a bug) is tried again
 NEW_JOB_DELAY = 0.001  # a new job's first look
 MARK_AFTER = 0.02  # seconds a job just sent waits for its first look before its mark
