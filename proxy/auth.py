@@ -34,6 +34,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from proxy.arango_headers import ArangoHeaders
+from proxy.arango_request import header
 from proxy.errors import (
     ERROR_FORBIDDEN,
     ERROR_SERVICE_UNAVAILABLE,
@@ -214,7 +215,7 @@ class Verifier:
     async def caller(self, request: web.Request) -> Caller | web.Response:
         """The verified caller of `request`, or the refusal to send back."""
         return await self.caller_of(
-            request.headers.get("Authorization"),
+            header(request.headers, "Authorization"),
             request.raw_path,
             omit_challenge=OMIT_CHALLENGE in request.headers,
         )

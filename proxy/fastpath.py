@@ -39,9 +39,9 @@ from typing import cast
 
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from proxy import jobs_api
+from proxy.arango_request import header, query_params
 from proxy.auth import Caller
 from proxy.early202 import Early202, left
 from proxy.fastpath_http import (
@@ -230,7 +230,7 @@ class FastPath(asyncio.Protocol):
         if caller is None or not app[CREDENTIALS].can_act_for(caller.authorization):
             return False
         headers = self._stored_headers(submission)
-        if headers.get("Content-Encoding") in DECODED:
+        if header(headers, "Content-Encoding") in DECODED:
             return False
         try:
             refusal = self._to_store(submission, caller, headers)
@@ -495,7 +495,7 @@ class FastPath(asyncio.Protocol):
         refusal = queue_time_refusal(app, submission.queue_limit)
         if refusal is not None:
             return refusal
-        query = URL(submission.target, encoded=True).query  # as aiohttp's request.query
+        query = query_params(submission.target.partition("?")[2])
         return await jobs_api.answer(app, submission.method, suffixes, query, verified.viewer)
 
     def _hand_over(self) -> None:

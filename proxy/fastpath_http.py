@@ -173,8 +173,7 @@ def _take(submission: Submission, lower: str, value: str) -> bool:
             return False
         submission.length = int(value)
     elif lower == "authorization":
-        if submission.authorization is None:
-            submission.authorization = value
+        submission.authorization = value  # of repeated fields the last counts, as ArangoDB
     elif lower == OMIT_CHALLENGE:
         submission.omit_challenge = True
     elif lower == QUEUE_TIME_HEADER:

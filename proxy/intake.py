@@ -32,6 +32,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict
 
+from proxy.arango_request import header
 from proxy.auth import OMIT_CHALLENGE, Caller
 from proxy.errors import (
     ERROR_FORBIDDEN,
@@ -83,7 +84,7 @@ async def undecodable(
     not decode: it would never queue the job. One that decodes is stored as it came,
     and ArangoDB decodes it when the job gets there. (Decoded beside the event loop,
     the output thrown away: a small body may decode to gigabytes.)"""
-    wbits = _WBITS.get(headers.get("Content-Encoding") or "")
+    wbits = _WBITS.get(header(headers, "Content-Encoding") or "")
     if wbits is None or await asyncio.to_thread(_decodes, wbits, body):
         return None
     app[METRICS]["jobs_refused_total"] += 1
@@ -117,7 +118,7 @@ def queue_time_refusal(app: web.Application, limit: str | None) -> web.Response 
 
 def async_mode(request: web.Request) -> JobMode | None:
     """ArangoDB compares the value case-sensitively; anything else runs synchronously."""
-    value = request.headers.get(ASYNC_HEADER)
+    value = header(request.headers, ASYNC_HEADER)
     if value == "store":
         return JobMode.STORE
     if value == "true":
@@ -159,7 +160,7 @@ def _too_large(limit: int) -> web.Response:
 async def intake(request: web.Request, mode: JobMode) -> web.Response:
     verified = await admit(
         request.app,
-        request.headers.get("Authorization"),
+        header(request.headers, "Authorization"),
         request.raw_path,
         omit_challenge=OMIT_CHALLENGE in request.headers,
     )
@@ -230,7 +231,7 @@ def store_job(
     is checked against the proxy's own queue: how long its oldest job not yet sent
     has waited. It is stored with the job too, and ArangoDB checks its own queue
     against it when the job gets there (a 412 is then the job's result)."""
-    refusal = queue_time_refusal(app, headers.get(QUEUE_TIME_HEADER))
+    refusal = queue_time_refusal(app, header(headers, QUEUE_TIME_HEADER))
     if refusal is not None:
         app[METRICS]["jobs_refused_total"] += 1
         return refusal

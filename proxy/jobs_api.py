@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import re
-from urllib.parse import parse_qsl
 
 from aiohttp import web
-from multidict import CIMultiDict, MultiDict, MultiMapping
+from multidict import CIMultiDict
 
+from proxy.arango_request import header, query_params
 from proxy.auth import arango_path, job_at_arangodb
 from proxy.errors import (
     ERROR_BAD_PARAMETER,
@@ -112,12 +112,6 @@ def suffixes_of(raw_target: str) -> list[str] | None:
     return [part for part in path[match.end() :].split("/") if part]
 
 
-def _param(query: MultiMapping[str], name: str) -> str | None:
-    """A query parameter as ArangoDB reads it: of repeated ones, the last counts."""
-    values = query.getall(name, [])
-    return values[-1] if values else None
-
-
 def _bad_parameter() -> web.Response:
     return arango_error(400, ERROR_BAD_PARAMETER, "bad parameter")
 
@@ -148,19 +142,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if isinstance(verified, web.Response):
         return verified
     # (as ArangoDB checks every request, once its credentials pass)
-    refusal = queue_time_refusal(request.app, request.headers.get(QUEUE_TIME_HEADER))
+    refusal = queue_time_refusal(request.app, header(request.headers, QUEUE_TIME_HEADER))
     if refusal is not None:
         return refusal
-    return await answer(request.app, request.method, suffixes, request.query, verified.viewer)
+    query = query_params(request.rel_url.raw_query_string)
+    return await answer(request.app, request.method, suffixes, query, verified.viewer)
 
 
 async def execute(app: web.Application, method: str, target: str, user: str) -> StoredResponse:
     """Run a stored async request for the job API here, as ArangoDB would run it."""
     path, _, query = target.partition("?")
-    params = MultiDict(parse_qsl(query, keep_blank_values=True))
     suffixes = suffixes_of(path)
     assert suffixes is not None, "the dispatcher only runs job-API paths here"
-    response = await answer(app, method, suffixes, params, user or None)
+    response = await answer(app, method, suffixes, query_params(query), user or None)
     headers = tuple((k, v) for k, v in response.headers.items() if k.lower() != "content-length")
     body = response.body
     assert body is None or isinstance(body, bytes)
@@ -171,7 +165,7 @@ async def answer(
     app: web.Application,
     method: str,
     suffixes: list[str],
-    query: MultiMapping[str],
+    query: dict[str, str],
     viewer: str | None,
 ) -> web.Response:
     try:
@@ -236,7 +230,7 @@ def _result_answer(outcome: StoredResponse | JobState | None, raw_id: str) -> we
 
 
 async def _get(
-    app: web.Application, suffixes: list[str], query: MultiMapping[str], viewer: str | None
+    app: web.Application, suffixes: list[str], query: dict[str, str], viewer: str | None
 ) -> web.Response:
     if len(suffixes) != 1:
         return _bad_parameter()
@@ -246,7 +240,7 @@ async def _get(
         return _state_answer(await store.state(parse_uint64(what), viewer))
     if what not in ("done", "pending"):
         return _bad_parameter()
-    text = _param(query, "count")
+    text = query.get("count")
     count = DEFAULT_COUNT if text is None else parse_uint64(text)
     # ArangoDB appends before it compares with count, so 0 still lists one id.
     limit = min(max(count, 1), 2**62)
@@ -319,7 +313,7 @@ async def _cancel_upstream(app: web.Application, upstream_id: str, job: Job) -> 
 
 
 async def _delete(
-    app: web.Application, suffixes: list[str], query: MultiMapping[str], viewer: str | None
+    app: web.Application, suffixes: list[str], query: dict[str, str], viewer: str | None
 ) -> web.Response:
     if len(suffixes) != 1:
         return _bad_parameter()
@@ -328,7 +322,7 @@ async def _delete(
     if what == "all":
         await store.delete_all(viewer)
     elif what == "expired":
-        stamp = _param(query, "stamp")
+        stamp = query.get("stamp")
         if stamp is None:
             return _bad_parameter()
         await store.delete_expired(viewer, parse_stamp(stamp))

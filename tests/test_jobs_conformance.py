@@ -8,6 +8,7 @@ Content-Type are compared for every call, and whether x-arango-async-id is set.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from tests.conftest import ProxyFactory
 from tests.standin import StandIn
@@ -23,6 +25,7 @@ from tests.standin.client import ALICE, BOB, ROOT, Answer, Client, basic
 from tests.standin.server import STANDARD_HEADERS
 
 SLEEP = {"query": "RETURN SLEEP(3)"}
+SHORT_SLEEP = {"query": "RETURN SLEEP(0.4)"}
 
 
 class Recorder:
@@ -160,6 +163,11 @@ async def counts(r: Recorder) -> None:
         await r.wait(name)
     for query in ("?count=0", "?count=1", "?count=2", "?count=abc", "", "?count=1000"):
         await r.call("GET", f"/_api/job/done{query}", count_only=True)
+    # read as ArangoDB reads a query string (HttpRequest::parseUrl): no value, or an
+    # `=` that ends it, is no count (the default); a name runs up to its `=`, an `&`
+    # included; the last of repeated names counts
+    for query in ("?count", "?count=", "?count=&x=1", "?x&count=1", "?count=3&count=1"):
+        await r.call("GET", f"/_api/job/done{query}", count_only=True)
 
 
 async def expired(r: Recorder) -> None:
@@ -171,9 +179,46 @@ async def expired(r: Recorder) -> None:
         await r.call("DELETE", f"/_api/job/expired?stamp={stamp}")
         await r.call("GET", "/_api/job/done")
         await r.call("GET", "/_api/job/pending")
-    await r.call(
-        "DELETE", f"/_api/job/expired?stamp={time.time() + 10:.3f}", label="expired?stamp=now+10"
-    )
+    # no stamp, as ArangoDB reads the query string (a 400; yarl would read a stamp in
+    # each, and the last would delete every job); an empty one is 0
+    later = f"{time.time() + 10:.3f}"
+    for query in ("stamp", "stamp=", f"x&stamp={later}", f"stamp[]={later}", "stamp=&x=1"):
+        await r.call("DELETE", f"/_api/job/expired?{query}", label=f"expired?{query[:8]}")
+    await r.call("GET", "/_api/job/done")
+    await r.call("GET", "/_api/job/pending")
+    await r.call("DELETE", f"/_api/job/expired?stamp={later}", label="expired?stamp=now+10")
+    await r.call("GET", "/_api/job/done")
+    await r.call("GET", "/_api/job/pending")
+
+
+async def expired_between(r: Recorder) -> None:
+    """A stamp between jobs: pending ones go by when they were created, done ones by
+    when they finished."""
+    await r.submit("early", "POST", "/_api/cursor", body=SLEEP)  # pending, created before
+    await r.submit("a", "GET", "/_api/version")
+    await r.wait("a")  # done before
+    await asyncio.sleep(0.05)
+    stamp = f"{time.time():.6f}"
+    await asyncio.sleep(0.05)
+    await r.submit("b", "GET", "/_api/version")
+    await r.wait("b")  # done after
+    await r.submit("late", "POST", "/_api/cursor", body=SLEEP)  # pending, created after
+    await r.call("DELETE", f"/_api/job/expired?stamp={stamp}", label="expired?stamp=between")
+    await r.call("GET", "/_api/job/done")
+    await r.call("GET", "/_api/job/pending")
+
+
+async def deleted_while_running(r: Recorder) -> None:
+    """A job deleted while it runs does not come back when it finishes: its result
+    is dropped (ArangoDB's job manager forgets it; the proxy, having fetched it,
+    stores nothing). `after`, sent next and as long, is done once it is."""
+    await r.submit("gone", "POST", "/_api/cursor", body=SHORT_SLEEP)
+    await r.submit("after", "POST", "/_api/cursor", body=SHORT_SLEEP)
+    await r.call("DELETE", "/_api/job/{gone}")
+    await r.wait("after")
+    await asyncio.sleep(0.2)  # (a fetch of the other under way meanwhile ends)
+    await r.call("GET", "/_api/job/{gone}")
+    await r.call("PUT", "/_api/job/{gone}")
     await r.call("GET", "/_api/job/done")
     await r.call("GET", "/_api/job/pending")
 
@@ -258,6 +303,8 @@ SCENARIOS: dict[str, Callable[[Recorder], Awaitable[None]]] = {
         pending_job,
         counts,
         expired,
+        expired_between,
+        deleted_while_running,
         delete_all,
         users,
         databases,
@@ -318,3 +365,44 @@ async def test_the_proxys_own_answers_carry_arangodbs_standard_headers(
         assert answers[1].headers.getone("x-arango-queue-time-seconds")
     health = await proxy.call("GET", "/_proxy/health", user={})
     assert "x-content-type-options" not in health.headers
+
+
+async def test_of_repeated_header_fields_the_last_counts_as_in_arangodb(
+    standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """ArangoDB keeps the last of a header field sent twice (HttpRequest::setHeader
+    overwrites), and so does the proxy: `x-arango-async: false` then `store` is a job
+    (through the proxy one of its own, which its facade knows: passed through, its id
+    would be ArangoDB's), `store` then `false` runs at once; of two credentials the
+    second is the caller, for a submission and for the job API."""
+
+    def credential(user: dict[str, str]) -> tuple[str, str]:
+        [(name, value)] = user.items()
+        return name, value
+
+    root, alice, bob = credential(ROOT), credential(ALICE), credential(BOB)
+    wrong = credential(basic("alice", "wrong"))
+    false, store = ("x-arango-async", "false"), ("x-arango-async", "store")
+    seen = []
+    for base in (standin.url, await start_proxy(standin.url)):
+        client = Client(http, base)
+
+        async def call(verb: str, path: str, *fields: tuple[str, str], base: str = base) -> Answer:
+            async with http.request(verb, base + path, headers=list(fields)) as resp:
+                body = await resp.read()
+                return Answer(resp.status, body, CIMultiDictProxy(CIMultiDict(resp.headers)))
+
+        job = await call("PUT", "/_api/version", root, false, store)
+        assert (job.status, job.body) == (202, b"")
+        assert job.async_id is not None
+        assert (await client.result(job.async_id)).json["server"] == "arango"
+        at_once = await call("PUT", "/_api/version", root, store, false)
+        assert (at_once.status, at_once.async_id) == (200, None)
+        refused = await call("PUT", "/_api/version", alice, wrong, store)
+        alices = await call("PUT", "/_api/version", wrong, alice, store)
+        assert alices.async_id is not None
+        await client.wait_done(alices.async_id, user=ALICE)
+        as_bob = await call("GET", f"/_api/job/{alices.async_id}", alice, bob)
+        as_alice = await call("GET", f"/_api/job/{alices.async_id}", bob, alice)
+        seen.append((refused.status, refused.json["errorNum"], as_bob.status, as_alice.status))
+    assert seen[0] == seen[1] == (401, 11, 404, 200)

@@ -33,10 +33,11 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.arango_request import query_params
 from proxy.jobs_api import parse_stamp, parse_uint64
 from tests.conftest import ProxyFactory
 from tests.standin import StandIn
-from tests.standin.call import double_decimal, uint64
+from tests.standin.call import double_decimal, query_values, uint64
 from tests.standin.client import ALICE, BOB, basic
 from tests.standin.pytest_plugin import StandInFactory
 from tests.standin.server import split_database
@@ -314,3 +315,11 @@ def test_the_facade_parses_numbers_as_the_standin(text: str) -> None:
     else:
         # the stand-in adds digits one by one, float() rounds once: equal up to rounding
         assert math.isclose(ours, theirs, rel_tol=1e-12, abs_tol=0.0) or ours == theirs
+
+
+@settings(max_examples=500, derandomize=True, database=None)
+@given(st.text(alphabet="ab=&%2+[]é", max_size=14))
+def test_the_proxy_reads_query_strings_as_the_standin(raw: str) -> None:
+    """A raw query string's parameters as ArangoDB's HttpRequest::parseUrl reads them:
+    the proxy's reading (proxy.arango_request) and the stand-in's agree."""
+    assert query_params(raw) == query_values(raw)

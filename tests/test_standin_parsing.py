@@ -1,4 +1,5 @@
-"""ArangoDB's lenient number parsers as the stand-in copies them (job ids, count, stamp)."""
+"""ArangoDB's lenient parsers as the stand-in copies them: numbers (job ids, count,
+stamp), query strings, repeated header fields."""
 
 from __future__ import annotations
 
@@ -7,8 +8,16 @@ import math
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
 
-from tests.standin.call import UINT64_MAX, boolean, double_decimal, uint64
+from tests.standin.call import (
+    UINT64_MAX,
+    boolean,
+    double_decimal,
+    last_fields,
+    query_values,
+    uint64,
+)
 from tests.standin.server import split_database
 
 
@@ -98,3 +107,39 @@ def test_split_database_collapses_slashes_like_parse_url(
     raw_path: str, split: tuple[str, str]
 ) -> None:
     assert split_database(raw_path) == split
+
+
+@pytest.mark.parametrize(
+    ("raw", "values"),
+    [
+        # as HttpRequest::parseUrl reads them (arangod 3.11/3.12 source): the name
+        # phase ends only at `=`, the value phase at `&` or the end; nothing is set
+        # for a name without `=`, or an `=` that ends the string
+        ("", {}),
+        ("count", {}),
+        ("count=", {}),
+        ("count=&x=1", {"count": "", "x": "1"}),
+        ("x&count=5", {"x&count": "5"}),
+        ("count=1&count=2", {"count": "2"}),  # setValue overwrites
+        ("a=1&&b=2", {"a": "1", "&b": "2"}),
+        ("a=b=c", {"a": "b=c"}),
+        ("=5", {"": "5"}),
+        ("count[]=3", {}),  # an array value, not `count`
+        ("[]=3", {"[]": "3"}),
+        ("count=%31&n%61me=+a", {"count": "1", "name": " a"}),  # urlDecode: %XX, + as space
+        ("a=1&b", {"a": "1"}),
+        ("k=v&k=&", {"k": ""}),
+    ],
+)
+def test_query_strings_are_read_as_arangodb_reads_them(raw: str, values: dict[str, str]) -> None:
+    assert query_values(raw) == values
+
+
+def test_of_repeated_header_fields_the_last_counts() -> None:
+    """HttpRequest::setHeader overwrites: one value a name, the last one sent."""
+    sent = CIMultiDict(
+        [("X-Arango-Async", "false"), ("Authorization", "a"), ("x-arango-async", "store")]
+    )
+    fields = last_fields(CIMultiDictProxy(sent))
+    assert fields.getall("x-arango-async") == ["store"]
+    assert fields["authorization"] == "a"

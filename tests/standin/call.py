@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
-from multidict import CIMultiDictProxy, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 UINT64_MAX = 2**64 - 1
 
@@ -32,8 +32,8 @@ class Call:
     method: str
     database: str
     path: str  # without the /_db/{name} prefix, still percent-encoded
-    query: MultiMapping[str]
-    headers: CIMultiDictProxy[str]
+    query: dict[str, str]  # as `query_values` reads the raw query string
+    headers: CIMultiDictProxy[str]  # one value a field, as `last_fields` keeps them
     body: bytes
     identity: Identity
     target: str = ""  # the path as received, /_db prefix included (for StandIn.executed)
@@ -45,13 +45,56 @@ class Call:
         return unquote(self.suffixes[index])
 
     def param(self, name: str) -> str | None:
-        """A query parameter; of repeated ones the last counts (`setValue` overwrites)."""
-        values = self.query.getall(name, [])
-        return values[-1] if values else None
+        return self.query.get(name)
 
     def flag(self, name: str, default: bool = False) -> bool:
         value = self.param(name)
         return default if value is None else boolean(value)
+
+
+def query_values(raw: str) -> dict[str, str]:
+    """`HttpRequest::parseUrl`'s reading of a raw query string (after the `?`), step
+    by step: in the name phase only `=` ends the name (an `&` is part of it); in the
+    value phase `&` or the end of the string ends the value, and the name phase
+    begins after it. A name still in its phase at the end, or an `=` that is the last
+    character, stores nothing. `name[]` goes to the array values, not here.
+    `setValue` overwrites: the last of repeated names counts. `urlDecode`: %XX and
+    `+` as a space (a broken escape, which ArangoDB refuses, is kept)."""
+    values: dict[str, str] = {}
+    name_phase, name_start, name_end, value_start = True, 0, 0, 0
+    position = 0
+    while position < len(raw):
+        char = raw[position]
+        if name_phase:
+            name_end = position
+            if char == "=":
+                name_phase, value_start = False, position + 1
+            position += 1
+            continue
+        last = position + 1 == len(raw)
+        if char == "&" or last or raw[position + 1] == "&":
+            value_end = position if char == "&" else position + 1
+            name = raw[name_start:name_end]
+            if not (len(name) > 2 and name.endswith("[]")):
+                values[_url_decoded(name)] = _url_decoded(raw[value_start:value_end])
+            name_phase, name_start = True, value_end + 1
+            position = value_end + 1
+            continue
+        position += 1
+    return values
+
+
+def _url_decoded(text: str) -> str:
+    return unquote_to_bytes(text.replace("+", " ")).decode("utf-8", "surrogateescape")
+
+
+def last_fields(headers: CIMultiDictProxy[str]) -> CIMultiDictProxy[str]:
+    """The header fields as ArangoDB keeps them: one value a name, the last one sent
+    (`HttpRequest::setHeader` overwrites)."""
+    fields: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        fields[istr(name)] = value
+    return CIMultiDictProxy(fields)
 
 
 def uint64(text: str) -> int:

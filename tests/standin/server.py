@@ -35,7 +35,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from tests.standin.auth import Authenticator
-from tests.standin.call import Call, double_decimal
+from tests.standin.call import Call, double_decimal, last_fields, query_values
 from tests.standin.cursors import CursorApi
 from tests.standin.data import Store, Ticks
 from tests.standin.documents import DataApi
@@ -248,7 +248,8 @@ class StandIn:
     # -- the request pipeline ------------------------------------------------
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
-        authorization = request.headers.get("authorization")
+        fields = last_fields(request.headers)
+        authorization = fields.get("authorization")
         self.received.append((request.method, request.rel_url.raw_path, authorization))
         if request.method == "OPTIONS":
             return self._send(request, Reply(200, headers=(("allow", CORS_METHODS),)))
@@ -258,23 +259,23 @@ class StandIn:
         database, path = split_database(request.rel_url.raw_path)
         if database not in self.store.databases:
             return self._send(request, DATABASE_NOT_FOUND)
-        body = decoded(request.headers.get("content-encoding"), await request.read())
+        body = decoded(fields.get("content-encoding"), await request.read())
         if body is None:
             return self._send(request, DECODING_ERROR)
         call = Call(
             method=request.method,
             database=database,
             path=path,
-            query=request.query,
-            headers=request.headers,
+            query=query_values(request.rel_url.raw_query_string),
+            headers=fields,
             body=body,
             identity=identity,
             target=request.rel_url.raw_path,
         )
-        limit = request.headers.get("x-arango-queue-time-seconds")
+        limit = fields.get("x-arango-queue-time-seconds")
         if limit is not None and 0.0 < double_decimal(limit) < self.scheduler.last_wait:
             return self._send(request, QUEUE_TIME_VIOLATED)
-        mode = request.headers.get("x-arango-async")
+        mode = fields.get("x-arango-async")
         if mode in ("true", "store"):
             return self._send(request, self._enqueue(call, store=mode == "store"))
         return self._send(request, await self._run(call))
