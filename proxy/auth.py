@@ -229,11 +229,13 @@ class Verifier:
         database, raw_database = database_of(raw_target)
         refusal = await self.verify(authorization, raw_database)
         if refusal is not None:
-            if omit_challenge and _CHALLENGE in refusal.headers:
-                kept = CIMultiDict(refusal.headers)
-                kept.popall(_CHALLENGE)
-                refusal = web.Response(status=refusal.status, body=refusal.body, headers=kept)
-            return refusal
+            # A copy for each request: checks of the same credentials at once share one
+            # refusal, and aiohttp sends a response object once (a second send of it
+            # writes nothing, and that client would wait for an answer for ever).
+            kept = CIMultiDict(refusal.headers)
+            if omit_challenge:
+                kept.popall(_CHALLENGE, None)
+            return web.Response(status=refusal.status, body=refusal.body, headers=kept)
         paths = allowed_paths(authorization)
         if paths is not None and not may_reach(paths, raw_target):
             # ArangoDB refuses a token on a path it is not allowed (before queueing);

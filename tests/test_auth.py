@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from proxy import auth
 from proxy.auth import Verifier, database_of, user_of
@@ -18,7 +21,7 @@ from proxy.upstream import Upstream
 from tests.conftest import ProxyFactory
 from tests.standin import StandIn, make_jwt
 from tests.standin.call import Identity
-from tests.standin.client import ALICE, BOB, ROOT, Client, basic
+from tests.standin.client import ALICE, BOB, ROOT, Client, RawClient, basic
 from tests.standin.pytest_plugin import StandInFactory
 
 
@@ -235,6 +238,45 @@ async def test_concurrent_checks_of_new_credentials_share_one_request(
     assert checks(standin, WRONG) == 1
 
 
+async def test_requests_whose_checks_are_shared_each_get_their_refusal(
+    serve_app: Callable[[web.Application], Awaitable[str]],
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+) -> None:
+    """Requests with the same unknown credentials at once share one check with
+    ArangoDB (here a slow one): each still gets its own refusal sent, on aiohttp's path
+    too (a chunked body goes there), where one response object sent twice reaches only
+    the first client."""
+    checks = []
+
+    async def slow_refusal(request: web.Request) -> web.Response:
+        checks.append(request.path)
+        await asyncio.sleep(0.3)
+        body = {"code": 401, "error": True, "errorMessage": "not authorized", "errorNum": 11}
+        return web.json_response(body, status=401)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow_refusal)
+    proxy = await start_proxy(await serve_app(app))
+    wrong = basic("alice", "wrong")
+
+    async def call(method: str, path: str, headers: dict[str, str]) -> tuple[int, Any]:
+        async with http.request(
+            method, proxy + path, headers={**wrong, **headers}, data=b"{}", chunked=True
+        ) as resp:
+            return resp.status, (await resp.json())["errorNum"]
+
+    calls = [("PUT", "/_api/version", {"x-arango-async": "store"}), ("GET", "/_api/job/1", {})]
+    async with asyncio.timeout(10):
+        answers = await asyncio.gather(*(call(*one) for one in calls * 4))
+    assert answers == [(401, 11)] * 8
+    assert len(checks) < 8  # (the checks were shared)
+    metrics = (await Client(http, proxy).call("GET", "/_proxy/metrics")).body.decode()
+    handed_over = re.search(r"^\S*connections_handed_over_total (\d+)$", metrics, re.MULTILINE)
+    assert handed_over is not None
+    assert int(handed_over[1]) >= 8  # each on aiohttp's path
+
+
 # -- identity through the proxy ---------------------------------------------------------
 
 SECRET = "proxy-test-jwt-secret"
@@ -249,8 +291,8 @@ async def test_a_refusal_has_no_challenge_for_a_request_that_asks_so_on_every_pa
 ) -> None:
     """x-omit-www-authenticate (any value), as ArangoDB: on async submissions and job
     API requests, on the fast path and on aiohttp's (a %-escape in the path goes there)."""
-    proxy = Client(http, await start_proxy(standin.url))
-    direct = Client(http, standin.url)
+    proxy = RawClient(http, await start_proxy(standin.url))
+    direct = RawClient(http, standin.url)
     wrong = basic("alice", "wrong")
     requests = [
         ("GET", "/_api/job/done", {}),

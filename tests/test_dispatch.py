@@ -29,7 +29,7 @@ from storage.store import UNKNOWN
 from tests.conftest import ProxyFactory, proxy_config
 from tests.processes import free_port
 from tests.standin import StandIn
-from tests.standin.client import ROOT, Client, eventually
+from tests.standin.client import ROOT, Client, RawClient, eventually
 from tests.test_store import new_job
 
 
@@ -1137,7 +1137,7 @@ async def test_a_queue_time_limit_is_held_against_the_proxys_own_queue(
     when the oldest job waiting in the proxy has waited longer (here ArangoDB's queue
     is full, so jobs wait); a longer limit is accepted. Both of the proxy's paths, and
     the job API's requests."""
-    jobs = Client(http, await start_proxy(standin.url))
+    jobs = RawClient(http, await start_proxy(standin.url))
     standin.queue_full = True
     waiting = await jobs.submit("GET", "/_api/version")
     await asyncio.sleep(0.5)

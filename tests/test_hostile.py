@@ -26,7 +26,7 @@ from yarl import URL
 
 from tests.conftest import ProxyFactory
 from tests.standin import StandIn
-from tests.standin.client import ALICE, Client
+from tests.standin.client import ALICE, Client, RawClient
 from tests.standin.pytest_plugin import StandInFactory
 from tests.test_isolation import SECRET, SUPERUSER
 from tests.test_jobs_conformance import SLEEP, Recorder
@@ -424,13 +424,6 @@ async def odd_parameters(r: Recorder) -> None:
 
 
 SCENARIOS = {f.__name__: f for f in (odd_ids, odd_paths, odd_parameters)}
-
-
-class RawClient(Client):
-    """Sends every path exactly as written: yarl would resolve `..` and re-encode."""
-
-    def url(self, path: str) -> URL:
-        return URL(self.base + path, encoded=True)
 
 
 class IdRecorder(Recorder):

@@ -22,7 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from tests.conftest import ProxyFactory
 from tests.standin import StandIn
-from tests.standin.client import ALICE, BOB, ROOT, Answer, Client, basic
+from tests.standin.client import ALICE, BOB, ROOT, Answer, Client, RawClient, basic
 from tests.standin.server import STANDARD_HEADERS
 
 SLEEP = {"query": "RETURN SLEEP(3)"}
@@ -362,8 +362,8 @@ async def test_the_proxys_own_answers_carry_arangodbs_standard_headers(
     puts on every answer, as ArangoDB sent them last (the queue time's value varies),
     on both of the proxy's paths (a %-escape in the path takes aiohttp's). The
     proxy's own /_proxy/... do not."""
-    direct = Client(http, standin.url)
-    proxy = Client(http, await start_proxy(standin.url))
+    direct = RawClient(http, standin.url)
+    proxy = RawClient(http, await start_proxy(standin.url))
     calls: list[tuple[str, str, dict[str, str], dict[str, str]]] = [
         ("GET", "/_api/job/done", {}, ROOT),
         ("GET", "/_api/job/%64one", {}, ROOT),
