@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -27,7 +28,12 @@ from aiohttp.http import HttpVersion11
 from proxy import jobs_api, ops
 from proxy.auth import Verifier
 from proxy.config import Config
-from proxy.errors import ERROR_BAD_PARAMETER, ERROR_HEADERS_TOO_LARGE, arango_error
+from proxy.errors import (
+    ERROR_BAD_PARAMETER,
+    ERROR_HEADERS_TOO_LARGE,
+    ERROR_INTERNAL,
+    arango_error,
+)
 from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
 from proxy.retention import Retention
@@ -47,6 +53,8 @@ from proxy.upstream import Upstream
 from proxy.worker_process import WorkerProcess
 from proxy.workers import Workers
 from storage import JobStore
+
+log = logging.getLogger(__name__)
 
 # the methods ArangoDB serves; any other gets its bare 405 before anything else
 ARANGO_METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"})
@@ -68,6 +76,11 @@ async def refuse_unservable(
     - Header fields over ``server.max_header_size`` in all: 431. aiohttp's
       parser, set far above this limit (`runner_options`), would answer a bare
       400 and log.
+
+    And a bug while serving a request gets ArangoDB's 500 (errorNum 4, "internal
+    error"), logged, with the connection closed, where aiohttp would answer a
+    text/plain 500; unless part of an answer has gone out already (a stream passed
+    through), and then aiohttp closes the connection.
     """
     if request.method not in ARANGO_METHODS:
         # as ArangoDB's: no body, and it hangs up
@@ -83,7 +96,17 @@ async def refuse_unservable(
             ERROR_HEADERS_TOO_LARGE,
             f"request header fields are larger than the limit of {limit} bytes",
         )
-    return await handler(request)
+    try:
+        return await handler(request)
+    except (web.HTTPException, ConnectionError):
+        raise
+    except Exception:
+        if request.writer.output_size:
+            raise
+        log.exception("error serving %s %s", request.method, request.raw_path)
+        response = arango_error(500, ERROR_INTERNAL, "internal error")
+        response.force_close()
+        return response
 
 
 async def front(request: web.Request) -> web.StreamResponse:

@@ -44,6 +44,7 @@ from proxy import jobs_api
 from proxy.arango_request import header, query_params
 from proxy.auth import Caller
 from proxy.early202 import Early202, left
+from proxy.errors import ERROR_INTERNAL, arango_error
 from proxy.fastpath_http import (
     HEAD_END,
     Submission,
@@ -304,7 +305,8 @@ class FastPath(asyncio.Protocol):
         (the connection must then close)."""
         log.exception("error serving %s %s", submission.method, submission.target)
         if not self._head_sent:
-            self.write(self._encode(web.Response(status=500), close=True, head=submission.head))
+            error = arango_error(500, ERROR_INTERNAL, "internal error")
+            self.write(self._encode(error, close=True, head=submission.head))
 
     def _await_body(self, submission: Submission, start: int) -> None:
         """A body still coming: awaited here up to _AWAITED_BODY bytes, for at most

@@ -526,10 +526,14 @@ async def test_a_pipelined_flood_is_answered_in_full_and_in_order(
     await jobs_accepted(app, count)
 
 
+INTERNAL_ERROR = {"code": 500, "error": True, "errorMessage": "internal error", "errorNum": 4}
+
+
 async def test_a_failing_request_gets_a_500_and_the_connection_closes(
     proxy: tuple[web.Application, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """In a task (credentials not known yet) and at once (known since)."""
+    """In a task (credentials not known yet) and at once (known since); and on
+    aiohttp's path (a chunked body goes there). ArangoDB's 500, errorNum 4."""
     app, base = proxy
     served = count_served(monkeypatch)
 
@@ -537,15 +541,20 @@ async def test_a_failing_request_gets_a_500_and_the_connection_closes(
         raise RuntimeError("boom")
 
     monkeypatch.setattr(app[STORE], "accept_nowait", broken)
-    for _ in range(2):
+    monkeypatch.setattr(app[STORE], "accept", broken)
+    chunked = req(VERSION, AUTH, STORE_MODE, b"Transfer-Encoding: chunked\r\n") + b"0\r\n\r\n"
+    for request in (req(VERSION, AUTH, STORE_MODE), req(VERSION, AUTH, STORE_MODE), chunked):
         connection = await Connection.open(base)
-        await connection.send(req(VERSION, AUTH, STORE_MODE))
+        await connection.send(request)
         answer = await connection.answer()
         assert answer.status == 500
+        assert answer.header("content-type") == "application/json; charset=utf-8"
+        assert json.loads(answer.body) == INTERNAL_ERROR, request
         assert answer.header("connection") == "close"
         assert await connection.closed()
         connection.close()
     assert served == ["/_api/version"]  # the first, in a task
+    assert app[METRICS]["connections_handed_over_total"] == 1  # the chunked one
 
 
 async def test_accepts_with_known_credentials_need_no_task(
