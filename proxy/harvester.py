@@ -10,7 +10,7 @@ own jobs), never one request per job: those of ours not on it are fetched
 job at ArangoDB, a twentieth of it, between POLL_MIN and POLL_MAX (5 and 10
 ms). The target is a median delay of at most 20 ms between ArangoDB finishing
 a job and its result at the facade, whatever the job's length: a tick is
-never more than 10 ms away, and a long job's result is there 11-12 ms later
+never more than 10 ms away, and a long job's result is there 10-12 ms later
 than direct at the median, its dispatch included (bench/e2e.py's long jobs;
 55 ms when the ticks stretched to 0.5 s, 12-19 ms with 15 ms ticks). Of the
 time from ArangoDB's finish to the result at the facade, the wait for the
