@@ -289,17 +289,11 @@ class Harvester:
         looked_at = {t.upstream_id for t in fresh}
         groups = self._by_credentials(skip=looked_at) if lists else {}
         self._collect_all(fresh)
-        whole = await asyncio.gather(*(self._harvest(o, jobs) for o, jobs in groups.items()))
+        unlisted = await asyncio.gather(*(self._harvest(o, jobs) for o, jobs in groups.items()))
         if lists and time.monotonic() - self._last_lost_check >= LOST_CHECK_INTERVAL:
             self._last_lost_check = time.monotonic()
-            # (a whole pending list has sent each of its group's lost jobs to its fetch)
-            await asyncio.gather(
-                *(
-                    self._find_lost(owner, jobs)
-                    for (owner, jobs), listed in zip(groups.items(), whole, strict=True)
-                    if not listed
-                )
-            )
+            for missing in unlisted:  # each fetch says for sure: result, 204 or 404
+                self._collect_all(missing)
 
     def _by_credentials(self, skip: Collection[str] = ()) -> dict[Owner, list[Tracked]]:
         # (user, stored header): the same header means the same user; with signed
@@ -332,42 +326,37 @@ class Harvester:
         log.warning("listing %s jobs at ArangoDB gave %d, no list of ids", which, reply.status)
         return None
 
-    async def _harvest(self, owner: Owner, jobs: list[Tracked]) -> bool:
+    async def _harvest(self, owner: Owner, jobs: list[Tracked]) -> list[Tracked]:
         """Fetch those of `jobs` that ArangoDB has finished. The pending list first:
         whole, it says that each of ours not on it is done (or lost, and its fetch says
         so). The done list would hold every result the same user left unfetched at
         ArangoDB, through the proxy or not, in no set order: cut short at `count`, it
         can leave ours out, and they would wait for the check for lost jobs. The done
         list is asked only when the pending list is cut short (that many of the user's
-        jobs pending at ArangoDB) or fails. True when every job of ours that ArangoDB
-        lost is sent to its fetch already: the check for lost jobs has nothing to add."""
+        jobs pending at ArangoDB) or fails.
+
+        Returns the jobs on neither list (both cut short), which may be lost: the
+        check for lost jobs fetches them, once a second. Empty when a whole pending list
+        has sent every job of ours not on it, lost ones too, to its fetch already, or
+        when a list failed (the check waits for lists that answer)."""
         try:
             pending = await self._list(owner, "pending", len(jobs))
             if pending is not None and len(pending) < len(jobs) + LIST_SLACK:
                 self._collect_all(t for t in jobs if t.upstream_id not in pending)
-                return True
+                return []
+            # (pending first: a job that finishes in between then shows up as done)
             done = await self._list(owner, "done", len(jobs))
         except _Refused:
             # The credentials no longer work (password changed, token expired, user
             # gone): fetching each job gets ArangoDB's refusal, which becomes its result.
             # (The database is gone: each fetch asks for its job without it.)
             self._collect_all(jobs)
-            return True
+            return []
         if done:
             self._collect_all(t for t in jobs if t.upstream_id in done)
-        return False
-
-    async def _find_lost(self, owner: Owner, jobs: list[Tracked]) -> None:
-        # pending first: a job that finishes in between then shows up as done
-        try:
-            pending = await self._list(owner, "pending", len(jobs))
-            done = await self._list(owner, "done", len(jobs))
-        except _Refused:
-            return  # _harvest ends these jobs
         if pending is None or done is None:
-            return
-        missing = [t for t in jobs if t.upstream_id not in pending | done]
-        self._collect_all(missing)  # each fetch says for sure: result, 204 or 404
+            return []
+        return [t for t in jobs if t.upstream_id not in pending | done]
 
     def _collect_all(self, jobs: Iterable[Tracked]) -> None:
         """Fetch each job (unless a fetch of it is under way), without waiting."""
