@@ -26,8 +26,10 @@ from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
 from proxy import jobs_api, ops
+from proxy.arango_request import header
 from proxy.auth import Verifier
 from proxy.config import Config
+from proxy.cors import Origins
 from proxy.errors import (
     ERROR_BAD_PARAMETER,
     ERROR_HEADERS_TOO_LARGE,
@@ -42,6 +44,7 @@ from proxy.state import (
     CREDENTIALS,
     DISPATCHER,
     METRICS,
+    ORIGINS,
     SHUTDOWN,
     STORE,
     UPSTREAM,
@@ -132,17 +135,22 @@ async def meet_expectation(request: web.Request) -> None:
 
 
 async def _with_arango_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """The proxy's own answers carry ArangoDB's standard headers (proxy.arango_headers):
-    not passed-through ones (streamed: they have ArangoDB's own), nor /_proxy/..."""
+    """The proxy's own answers carry ArangoDB's standard headers (proxy.arango_headers),
+    and its CORS headers for a request with an Origin (proxy.cors): not passed-through
+    ones (streamed: they have ArangoDB's own), nor /_proxy/..."""
     verifier = request.app.get(VERIFIER)
     if type(response) is web.Response and verifier and not request.path.startswith("/_proxy/"):
         verifier.arango_headers.apply(response.headers)
+        origin = header(request.headers, "Origin")
+        if origin:
+            await request.app[ORIGINS].apply(origin, response.headers)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     upstream = app[UPSTREAM]
     await upstream.start()
     app[VERIFIER] = Verifier(upstream, app[CONFIG].jobs.auth_cache_ttl)
+    app[ORIGINS] = Origins(upstream, app[CONFIG].jobs.auth_cache_ttl)
     yield
     await upstream.close()
 

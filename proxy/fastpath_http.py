@@ -13,8 +13,9 @@ anything else to aiohttp, which judges it:
                    and aiohttp's count of fields
     exactly one    Host; at most one x-arango-async, "true" or "store"
     at most one    Content-Length (digits, within server.max_body_size)
-    none of        Transfer-Encoding, Expect, Upgrade; a Connection other than
-                   keep-alive or close
+    none of        Transfer-Encoding, Expect, Upgrade, Origin (a browser's request:
+                   the proxy's own answers to it get CORS headers, `proxy.cors`);
+                   a Connection other than keep-alive or close
 """
 
 from __future__ import annotations
@@ -53,12 +54,13 @@ _NOTED = frozenset(
         "transfer-encoding",
         "expect",
         "upgrade",
+        "origin",
         "x-omit-www-authenticate",
         "x-arango-queue-time-seconds",
     }
 )
 _ODD_PATH = re.compile(r"%|//|/\.\.?(?:/|$)")
-_REFUSED_FIELDS = frozenset({"transfer-encoding", "expect", "upgrade"})
+_REFUSED_FIELDS = frozenset({"transfer-encoding", "expect", "upgrade", "origin"})
 _MODES = {"true": JobMode.FORGET, "store": JobMode.STORE}
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from proxy.auth import Verifier
 from proxy.config import Config
+from proxy.cors import Origins
 from proxy.tokens import JobCredentials
 from proxy.upstream import Upstream
 from storage import Job, JobState, JobStore, Mark, StoredResponse
@@ -71,6 +72,7 @@ CONFIG = web.AppKey("config", Config)
 UPSTREAM = web.AppKey("upstream", Upstream)
 STORE = web.AppKey("store", JobStore)
 VERIFIER = web.AppKey("verifier", Verifier)
+ORIGINS = web.AppKey("origins", Origins)
 DISPATCHER = web.AppKey("dispatcher", Waker)
 # what the proxy sends to ArangoDB on a job's behalf (proxy.tokens)
 CREDENTIALS = web.AppKey("credentials", JobCredentials)

@@ -323,6 +323,9 @@ HANDED_OVER = {
         413,
     ),
     "request line over 8 KiB": (req(b"PUT /_api/version?" + b"a" * 9000 + b" HTTP/1.1", AUTH), 400),
+    # a browser's: the proxy's own answers to it carry CORS headers (proxy.cors)
+    "Origin": (req(VERSION, AUTH, STORE_MODE, b"Origin: http://app\r\n"), 202),
+    "Origin, passed through": (req(b"OPTIONS /anything HTTP/1.1", b"Origin: http://x\r\n"), 200),
 }
 
 
@@ -331,7 +334,7 @@ HANDED_OVER = {
 # and tabs around values that hold them too, and characters outside printable ASCII.
 _NAMES = st.sampled_from(
     ["Host", "host", "x-arango-async", "X-Arango-Async", "Content-Length", "Connection",
-     "Authorization", "Transfer-Encoding", "Expect", "Upgrade", "x-omit-www-authenticate",
+     "Authorization", "Transfer-Encoding", "Expect", "Upgrade", "Origin", "x-omit-www-authenticate",
      "x-arango-queue-time-seconds", "X-N", "a", "bad name", "x:y", "", "é"]
 )  # fmt: skip
 _VALUES = st.one_of(
@@ -757,7 +760,7 @@ PASSED_THROUGH = {
     "HEAD with a length": req(b"HEAD /download?size=3000 HTTP/1.1"),
     "HEAD, chunked": req(b"HEAD /chunked HTTP/1.1"),
     "HEAD, 204": req(b"HEAD /status/204 HTTP/1.1"),
-    "OPTIONS": req(b"OPTIONS /anything HTTP/1.1", b"Origin: http://x\r\n"),
+    "OPTIONS": req(b"OPTIONS /anything HTTP/1.1", b"Access-Control-Request-Method: PUT\r\n"),
 }
 
 

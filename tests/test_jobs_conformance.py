@@ -23,6 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from tests.conftest import ProxyFactory
 from tests.standin import StandIn
 from tests.standin.client import ALICE, BOB, ROOT, Answer, Client, RawClient, basic
+from tests.standin.pytest_plugin import StandInFactory
 from tests.standin.server import STANDARD_HEADERS
 
 SLEEP = {"query": "RETURN SLEEP(3)"}
@@ -381,6 +382,63 @@ async def test_the_proxys_own_answers_carry_arangodbs_standard_headers(
         assert answers[1].headers.getone("x-arango-queue-time-seconds")
     health = await proxy.call("GET", "/_proxy/health", user={})
     assert "x-content-type-options" not in health.headers
+
+
+def cors_headers(answer: Answer) -> list[tuple[str, str]]:
+    return sorted(
+        (name.lower(), value)
+        for name, value in answer.headers.items()
+        if name.lower().startswith("access-control-")
+    )
+
+
+async def test_the_proxys_own_answers_carry_arangodbs_cors_headers(
+    standin_factory: StandInFactory, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """To a request with an Origin ArangoDB's answers carry the origin, whether it
+    may send credentials (only a trusted origin) and the headers a browser may read;
+    and so do the proxy's own: its 202s, the facade's answers (a replayed result
+    too), its refusals; passed through, a preflight gets ArangoDB's. The proxy asks
+    ArangoDB about each origin once, however many answers need it at once."""
+    standin = await standin_factory(trusted_origins=("http://trusted",))
+    direct = Client(http, standin.url)
+    proxy = Client(http, await start_proxy(standin.url))
+    wrong = basic("alice", "wrong")
+    for origin, credentials in (("http://trusted", "true"), ("http://elsewhere/", "false")):
+        seen = []
+        for client in (direct, proxy):
+            cors = {"origin": origin}
+            submitted = await client.call(
+                "PUT", "/_api/version", headers={**cors, "x-arango-async": "store"}
+            )
+            assert submitted.async_id is not None
+            await client.wait_done(submitted.async_id)
+            answers = await asyncio.gather(
+                client.call("PUT", f"/_api/job/{submitted.async_id}", headers=cors),
+                client.call("GET", "/_api/job/done", headers=cors),
+                client.call("PUT", "/_api/job/123456", headers=cors),
+                client.call("PUT", "/_api/job/1/2/3", headers=cors),
+                client.call("GET", "/_api/job/done", headers=cors, user=wrong),
+                client.call("PUT", "/_api/version", headers={**cors, "x-arango-async": "true"}),
+                client.call("GET", "/_api/version", headers=cors),
+                client.call(
+                    "OPTIONS",
+                    "/_api/job/done",
+                    headers={**cors, "access-control-request-headers": "x-arango-async"},
+                    user={},
+                ),
+            )
+            seen.append([(submitted.status, cors_headers(submitted))])
+            seen[-1].extend((answer.status, cors_headers(answer)) for answer in answers)
+        assert seen[1] == seen[0], origin
+        assert ("access-control-allow-origin", origin) in seen[0][0][1]
+        assert ("access-control-allow-credentials", credentials) in seen[0][0][1]
+    asked = [
+        target
+        for method, target, _ in standin.received
+        if (method, target) == ("OPTIONS", "/_api/version")
+    ]
+    assert len(asked) == 2  # one question for each origin
 
 
 async def test_of_repeated_header_fields_the_last_counts_as_in_arangodb(

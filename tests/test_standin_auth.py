@@ -13,6 +13,7 @@ import pytest
 from tests.standin import StandIn, make_jwt
 from tests.standin.client import ALICE, ROOT, Client, basic
 from tests.standin.pytest_plugin import StandInFactory
+from tests.standin.server import CORS_METHODS, EXPOSED_CORS_HEADERS
 
 UNAUTHORIZED = (
     b'{"error":true,"errorNum":11,"errorMessage":"not authorized to execute this request",'
@@ -170,6 +171,83 @@ async def test_cors_preflight_needs_no_credentials(standin_client: Client) -> No
     assert answer.status == 200
     assert "POST" in answer.headers["allow"]
     assert answer.body == b""
+    assert not any(name.startswith("access-control-") for name in answer.headers)
+
+
+CORS = ("access-control-allow-origin", "access-control-allow-credentials")
+
+
+async def test_a_preflight_with_an_origin_allows_every_method_and_the_headers_asked_for(
+    standin_client: Client,
+) -> None:
+    """`CommTask::processCorsOptions`, then `finishExecution`'s CORS headers."""
+    answer = await standin_client.call(
+        "OPTIONS",
+        "/_api/version",
+        headers={
+            "origin": "http://app.example",
+            "access-control-request-headers": " x-arango-async, authorization ",
+        },
+        user={},
+    )
+    assert answer.status == 200
+    assert answer.headers["access-control-allow-methods"] == CORS_METHODS
+    assert answer.headers["access-control-allow-headers"] == "x-arango-async, authorization"
+    assert answer.headers["access-control-max-age"] == "1800"
+    assert [answer.headers[name] for name in CORS] == ["http://app.example", "false"]
+    bare = await standin_client.call("OPTIONS", "/", headers={"origin": "http://a"}, user={})
+    assert "access-control-allow-headers" not in bare.headers
+
+
+async def test_every_answer_to_a_request_with_an_origin_carries_cors_headers(
+    standin_factory: StandInFactory, standin_http: aiohttp.ClientSession
+) -> None:
+    """The origin sent back, credentials allowed only for a trusted origin (one
+    trailing slash ignored), and the headers a browser may read; on refusals and 202s
+    too. Of two Origin fields the last counts; an empty one is none."""
+    server = await standin_factory(trusted_origins=("http://trusted", "http://other"))
+    client = Client(standin_http, server.url)
+    seen = {}
+    for origin in ("http://trusted", "http://trusted/", "http://nottrusted", "http://other//"):
+        for user, headers in (
+            (ROOT, {}),
+            (basic("alice", "wrong"), {}),
+            (ROOT, {"x-arango-async": "store"}),
+        ):
+            answer = await client.call(
+                "GET", "/_api/version", headers={"origin": origin, **headers}, user=user
+            )
+            assert answer.headers["access-control-allow-origin"] == origin
+            assert answer.headers["access-control-expose-headers"] == EXPOSED_CORS_HEADERS
+            seen[(origin, answer.status)] = answer.headers["access-control-allow-credentials"]
+    assert seen == {
+        (origin, status): allowed
+        for origin, allowed in [
+            ("http://trusted", "true"),
+            ("http://trusted/", "true"),
+            ("http://nottrusted", "false"),
+            ("http://other//", "false"),
+        ]
+        for status in (200, 401, 202)
+    }
+    async with standin_http.get(
+        server.url + "/_api/version",
+        headers=[("origin", "http://nottrusted"), ("origin", "http://trusted"), *ROOT.items()],
+    ) as resp:
+        assert resp.headers["access-control-allow-origin"] == "http://trusted"
+    for headers in ({}, {"origin": ""}):
+        answer = await client.call("GET", "/_api/version", headers=headers)
+        assert not any(name.startswith("access-control-") for name in answer.headers)
+
+
+async def test_a_trusted_origin_of_star_trusts_every_origin(
+    standin_factory: StandInFactory, standin_http: aiohttp.ClientSession
+) -> None:
+    server = await standin_factory(trusted_origins=("*",))
+    answer = await Client(standin_http, server.url).call(
+        "GET", "/_api/version", headers={"origin": "http://anywhere"}
+    )
+    assert answer.headers["access-control-allow-credentials"] == "true"
 
 
 async def test_controls_need_no_credentials_and_are_never_async(

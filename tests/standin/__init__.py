@@ -4,7 +4,8 @@
 In-process use (pytest-asyncio)::
 
     standin = StandIn(users={"root": ""}, auth=True, workers=4, queue_size=128, jwt_secret=None,
-                      ssl_context=None)  # an ssl.SSLContext: serve TLS only, url is https://
+                      ssl_context=None,  # an ssl.SSLContext: serve TLS only, url is https://
+                      trusted_origins=())  # --http.trusted-origin ("*": all)
     url = await standin.start(host="127.0.0.1", port=0)
     await standin.restart()   # jobs, results and cursors lost; data and tick counter kept
     standin.queue_full = True # every async request: 503/21003

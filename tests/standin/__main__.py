@@ -2,7 +2,7 @@
 
     python -m tests.standin --host 127.0.0.1 --port 0 [--no-auth]
         [--users root:,alice:alicepw] [--workers N] [--queue-size N] [--jwt-secret S]
-        [--tls PEM]
+        [--tls PEM] [--trusted-origin ORIGIN ...]
 
 With `--tls PEM` (private key and certificate chain in one file) it serves
 TLS only and prints an https:// URL.
@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--queue-size", type=int, default=128)
     parser.add_argument("--jwt-secret", default=None)
     parser.add_argument("--tls", metavar="PEM", help="key and certificate chain: serve TLS")
+    parser.add_argument(
+        "--trusted-origin",
+        action="append",
+        default=[],
+        help="as ArangoDB's --http.trusted-origin (repeatable; * trusts all)",
+    )
     return parser.parse_args(argv)
 
 
@@ -61,6 +67,7 @@ async def serve(args: argparse.Namespace) -> None:
         queue_size=args.queue_size,
         jwt_secret=args.jwt_secret,
         ssl_context=tls_context(args.tls) if args.tls else None,
+        trusted_origins=tuple(args.trusted_origin),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

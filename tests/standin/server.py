@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from tests.standin.auth import Authenticator
 from tests.standin.call import Call, double_decimal, last_fields, query_values
@@ -58,6 +58,10 @@ Handler = Callable[[Call], Awaitable[Reply]]
 
 DEFAULT_USERS = {"root": "", "alice": "alicepw", "bob": "bobpw"}
 CORS_METHODS = "DELETE, GET, HEAD, OPTIONS, PATCH, POST, PUT"
+# StaticStrings::ExposedCorsHeaders
+EXPOSED_CORS_HEADERS = (
+    "etag, content-encoding, content-length, location, server, x-arango-errors, x-arango-async-id"
+)
 # CommTask::finishExecution adds these to every response, if not set already
 STANDARD_HEADERS = (
     ("x-content-type-options", "nosniff"),
@@ -71,6 +75,19 @@ STANDARD_HEADERS = (
     ("strict-transport-security", "max-age=31536000 ; includeSubDomains"),
 )
 WWW_AUTHENTICATE = ('Basic, realm="ArangoDB"', 'Bearer, token_type="JWT", realm="ArangoDB"')
+
+
+def preflight(fields: CIMultiDictProxy[str]) -> Reply:
+    """`CommTask::processCorsOptions`: the answer to any OPTIONS request, before
+    credentials (and `_finish`'s CORS headers, as for every answer)."""
+    headers = [("allow", CORS_METHODS)]
+    if fields.get("origin"):
+        headers.append(("access-control-allow-methods", CORS_METHODS))
+        requested = fields.get("access-control-request-headers", "").strip(" \t\r\n")
+        if requested:  # all of them, unchecked
+            headers.append(("access-control-allow-headers", requested))
+        headers.append(("access-control-max-age", "1800"))
+    return Reply(200, headers=tuple(headers))
 
 
 def split_database(raw_path: str) -> tuple[str, str]:
@@ -117,12 +134,15 @@ class StandIn:
         queue_size: int = 128,
         jwt_secret: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        trusted_origins: tuple[str, ...] = (),
     ) -> None:
         self.authenticator = Authenticator(
             dict(DEFAULT_USERS if users is None else users), auth, jwt_secret
         )
         self.workers = workers
         self.ssl_context = ssl_context  # serve TLS only (https://) when set
+        # --http.trusted-origin: origins whose requests may carry credentials ("*": all)
+        self.trusted_origins = trusted_origins
         self.queue_size = queue_size
         self.queue_full = False
         self.executed: Counter[tuple[str, str]] = Counter()
@@ -252,7 +272,7 @@ class StandIn:
         authorization = fields.get("authorization")
         self.received.append((request.method, request.rel_url.raw_path, authorization))
         if request.method == "OPTIONS":
-            return self._send(request, Reply(200, headers=(("allow", CORS_METHODS),)))
+            return self._send(request, preflight(fields))
         identity = self.authenticator.identify(authorization)
         if identity is None:
             return self._send(request, NOT_AUTHORIZED)
@@ -325,6 +345,12 @@ class StandIn:
 
     async def _finish(self, request: web.Request, response: web.StreamResponse) -> None:
         """`CommTask::finishExecution` and `sendResponse`: headers for every response."""
+        origin = last_fields(request.headers).get("origin")
+        if origin:  # CORS: the origin sent back, whatever it is
+            response.headers.setdefault("access-control-allow-origin", origin)
+            allowed = "true" if self.allows_credentials(origin) else "false"
+            response.headers.setdefault("access-control-allow-credentials", allowed)
+            response.headers.setdefault("access-control-expose-headers", EXPOSED_CORS_HEADERS)
         response.headers["server"] = "ArangoDB"  # replaces aiohttp's own
         for name, value in STANDARD_HEADERS:
             response.headers.setdefault(name, value)
@@ -333,6 +359,14 @@ class StandIn:
         if response.status == 401 and "x-omit-www-authenticate" not in request.headers:
             for value in WWW_AUTHENTICATE:
                 response.headers.add("www-authenticate", value)
+
+    def allows_credentials(self, origin: str) -> bool:
+        """`CommTask::allowCorsCredentials`: a trusted origin (one trailing slash of
+        the request's ignored), or every origin when the first trusted one is "*"."""
+        trusted = self.trusted_origins
+        if not trusted:
+            return False
+        return trusted[0] == "*" or origin.removesuffix("/") in trusted
 
     # -- test controls -------------------------------------------------------
 
