@@ -37,11 +37,13 @@ class Answering:
         if self.allowed is None:
             raise upstream_failure(ConnectionRefusedError(), "http://arangodb")
         fields = CIMultiDict({"access-control-allow-credentials": self.allowed})
+        if self.allowed == "":  # an answer without the header
+            fields.clear()
         return Reply(200, CIMultiDictProxy(fields), b"")
 
 
-def origins(upstream: Answering, ttl: float = 60.0) -> Origins:
-    return Origins(cast(Upstream, upstream), ttl)
+def origins(upstream: Answering, ttl: float = 60.0, max_entries: int = 1000) -> Origins:
+    return Origins(cast(Upstream, upstream), ttl, max_entries)
 
 
 async def test_arangodb_is_asked_once_for_each_origin_however_many_ask_at_once() -> None:
@@ -83,12 +85,26 @@ async def test_an_answer_waits_for_arangodb_a_moment_only_and_takes_its_reply_la
     assert len(upstream.asked) == 1  # the question under way was not asked again
 
 
-async def test_without_an_answer_no_origin_is_trusted_nor_remembered() -> None:
-    upstream = Answering(None)
+@pytest.mark.parametrize("answer", [None, ""], ids=["unreachable", "no such header"])
+async def test_without_an_answer_no_origin_is_trusted_nor_remembered(answer: str | None) -> None:
+    upstream = Answering(answer)
     known = origins(upstream)
     assert await known.allows_credentials("http://a") is False
     upstream.allowed = "true"
     assert await known.allows_credentials("http://a") is True
+
+
+async def test_the_least_recently_learnt_origin_is_forgotten_first() -> None:
+    upstream = Answering("true")
+    known = origins(upstream, max_entries=2)
+    for origin in ("http://a", "http://b", "http://c", "http://c", "http://b", "http://a"):
+        await known.allows_credentials(origin)
+    assert [origin for _, _, origin in upstream.asked] == [
+        "http://a",
+        "http://b",
+        "http://c",
+        "http://a",
+    ]
 
 
 async def test_headers_the_answer_has_are_kept_as_arangodb_keeps_them() -> None:
