@@ -23,7 +23,7 @@ import ssl
 import aiohttp
 from aiohttp import web
 
-from proxy.http1 import ResponseParseError
+from proxy.http1 import ConnectTimeout, ResponseParseError
 
 JSON_TYPE = "application/json; charset=utf-8"
 
@@ -87,6 +87,8 @@ def upstream_failure(exc: BaseException, upstream: str) -> UpstreamFailure:
 
     Callers raise the result ``from exc`` so the cause stays in the traceback.
     """
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # (a ServerTimeoutError too)
+        exc = ConnectTimeout("no connection within the connect timeout")
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamFailure(
             504, ERROR_GATEWAY_TIMEOUT, f"upstream ArangoDB at {upstream} did not answer in time"

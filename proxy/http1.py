@@ -44,6 +44,10 @@ class ResponseParseError(ConnectionError):
     """ArangoDB's response was not valid HTTP/1.1."""
 
 
+class ConnectTimeout(ConnectionError):
+    """No connection to ArangoDB within the connect timeout: unreachable, not slow."""
+
+
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; one exchange at a time."""
 
@@ -210,14 +214,17 @@ class Http1Pool:
         return None
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Connection:
-        async with asyncio.timeout(self._connect_timeout):
-            _, protocol = await loop.create_connection(
-                lambda: _Connection(loop),
-                self._host,
-                self._port,
-                ssl=self._ssl,
-                server_hostname=self._host if self._ssl is not None else None,
-            )
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, protocol = await loop.create_connection(
+                    lambda: _Connection(loop),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+        except TimeoutError as exc:
+            raise ConnectTimeout(f"no connection within {self._connect_timeout:g} s") from exc
         return protocol
 
     def _release(self, connection: _Connection, loop: asyncio.AbstractEventLoop) -> None:

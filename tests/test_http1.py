@@ -4,7 +4,9 @@ exactly what each test needs: framing, keep-alive, closes, silence, garbage."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -242,6 +244,44 @@ async def test_upstream_maps_failures_to_arango_errors(raw_server: StartServer) 
         assert "unreachable" in unreachable.value.message
     finally:
         await refused.close()
+
+
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A port where connections are never accepted: its backlog is full, so the
+    kernel drops new SYNs and a connect waits (as for a host down or cut off)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    yield port
+    for sock in (*fillers, listener):
+        sock.close()
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"], ids=["lean client", "aiohttp's"])
+async def test_no_connection_within_the_connect_timeout_is_unreachable_not_slow(
+    unanswered_port: int, method: str
+) -> None:
+    """503, as README promises (and python-arango fails over on a 503, not a 504)."""
+    upstream = Upstream(
+        UpstreamConfig(url=f"http://127.0.0.1:{unanswered_port}", connect_timeout=0.2)
+    )
+    await upstream.start()
+    try:
+        with pytest.raises(UpstreamFailure) as failure:
+            await upstream.call(method, "/_api/version", CIMultiDict())
+    finally:
+        await upstream.close()
+    assert failure.value.status == 503
+    assert "unreachable" in failure.value.message
 
 
 async def test_never_more_connections_than_the_limit(raw_server: StartServer) -> None:
