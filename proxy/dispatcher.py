@@ -109,9 +109,12 @@ class Dispatcher:
                 unsent, self._unsent = self._unsent, set()
                 try:
                     jobs = await self._store.next_accepted(free, self._claimed, unsent)
-                except StoreError as exc:
+                except Exception as exc:  # (a bug too: this loop must not end)
                     self._unsent |= unsent
-                    log.error("cannot read accepted jobs, will retry: %s", exc)  # noqa: TRY400
+                    if isinstance(exc, StoreError):
+                        log.error("cannot read accepted jobs, will retry: %s", exc)  # noqa: TRY400
+                    else:
+                        log.exception("reading accepted jobs failed, will retry")
                     self._slow_down()
                     continue
             if not jobs:

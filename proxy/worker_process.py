@@ -120,11 +120,14 @@ class WorkerProcess:
             log.warning("the worker process did not stop in time; killing it")
             process.kill()
             await process.wait()
-        # what it asked for last is written before the store closes
+        await self._settle()  # what it asked for last is written before the store closes
+        self._channel.close()
+
+    async def _settle(self) -> None:
+        """Until the calls of the child that ended are done (its writes committed)."""
         await asyncio.gather(*self._serving)
         if self._writing:
             await asyncio.wait(self._writing)
-        self._channel.close()
 
     async def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
@@ -161,6 +164,10 @@ class WorkerProcess:
             )
             await asyncio.sleep(delay)
             delay = min(RESTART_MAX, delay * 2)
+            # The new child reads the store as the dead one left it: a job it sent
+            # whose mark is still being written would look accepted, be sent again,
+            # and its first id be watched by nobody.
+            await self._settle()
             while True:
                 try:
                     await self._spawn()

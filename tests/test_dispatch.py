@@ -603,19 +603,27 @@ async def test_a_job_arangodb_forgets_before_its_first_look_is_sent_again_at_onc
 
 
 class FailFirst:
-    """A store method whose first `left` calls raise StoreError, then it works."""
+    """A store method whose first `left` calls raise StoreError (or `kind`), then it
+    works."""
 
-    def __init__(self, method: Callable[..., Awaitable[Any]], left: int, error: str) -> None:
+    def __init__(
+        self,
+        method: Callable[..., Awaitable[Any]],
+        left: int,
+        error: str,
+        kind: type[Exception] = StoreError,
+    ) -> None:
         self.method = method
         self.left = left
         self.error = error
+        self.kind = kind
         self.calls = 0
 
     async def __call__(self, *args: Any) -> Any:
         self.calls += 1
         if self.left:
             self.left -= 1
-            raise StoreError(f"{self.error} (injected)")
+            raise self.kind(f"{self.error} (injected)")
         return await self.method(*args)
 
 
@@ -663,15 +671,18 @@ async def proxy_app(
     return app, await serve_proxy(app)
 
 
+@pytest.mark.parametrize("kind", [StoreError, RuntimeError], ids=["store error", "a bug"])
 async def test_store_read_failure_in_dispatcher_is_retried(
     proxy_app: tuple[web.Application, str],
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
+    kind: type[Exception],
 ) -> None:
     """A read error cannot be produced on demand in SQLite: the store's method
-    fails (mock) twice, then works; the dispatcher backs off and goes on."""
+    fails (mock) twice, then works; the dispatcher backs off and goes on. So it
+    does after an error it did not expect (a bug): its loop must not end."""
     app, base = proxy_app
-    failing = FailFirst(app[STORE].next_accepted, 2, "disk I/O error")
+    failing = FailFirst(app[STORE].next_accepted, 2, "disk I/O error", kind)
     monkeypatch.setattr(app[STORE], "next_accepted", failing)
     # (the worker process's look is answered from memory when it can: not here)
     monkeypatch.setattr(app[STORE], "next_accepted_now", lambda *_: UNKNOWN)

@@ -189,6 +189,48 @@ async def test_a_dead_worker_process_is_started_again(
     assert f"exited with {-signal.SIGKILL}" in exits[0].getMessage()
 
 
+async def test_a_new_worker_process_starts_once_the_dead_ones_writes_are_done(
+    standin: StandIn,
+    serve_proxy: Callable[..., Awaitable[str]],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The child sends a job and asks the store to mark it submitted, then dies
+    before the mark is written. Had the next child read the store meanwhile, the job
+    would look accepted: sent again, and its first id at ArangoDB watched by nobody.
+    So the next child starts after the mark: it watches that id, and the job runs
+    once."""
+    monkeypatch.setattr(worker_process, "RESTART_MIN", 0.05)
+    app = create_app(proxy_config(standin.url, tmp_path / "data", jobs={"workers": "process"}))
+    jobs = Client(http, await serve_proxy(app))
+    store = app[STORE]
+    release = asyncio.Event()
+    marks = 0
+    mark_submitted = store.mark_submitted
+
+    async def held_mark(*args: Any) -> Any:
+        nonlocal marks
+        marks += 1
+        await release.wait()
+        return await mark_submitted(*args)
+
+    monkeypatch.setattr(store, "mark_submitted", held_mark)
+    # (a second's work at ArangoDB: no first look of the dead child finds it done)
+    job_id = await jobs.submit("POST", "/_api/cursor", {"query": "RETURN SLEEP(1)"})
+    await eventually(lambda: marks == 1)
+    first = child_of(app)
+    os.kill(first, signal.SIGKILL)
+    await eventually(lambda: app[METRICS]["worker_restarts_total"] == 1)
+    await asyncio.sleep(0.3)
+    restarted = child_of(app) != first  # (not while the mark is being written)
+    release.set()
+    assert not restarted
+    await eventually(lambda: child_of(app) != first)
+    assert (await jobs.result(job_id)).json["result"] == [None]
+    assert standin.executed[("POST", "/_api/cursor")] == 1
+
+
 async def test_kill_9_of_the_proxy_takes_the_worker_process(
     standin: StandIn, proxy_process: Callable[..., ProxyProcess], tmp_path: Path
 ) -> None:
