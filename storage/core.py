@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+from collections import Counter
 from collections.abc import Callable
 from enum import Enum
 from typing import Any, TypeVar, cast
@@ -68,6 +69,9 @@ class StoreCore:
         self._queued_accepts = 0  # enqueued, neither committed nor failed yet
         self._queued_bytes = 0  # the request bodies of those
         self._taken: set[int] = set()  # results handed out, deletes not committed yet
+        # jobs a take is reading in the file now (how many takes): no copy in memory
+        # answers a take of them meanwhile (JobStore.take_result_now)
+        self._claiming: Counter[int] = Counter()
         self._ready = Ready()  # accepted jobs, for the dispatcher (storage.memory)
         self._ready.complete = unfinished == 0  # else the dispatcher's first look reads
         self._fresh = Fresh()  # results not fetched yet, for the facade

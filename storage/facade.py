@@ -79,7 +79,8 @@ class Facade(StoreCore):
         the delete needs no fsync of its own). Until then the job is
         in ``_taken``, and readers treat it as gone. Exactly one of two concurrent
         takes gets the result: each checks ``_taken``, reads and claims in one call
-        on the reader's thread (`_claim_result`), one after the other, and the id
+        on the reader's thread (`_claim_result`), one after the other (and no take
+        answers from memory while such a read of the job is under way), and the id
         leaves ``_taken`` only once its delete has committed, so a later read finds
         no row. A failed delete is retried until it commits; should the process die
         first, the job is back as done: a delivered result can reappear, none is lost.
@@ -87,7 +88,15 @@ class Facade(StoreCore):
         known = self.take_result_now(job_id, viewer)
         if known is not UNKNOWN:
             return known
-        found = await self._reader_call(_claim_result, self._taken, by_id(job_id, viewer))
+        # (a finish that commits during the read puts the result in `_fresh`, and the
+        # read may see it done and claim it: no take must get it from there meanwhile)
+        self._claiming[job_id] += 1
+        try:
+            found = await self._reader_call(_claim_result, self._taken, by_id(job_id, viewer))
+        finally:
+            self._claiming[job_id] -= 1
+            if not self._claiming[job_id]:
+                del self._claiming[job_id]
         if isinstance(found, StoredResponse):
             self._handed_out(job_id)
         return found
@@ -100,6 +109,8 @@ class Facade(StoreCore):
         self._check_open()
         if not valid_id(job_id) or job_id in self._taken:
             return None
+        if job_id in self._claiming:
+            return UNKNOWN  # (after that read, on the reader's thread: see take_result)
         fresh = self._fresh.get(job_id)
         if fresh is not None:
             if not sees(viewer, fresh.user):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -496,3 +497,46 @@ def test_fresh_keeps_the_newest_within_its_budget() -> None:
 
 def _job(job_id: int, **changes: Any) -> Job:
     return new_job(headers=(), **changes).accepted(job_id)
+
+
+class SlowOnTheReader(set[int]):
+    """`JobStore._taken` whose check on the reader's thread (`_claim_result`) answers,
+    then waits for `release` before the read goes on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.checked = threading.Event()
+
+    def __contains__(self, item: object) -> bool:
+        found = super().__contains__(item)
+        if threading.current_thread() is not threading.main_thread():
+            self.checked.set()
+            self.release.wait(5)
+        return found
+
+
+async def test_a_result_that_commits_while_a_take_reads_is_handed_out_once(
+    tmp_path: Path,
+) -> None:
+    """A job the copy in memory does not know (as after a restart) is taken by a
+    read in the file, and its result commits after that read checked it was not
+    taken, before the read found it done. The finish puts the result in the copy of
+    fresh results: a second take must not get it from there, as the read claims it."""
+    first = await JobStore.open(tmp_path)
+    job_id = await first.accept(new_job(user="alice"))
+    await first.close()
+    store = await JobStore.open(tmp_path)
+    try:
+        assert await store.mark_submitted(job_id, "u1") is Mark.SUBMITTED
+        taken = store._taken = SlowOnTheReader()
+        reading = asyncio.ensure_future(store.take_result(job_id, "alice"))
+        await asyncio.to_thread(taken.checked.wait, 5)
+        assert await store.finish(job_id, RESULT)
+        second = store.take_result_now(job_id, "alice")
+        taken.release.set()
+        outcomes = [await reading]
+        outcomes.append(await store.take_result(job_id, "alice") if second is UNKNOWN else second)
+        assert sorted(map(repr, outcomes)) == sorted(map(repr, [RESULT, None]))
+    finally:
+        await store.close()
