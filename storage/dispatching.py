@@ -25,6 +25,11 @@ from storage.rows import valid_id
 
 log = logging.getLogger(__name__)
 
+# Most bytes of bodies one read of the file hands out (the first job whatever its
+# size): with the default limits 64 jobs of up to 64 MiB would be 4 GiB in one
+# answer, several copies of it at once on its way to the worker process.
+HAND_OUT_MAX_BYTES = 16 * 1024 * 1024
+
 
 class Dispatching(StoreCore):
     """Accepted jobs out to the dispatcher, what ArangoDB did with them back in."""
@@ -134,6 +139,7 @@ class Dispatching(StoreCore):
                     "limit": limit,
                     "ask": asked,
                     "room": self._ready.room_bytes,
+                    "most": HAND_OUT_MAX_BYTES,
                     "overhead": JOB_OVERHEAD,
                 },
             )

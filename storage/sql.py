@@ -48,10 +48,11 @@ REQUEUE = (
     " WHERE id = ? AND state = 'submitted' AND upstream_id = ? AND NOT cancelled"
 )
 
-# The oldest accepted jobs not in :exclude: the first :limit of them, and of the next
-# (up to :ask in all) those that fit in :room bytes with the ones before (body plus
-# :overhead each; length() of a BLOB column reads no content). Each row ends with
-# how many accepted jobs there were, up to :ask.
+# The oldest accepted jobs not in :exclude: the first :limit of them as far as they fit
+# in :most bytes (the first one whatever its size), and of the next (up to :ask in
+# all) those that fit in :room bytes with the ones before (body plus :overhead each;
+# length() of a BLOB column reads no content). Each row ends with how many accepted
+# jobs there were, up to :ask.
 SELECT_ACCEPTED = (
     f"SELECT {JOB_COLUMNS}, total FROM jobs JOIN ("
     " SELECT id, total FROM ("
@@ -60,7 +61,7 @@ SELECT_ACCEPTED = (
     "   SELECT id, length(body) + :overhead AS size FROM jobs WHERE state = 'accepted'"
     "   AND id NOT IN (SELECT value FROM json_each(:exclude)) ORDER BY id LIMIT :ask)"
     "  WINDOW up_to AS (ORDER BY id))"
-    " WHERE n <= :limit OR running <= :room"
+    " WHERE (n <= :limit AND (n = 1 OR running <= :most)) OR running <= :room"
     ") USING (id) ORDER BY id"
 )
 SELECT_SUBMITTED = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'submitted' ORDER BY id"

@@ -21,10 +21,12 @@ from typing import Any
 
 import pytest
 
-from storage import Job, JobMode, JobState, JobStore, Mark, StoredResponse, StoreError
+from storage import Job, JobMode, JobState, JobStore, Mark, StoredResponse, StoreError, dispatching
 from storage.memory import JOB_OVERHEAD, READ_AHEAD, READY_MAX_BYTES, Fresh, Pending, Ready
 from storage.store import UNKNOWN, Unknown
 from tests.test_store import CANCELED, RESULT, new_job, raw_rows
+
+MIB = 1024 * 1024
 
 USERS = ("alice", "bob")
 
@@ -538,5 +540,29 @@ async def test_a_result_that_commits_while_a_take_reads_is_handed_out_once(
         outcomes = [await reading]
         outcomes.append(await store.take_result(job_id, "alice") if second is UNKNOWN else second)
         assert sorted(map(repr, outcomes)) == sorted(map(repr, [RESULT, None]))
+    finally:
+        await store.close()
+
+
+async def test_a_read_of_the_file_hands_out_a_bounded_amount_of_bodies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However many jobs the dispatcher asks for, a read of the file hands out jobs
+    up to HAND_OUT_MAX_BYTES of bodies, the first whatever its size (and those the
+    copy in memory keeps, within READY_MAX_BYTES); the rest come at the next asks,
+    in order."""
+    monkeypatch.setattr(dispatching, "HAND_OUT_MAX_BYTES", 5 * MIB)
+    first = await JobStore.open(tmp_path)
+    ids = [await first.accept(new_job(body=b"b" * size)) for size in (6 * MIB,) + (2 * MIB,) * 3]
+    await first.close()
+    store = await JobStore.open(tmp_path)  # (nothing in memory: the file is read)
+    try:
+        handed: list[list[int]] = []
+        claimed: list[int] = []
+        while len(claimed) < len(ids):
+            jobs = await store.next_accepted(64, claimed)
+            handed.append([job.id for job in jobs])
+            claimed.extend(handed[-1])
+        assert handed == [ids[:1], ids[1:3], ids[3:]]
     finally:
         await store.close()
