@@ -72,6 +72,18 @@ log = logging.getLogger(__name__)
 
 _PAUSE_AT = 256 * 1024  # bytes waiting behind a request under way: stop reading
 _AWAITED_BODY = 1024 * 1024  # a body still coming is awaited here up to this size
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4
+# RFC 9113: the server's preface (an empty SETTINGS frame), then GOAWAY: last stream 0,
+# error HTTP_1_1_REQUIRED (0xd), and a word for whoever reads the client's log
+_GOAWAY_DEBUG = b"this server speaks HTTP/1.1 only"
+_HTTP2_REFUSAL = (
+    b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    + (8 + len(_GOAWAY_DEBUG)).to_bytes(3, "big")
+    + b"\x07\x00\x00\x00\x00\x00"
+    + (0).to_bytes(4, "big")
+    + (0xD).to_bytes(4, "big")
+    + _GOAWAY_DEBUG
+)
 
 
 class FastPath(asyncio.Protocol):
@@ -164,6 +176,9 @@ class FastPath(asyncio.Protocol):
             self.close()  # no new request once a stop began
             return None
         else:
+            if self._buffer.startswith(HTTP2_PREFACE[: len(self._buffer)]):
+                self._refuse_http2()
+                return None
             end = self._buffer.find(HEAD_END)
             if end < 0:
                 self._hand_over()  # a head in parts: aiohttp reads it, with its timeouts
@@ -499,6 +514,18 @@ class FastPath(asyncio.Protocol):
             return refusal
         query = query_params(submission.target.partition("?")[2])
         return await jobs_api.answer(app, submission.method, suffixes, query, verified.viewer)
+
+    def _refuse_http2(self) -> None:
+        """A client speaking HTTP/2 at once (prior knowledge, as arangodb-java-driver 7
+        by default): the proxy serves HTTP/1.1 only, and says so in HTTP/2 (a SETTINGS
+        frame, then GOAWAY with HTTP_1_1_REQUIRED) once the whole preface is in, where
+        aiohttp would answer an HTTP/1.1 400 such a client cannot read."""
+        assert self.transport is not None
+        if len(self._buffer) < len(HTTP2_PREFACE):
+            return  # (the rest of the preface is on its way)
+        self.transport.write(_HTTP2_REFUSAL)
+        self.transport.close()
+        self._buffer.clear()
 
     def _hand_over(self) -> None:
         """aiohttp serves this connection from here on, from the buffer's first byte."""

@@ -408,6 +408,40 @@ async def test_what_arrives_in_parts_is_handed_over(
     assert app[METRICS]["connections_handed_over_total"] == 1
 
 
+def http2_frames(data: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, stream, payload) of each HTTP/2 frame in `data` (RFC 9113 4.1)."""
+    frames = []
+    while data:
+        length = int.from_bytes(data[:3], "big")
+        stream = int.from_bytes(data[5:9], "big") & 0x7FFFFFFF
+        frames.append((data[3], stream, data[9 : 9 + length]))
+        data = data[9 + length :]
+    return frames
+
+
+@pytest.mark.parametrize("cut", [24, 1, 10], ids=["whole", "P, then the rest", "in parts"])
+async def test_a_client_speaking_http2_at_once_is_told_http1_is_required(
+    proxy: tuple[web.Application, str], cut: int
+) -> None:
+    """The preface of HTTP/2 with prior knowledge (arangodb-java-driver 7's default),
+    and a first frame: the proxy's own preface (SETTINGS), then GOAWAY with
+    HTTP_1_1_REQUIRED, in HTTP/2 that client reads; and it hangs up."""
+    _, base = proxy
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    connection = await Connection.open(base)
+    await connection.send(preface[:cut])
+    await asyncio.sleep(0.05)
+    await connection.send(preface[cut:])
+    reply = await asyncio.wait_for(connection.reader.read(), 10)  # (to the hang-up)
+    connection.close()
+    settings_frame, goaway = http2_frames(reply)
+    assert settings_frame == (0x4, 0, b"")
+    assert goaway[:2] == (0x7, 0)
+    assert int.from_bytes(goaway[2][:4], "big") == 0  # no stream was processed
+    assert int.from_bytes(goaway[2][4:8], "big") == 0xD  # HTTP_1_1_REQUIRED
+    assert b"HTTP/1.1" in goaway[2][8:]
+
+
 async def test_a_body_that_arrives_in_parts_is_awaited(
     proxy: tuple[web.Application, str],
 ) -> None:
