@@ -76,6 +76,7 @@ HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 3.4
 # RFC 9113: the server's preface (an empty SETTINGS frame), then GOAWAY: last stream 0,
 # error HTTP_1_1_REQUIRED (0xd), and a word for whoever reads the client's log
 _GOAWAY_DEBUG = b"this server speaks HTTP/1.1 only"
+_HTTP2_LINGER = 1.0  # seconds the refused connection stays open, reading nothing
 _HTTP2_REFUSAL = (
     b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
     + (8 + len(_GOAWAY_DEBUG)).to_bytes(3, "big")
@@ -100,6 +101,7 @@ class FastPath(asyncio.Protocol):
         self._awaited: tuple[Submission, int] | None = None  # its body still coming
         self._body_timer: asyncio.TimerHandle | None = None
         self._closed = False
+        self._refused = False  # HTTP/2 refused (_refuse_http2): what comes is dropped
         self._peer = ""
         self._idle_since = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -124,6 +126,8 @@ class FastPath(asyncio.Protocol):
         self._close_fd()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # (HTTP/2 refused: the connection closes shortly)
         self._buffer += data
         if not self._busy and self._writable is None:
             self._next()
@@ -176,7 +180,7 @@ class FastPath(asyncio.Protocol):
             self.close()  # no new request once a stop began
             return None
         else:
-            if self._buffer.startswith(HTTP2_PREFACE[: len(self._buffer)]):
+            if self._buffer.startswith(HTTP2_PREFACE):
                 self._refuse_http2()
                 return None
             end = self._buffer.find(HEAD_END)
@@ -518,14 +522,18 @@ class FastPath(asyncio.Protocol):
     def _refuse_http2(self) -> None:
         """A client speaking HTTP/2 at once (prior knowledge, as arangodb-java-driver 7
         by default): the proxy serves HTTP/1.1 only, and says so in HTTP/2 (a SETTINGS
-        frame, then GOAWAY with HTTP_1_1_REQUIRED) once the whole preface is in, where
-        aiohttp would answer an HTTP/1.1 400 such a client cannot read."""
+        frame, then GOAWAY with HTTP_1_1_REQUIRED), where aiohttp would answer an
+        HTTP/1.1 400 such a client cannot read. (A preface in parts goes to aiohttp,
+        whose timers bound a client that stops half-way.) The client's next frames are
+        read and dropped for a moment before the proxy hangs up, so that its GOAWAY is
+        not lost to a reset."""
         assert self.transport is not None
-        if len(self._buffer) < len(HTTP2_PREFACE):
-            return  # (the rest of the preface is on its way)
-        self.transport.write(_HTTP2_REFUSAL)
-        self.transport.close()
+        self._refused = True
         self._buffer.clear()
+        self.transport.write(_HTTP2_REFUSAL)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._loop.call_later(_HTTP2_LINGER, self.close)
 
     def _hand_over(self) -> None:
         """aiohttp serves this connection from here on, from the buffer's first byte."""

@@ -86,6 +86,7 @@ class WorkerProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._serving: set[asyncio.Task[None]] = set()
+        self._executing: set[asyncio.Task[None]] = set()  # job-API jobs run for the child
         self._writing: set[asyncio.Future[Any]] = set()  # finish calls, until committed
         self._woken = False  # a wake is on its way and the child has not looked since
 
@@ -120,14 +121,16 @@ class WorkerProcess:
             log.warning("the worker process did not stop in time; killing it")
             process.kill()
             await process.wait()
-        await self._settle()  # what it asked for last is written before the store closes
+        # what it asked for last is written before the store closes
+        await self._settle(self._serving | self._executing)
         self._channel.close()
 
-    async def _settle(self) -> None:
-        """Until the calls of the child that ended are done (its writes committed)."""
-        await asyncio.gather(*self._serving)
-        if self._writing:
-            await asyncio.wait(self._writing)
+    async def _settle(self, calls: set[asyncio.Task[None]]) -> None:
+        """Until `calls` of the child that ended, and its writes, are done. (`wait`,
+        not `gather`: a stop that cancels the keeper meanwhile must not cancel them.)"""
+        pending = calls | self._writing
+        if pending:
+            await asyncio.wait(pending)
 
     async def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
@@ -166,8 +169,10 @@ class WorkerProcess:
             delay = min(RESTART_MAX, delay * 2)
             # The new child reads the store as the dead one left it: a job it sent
             # whose mark is still being written would look accepted, be sent again,
-            # and its first id be watched by nobody.
-            await self._settle()
+            # and its first id be watched by nobody. (Not for the job-API jobs run here
+            # for it, which may wait on ArangoDB for long: it records none of their
+            # results, and the next child runs them again.)
+            await self._settle(self._serving)
             while True:
                 try:
                     await self._spawn()
@@ -207,8 +212,9 @@ class WorkerProcess:
             assert name in _STORE_CALLS, name
             call = getattr(self._store, name)(*args, **kwargs)
         task = asyncio.create_task(self._serve(channel, call_id, call))
-        self._serving.add(task)
-        task.add_done_callback(self._serving.discard)
+        calls = self._executing if name == "execute" else self._serving
+        calls.add(task)
+        task.add_done_callback(calls.discard)
 
     async def _serve(self, channel: Channel, call_id: int, call: Awaitable[Any]) -> None:
         try:

@@ -39,6 +39,7 @@ from proxy.state import METRICS, STORE, VERIFIER
 from storage import JobMode, JobState, NewJob, StoreError
 from tests.conftest import proxy_config
 from tests.standin import StandIn
+from tests.standin.client import eventually
 from tests.test_http1 import StartServer, answer, raw_server  # noqa: F401 (a fixture)
 from tests.test_passthrough import TRICKLE_PARTS, TRICKLED, echo_app
 
@@ -419,19 +420,19 @@ def http2_frames(data: bytes) -> list[tuple[int, int, bytes]]:
     return frames
 
 
-@pytest.mark.parametrize("cut", [24, 1, 10], ids=["whole", "P, then the rest", "in parts"])
 async def test_a_client_speaking_http2_at_once_is_told_http1_is_required(
-    proxy: tuple[web.Application, str], cut: int
+    proxy: tuple[web.Application, str],
 ) -> None:
-    """The preface of HTTP/2 with prior knowledge (arangodb-java-driver 7's default),
-    and a first frame: the proxy's own preface (SETTINGS), then GOAWAY with
-    HTTP_1_1_REQUIRED, in HTTP/2 that client reads; and it hangs up."""
+    """The preface of HTTP/2 with prior knowledge (arangodb-java-driver 7's default)
+    and the client's first frames: the proxy's own preface (SETTINGS), then GOAWAY
+    with HTTP_1_1_REQUIRED, in HTTP/2 that client reads, and it hangs up (having
+    read the client's frames, so that no reset loses the GOAWAY)."""
     _, base = proxy
-    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
     connection = await Connection.open(base)
-    await connection.send(preface[:cut])
+    await connection.send(preface + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
     await asyncio.sleep(0.05)
-    await connection.send(preface[cut:])
+    await connection.send(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")  # SETTINGS ack
     reply = await asyncio.wait_for(connection.reader.read(), 10)  # (to the hang-up)
     connection.close()
     settings_frame, goaway = http2_frames(reply)
@@ -440,6 +441,18 @@ async def test_a_client_speaking_http2_at_once_is_told_http1_is_required(
     assert int.from_bytes(goaway[2][:4], "big") == 0  # no stream was processed
     assert int.from_bytes(goaway[2][4:8], "big") == 0xD  # HTTP_1_1_REQUIRED
     assert b"HTTP/1.1" in goaway[2][8:]
+
+
+@pytest.mark.parametrize("part", [b"P", b"PRI * HTTP/2.0\r\n\r\n"])
+async def test_part_of_an_http2_preface_goes_to_aiohttp_and_its_timers(
+    proxy: tuple[web.Application, str], part: bytes
+) -> None:
+    """A client that stops half-way through a preface holds no connection for ever."""
+    app, base = proxy
+    connection = await Connection.open(base)
+    await connection.send(part)
+    await eventually(lambda: app[METRICS]["connections_handed_over_total"] == 1)
+    connection.close()
 
 
 async def test_a_body_that_arrives_in_parts_is_awaited(

@@ -231,6 +231,45 @@ async def test_a_new_worker_process_starts_once_the_dead_ones_writes_are_done(
     assert standin.executed[("POST", "/_api/cursor")] == 1
 
 
+async def test_a_stop_while_a_dead_childs_mark_is_written_lets_it_be_written(
+    standin: StandIn,
+    serve_proxy: Callable[..., Awaitable[str]],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The proxy stops while its keeper waits for a dead child's mark: the stop must
+    not cancel that write (the job would look accepted after the next start, be sent
+    again, and its first id at ArangoDB be watched by nobody)."""
+    monkeypatch.setattr(worker_process, "RESTART_MIN", 0.05)
+    app = create_app(proxy_config(standin.url, tmp_path / "data", jobs={"workers": "process"}))
+    jobs = Client(http, await serve_proxy(app))
+    store = app[STORE]
+    release = asyncio.Event()
+    marks = 0
+    mark_submitted = store.mark_submitted
+
+    async def held_mark(*args: Any) -> Any:
+        nonlocal marks
+        marks += 1
+        await release.wait()
+        return await mark_submitted(*args)
+
+    monkeypatch.setattr(store, "mark_submitted", held_mark)
+    job_id = await jobs.submit("POST", "/_api/cursor", {"query": "RETURN SLEEP(1)"})
+    await eventually(lambda: marks == 1)
+    os.kill(child_of(app), signal.SIGKILL)
+    await eventually(lambda: app[METRICS]["worker_restarts_total"] == 1)
+    await asyncio.sleep(0.2)  # (the keeper waits for the mark)
+    workers = app[DISPATCHER]
+    assert isinstance(workers, WorkerProcess)
+    stopping = asyncio.create_task(workers.stop(5.0))
+    await asyncio.sleep(0.1)
+    release.set()
+    await stopping
+    assert [job.id for job in await store.submitted()] == [int(job_id)]
+
+
 async def test_kill_9_of_the_proxy_takes_the_worker_process(
     standin: StandIn, proxy_process: Callable[..., ProxyProcess], tmp_path: Path
 ) -> None:
