@@ -32,6 +32,7 @@ from multidict import CIMultiDict
 
 from proxy import jobs_api
 from proxy.auth import job_at_arangodb
+from proxy.cors import CORS_HEADERS
 from proxy.errors import UpstreamFailure
 from proxy.harvester import MARK_AFTER, Harvester
 from proxy.recording import Submission, record, record_result, stored_response, tell
@@ -175,7 +176,9 @@ class Dispatcher:
         # From here ArangoDB has acted on the job: recording that must not give up,
         # or the job would be sent again.
         if reply.status != 202 or upstream_id is None:
-            result = stored_response(reply)
+            # (ArangoDB's refusal: with CORS headers for the submitter's Origin, which
+            # the job's request carries; the facade adds those of whoever fetches it)
+            result = stored_response(reply, drop=CORS_HEADERS)
             await record_result(self._store, job.id, result)
             return
         self._metrics["jobs_submitted_total"] += 1

@@ -33,8 +33,8 @@ RECORD_RETRY_MAX = 1.0
 _NOT_KEPT = ("content-length", "date", "x-arango-async-id")
 
 
-def stored_response(reply: Reply) -> StoredResponse:
-    headers = end_to_end(reply.headers.items(), drop=_NOT_KEPT)
+def stored_response(reply: Reply, *, drop: tuple[str, ...] = ()) -> StoredResponse:
+    headers = end_to_end(reply.headers.items(), drop=(*_NOT_KEPT, *drop))
     return StoredResponse(reply.status, tuple(headers.items()), reply.body)
 
 

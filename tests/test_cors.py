@@ -1,7 +1,8 @@
 """How the proxy learns whether ArangoDB trusts an origin (proxy.cors): asked once,
-remembered for a while, never waited for long, never remembered when ArangoDB did
-not say. That its answers carry the same CORS headers as ArangoDB's is a
-conformance test (tests/test_jobs_conformance.py)."""
+remembered for a while and asked again behind the answer it gave, never waited for
+long, and while ArangoDB gives no answer, asked again only now and then. That its
+answers carry the same CORS headers as ArangoDB's is a conformance test
+(tests/test_jobs_conformance.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from proxy.cors import Origins
 from proxy.errors import upstream_failure
 from proxy.upstream import Reply, Upstream
 from tests.conftest import ProxyFactory
-from tests.standin.client import Client
+from tests.standin.client import Client, basic
 from tests.standin.pytest_plugin import StandInFactory
 
 
@@ -62,13 +63,15 @@ async def test_arangodb_is_asked_once_for_each_origin_however_many_ask_at_once()
     ]
 
 
-async def test_an_answer_is_remembered_for_the_ttl_only() -> None:
+async def test_an_answer_stands_for_the_ttl_then_while_arangodb_is_asked_again() -> None:
     upstream = Answering("false")
     known = origins(upstream, ttl=0.0)
     assert await known.allows_credentials("http://a") is False
     upstream.allowed = "true"  # (ArangoDB restarted with another --http.trusted-origin)
+    assert await known.allows_credentials("http://a") is False  # asked again, behind it
+    await asyncio.sleep(0.01)
     assert await known.allows_credentials("http://a") is True
-    assert len(upstream.asked) == 2
+    assert len(upstream.asked) >= 2
 
 
 async def test_an_answer_waits_for_arangodb_a_moment_only_and_takes_its_reply_later(
@@ -86,12 +89,33 @@ async def test_an_answer_waits_for_arangodb_a_moment_only_and_takes_its_reply_la
 
 
 @pytest.mark.parametrize("answer", [None, ""], ids=["unreachable", "no such header"])
-async def test_without_an_answer_no_origin_is_trusted_nor_remembered(answer: str | None) -> None:
+async def test_without_an_answer_no_origin_is_trusted_and_arangodb_is_asked_now_and_then(
+    monkeypatch: pytest.MonkeyPatch, answer: str | None
+) -> None:
     upstream = Answering(answer)
     known = origins(upstream)
     assert await known.allows_credentials("http://a") is False
+    assert await known.allows_credentials("http://a") is False
+    assert len(upstream.asked) == 1  # not again at once: no answer waits for a dead ArangoDB
+    monkeypatch.setattr(cors, "RETRY_AFTER", 0.0)
+    upstream.allowed = answer
+    known = origins(upstream)
+    assert await known.allows_credentials("http://a") is False
     upstream.allowed = "true"
+    assert await known.allows_credentials("http://a") is False  # (RETRY_AFTER: asked again)
+    await asyncio.sleep(0.01)
     assert await known.allows_credentials("http://a") is True
+
+
+async def test_without_an_answer_what_arangodb_said_last_stands() -> None:
+    upstream = Answering("true")
+    known = origins(upstream, ttl=0.0)
+    assert await known.allows_credentials("http://a") is True
+    upstream.allowed = None  # ArangoDB gone
+    assert await known.allows_credentials("http://a") is True
+    await asyncio.sleep(0.01)
+    assert await known.allows_credentials("http://a") is True
+    assert len(upstream.asked) == 2
 
 
 async def test_the_least_recently_learnt_origin_is_forgotten_first() -> None:
@@ -124,8 +148,12 @@ async def test_headers_the_answer_has_are_kept_as_arangodb_keeps_them() -> None:
 
 
 async def test_answers_while_arangodb_is_unreachable_trust_no_origin_until_it_is_back(
-    standin_factory: StandInFactory, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+    standin_factory: StandInFactory,
+    start_proxy: ProxyFactory,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(cors, "RETRY_AFTER", 0.2)
     standin = await standin_factory(trusted_origins=("*",))
     client = Client(http, await start_proxy(standin.url))
     assert (await client.call("GET", "/_api/job/done")).status == 200  # the caller, verified
@@ -135,5 +163,44 @@ async def test_answers_while_arangodb_is_unreachable_trust_no_origin_until_it_is
     assert answer.status == 200  # from the proxy's store
     assert answer.headers["access-control-allow-credentials"] == "false"
     await standin.go_online()
-    answer = await client.call("GET", "/_api/job/done", headers=cors_request)
-    assert answer.headers["access-control-allow-credentials"] == "true"
+
+    seen = []  # (asked again RETRY_AFTER after the unanswered question)
+    for _ in range(100):
+        answer = await client.call("GET", "/_api/job/done", headers=cors_request)
+        seen.append(answer.headers["access-control-allow-credentials"])
+        if seen[-1] == "true":
+            break
+        await asyncio.sleep(0.05)
+    assert seen[-1] == "true"
+
+
+async def test_a_result_carries_the_cors_headers_of_whoever_fetches_it(
+    standin_factory: StandInFactory, start_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
+    """The job's own request carries its submitter's Origin to ArangoDB; when
+    ArangoDB refuses it (here: its user's password changed while the job waited),
+    that refusal becomes the result, and its CORS headers are ArangoDB's for the
+    submitter's origin: a fetch from another page gets its own, as from ArangoDB."""
+    standin = await standin_factory()
+    client = Client(http, await start_proxy(standin.url))
+    standin.queue_full = True  # the job waits in the proxy
+    alice = basic("alice", "alicepw")
+    submitted = await client.call(
+        "GET",
+        "/_api/version",
+        headers={"origin": "http://a", "x-arango-async": "store"},
+        user=alice,
+    )
+    job = submitted.async_id
+    standin.authenticator.users["alice"] = "changed"
+    standin.queue_full = False
+    renewed = basic("alice", "changed")
+    for _ in range(200):
+        answer = await client.call(
+            "PUT", f"/_api/job/{job}", headers={"origin": "http://b"}, user=renewed
+        )
+        if answer.async_id is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert (answer.status, answer.json["errorNum"]) == (401, 11)
+    assert answer.headers.getall("access-control-allow-origin") == ["http://b"]
