@@ -189,18 +189,25 @@ async def test_a_dead_worker_process_is_started_again(
     assert f"exited with {-signal.SIGKILL}" in exits[0].getMessage()
 
 
-async def test_a_new_worker_process_starts_once_the_dead_ones_writes_are_done(
+@dataclasses.dataclass
+class HeldMark:
+    app: web.Application
+    jobs: Client
+    job_id: str
+    first: int  # the child that died
+    release: asyncio.Event  # lets the mark be written
+
+
+async def a_child_dead_while_its_mark_is_held(
     standin: StandIn,
     serve_proxy: Callable[..., Awaitable[str]],
     tmp_path: Path,
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The child sends a job and asks the store to mark it submitted, then dies
-    before the mark is written. Had the next child read the store meanwhile, the job
-    would look accepted: sent again, and its first id at ArangoDB watched by nobody.
-    So the next child starts after the mark: it watches that id, and the job runs
-    once."""
+) -> HeldMark:
+    """The child sent a job (a second's work at ArangoDB, so no first look of it finds
+    it done) and asked the store to mark it submitted; it is killed while the mark is
+    held back (until `release`)."""
     monkeypatch.setattr(worker_process, "RESTART_MIN", 0.05)
     app = create_app(proxy_config(standin.url, tmp_path / "data", jobs={"workers": "process"}))
     jobs = Client(http, await serve_proxy(app))
@@ -216,18 +223,34 @@ async def test_a_new_worker_process_starts_once_the_dead_ones_writes_are_done(
         return await mark_submitted(*args)
 
     monkeypatch.setattr(store, "mark_submitted", held_mark)
-    # (a second's work at ArangoDB: no first look of the dead child finds it done)
     job_id = await jobs.submit("POST", "/_api/cursor", {"query": "RETURN SLEEP(1)"})
     await eventually(lambda: marks == 1)
     first = child_of(app)
     os.kill(first, signal.SIGKILL)
     await eventually(lambda: app[METRICS]["worker_restarts_total"] == 1)
+    return HeldMark(app, jobs, job_id, first, release)
+
+
+async def test_a_new_worker_process_starts_once_the_dead_ones_writes_are_done(
+    standin: StandIn,
+    serve_proxy: Callable[..., Awaitable[str]],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Had the next child read the store before the dead one's mark was written, the
+    job would look accepted: sent again, and its first id at ArangoDB watched by
+    nobody. So the next child starts after the mark: it watches that id, and the job
+    runs once."""
+    held = await a_child_dead_while_its_mark_is_held(
+        standin, serve_proxy, tmp_path, http, monkeypatch
+    )
     await asyncio.sleep(0.3)
-    restarted = child_of(app) != first  # (not while the mark is being written)
-    release.set()
+    restarted = child_of(held.app) != held.first  # (not while the mark is being written)
+    held.release.set()
     assert not restarted
-    await eventually(lambda: child_of(app) != first)
-    assert (await jobs.result(job_id)).json["result"] == [None]
+    await eventually(lambda: child_of(held.app) != held.first)
+    assert (await held.jobs.result(held.job_id)).json["result"] == [None]
     assert standin.executed[("POST", "/_api/cursor")] == 1
 
 
@@ -241,33 +264,18 @@ async def test_a_stop_while_a_dead_childs_mark_is_written_lets_it_be_written(
     """The proxy stops while its keeper waits for a dead child's mark: the stop must
     not cancel that write (the job would look accepted after the next start, be sent
     again, and its first id at ArangoDB be watched by nobody)."""
-    monkeypatch.setattr(worker_process, "RESTART_MIN", 0.05)
-    app = create_app(proxy_config(standin.url, tmp_path / "data", jobs={"workers": "process"}))
-    jobs = Client(http, await serve_proxy(app))
-    store = app[STORE]
-    release = asyncio.Event()
-    marks = 0
-    mark_submitted = store.mark_submitted
-
-    async def held_mark(*args: Any) -> Any:
-        nonlocal marks
-        marks += 1
-        await release.wait()
-        return await mark_submitted(*args)
-
-    monkeypatch.setattr(store, "mark_submitted", held_mark)
-    job_id = await jobs.submit("POST", "/_api/cursor", {"query": "RETURN SLEEP(1)"})
-    await eventually(lambda: marks == 1)
-    os.kill(child_of(app), signal.SIGKILL)
-    await eventually(lambda: app[METRICS]["worker_restarts_total"] == 1)
+    held = await a_child_dead_while_its_mark_is_held(
+        standin, serve_proxy, tmp_path, http, monkeypatch
+    )
     await asyncio.sleep(0.2)  # (the keeper waits for the mark)
-    workers = app[DISPATCHER]
+    workers = held.app[DISPATCHER]
     assert isinstance(workers, WorkerProcess)
     stopping = asyncio.create_task(workers.stop(5.0))
     await asyncio.sleep(0.1)
-    release.set()
+    held.release.set()
     await stopping
-    assert [job.id for job in await store.submitted()] == [int(job_id)]
+    submitted = await held.app[STORE].submitted()
+    assert [job.id for job in submitted] == [int(held.job_id)]
 
 
 async def test_kill_9_of_the_proxy_takes_the_worker_process(
