@@ -39,12 +39,12 @@ from proxy.recording import Submission, record, record_result, stored_response, 
 from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream
-from storage import Job, Mark, StoredResponse, StoreError
+from storage import Job, Mark, StoreError
 
 log = logging.getLogger(__name__)
 
-# runs a job for the job API: (method, target, user) -> its response
-JobApi = Callable[[str, str, str], Awaitable[StoredResponse]]
+# runs a job for the job API and records its result: (job id, method, target, user)
+JobApi = Callable[[int, str, str, str], Awaitable[None]]
 
 RETRYABLE_ERRORS = frozenset({21003, 30, 503})
 BACKOFF_MIN = 0.05
@@ -140,10 +140,7 @@ class Dispatcher:
     async def _submit(self, job: Job) -> None:
         try:
             if jobs_api.is_job_api(job.target):
-                result = await self._execute(job.method, job.target, job.user)
-                # It has acted (a fetch took the result it asked for): recording that
-                # must not give up, or the job would run again and find nothing.
-                await record_result(self._store, job.id, result)
+                await self._execute(job.id, job.method, job.target, job.user)
             else:
                 await self._send(job)
         except Exception:

@@ -45,6 +45,7 @@ from proxy.intake import (
     queue_time_refusal,
 )
 from proxy.passthrough import passthrough
+from proxy.recording import record_result
 from proxy.state import CREDENTIALS, STORE, UPSTREAM, VERIFIER
 from storage import JobState, StoredResponse, StoreError
 from storage.records import Job
@@ -149,16 +150,42 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await answer(request.app, request.method, suffixes, query, verified.viewer)
 
 
-async def execute(app: web.Application, method: str, target: str, user: str) -> StoredResponse:
-    """Run a stored async request for the job API here, as ArangoDB would run it."""
+async def execute(app: web.Application, job_id: int, method: str, target: str, user: str) -> None:
+    """Run stored job `job_id`, an async request for the job API, here as ArangoDB
+    would run it, and record its answer as the job's result (retried until it
+    commits, as any result). A result it fetches (``PUT /{id}``) leaves the store
+    only after that record: should the proxy die between the two, the job runs
+    again and finds it. Should that record not happen (a stop ends this first, or
+    the job is not unfinished any more), the result is back for the next fetch."""
     path, _, query = target.partition("?")
     suffixes = suffixes_of(path)
     assert suffixes is not None, "the dispatcher only runs job-API paths here"
-    response = await answer(app, method, suffixes, query_params(query), user or None)
+    viewer = user or None
+    store = app[STORE]
+    held = None
+    if method == "PUT" and len(suffixes) == 1:
+        fetched = parse_uint64(suffixes[0])
+        try:
+            outcome = await store.take_result(fetched, viewer, hold=True)
+        except StoreError as exc:
+            response = _store_failed(exc)
+        else:
+            response = _result_answer(outcome, suffixes[0])
+            if isinstance(outcome, StoredResponse):
+                held = fetched
+    else:
+        response = await answer(app, method, suffixes, query_params(query), viewer)
     headers = tuple((k, v) for k, v in response.headers.items() if k.lower() != "content-length")
     body = response.body
     assert body is None or isinstance(body, bytes)
-    return StoredResponse(response.status, headers, body or b"")
+    recorded = False
+    try:
+        recorded = await record_result(
+            store, job_id, StoredResponse(response.status, headers, body or b"")
+        )
+    finally:
+        if held is not None:
+            store.release(held, taken=recorded)
 
 
 async def answer(

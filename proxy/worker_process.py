@@ -86,7 +86,8 @@ class WorkerProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._serving: set[asyncio.Task[None]] = set()
-        self._executing: set[asyncio.Task[None]] = set()  # job-API jobs run for the child
+        self._executing: dict[int, asyncio.Task[None]] = {}  # job-API jobs run here, by id
+        self._answering: set[asyncio.Task[None]] = set()  # the children's calls for those
         self._writing: set[asyncio.Future[Any]] = set()  # finish calls, until committed
         self._woken = False  # a wake is on its way and the child has not looked since
 
@@ -121,8 +122,12 @@ class WorkerProcess:
             log.warning("the worker process did not stop in time; killing it")
             process.kill()
             await process.wait()
+        # Job-API jobs still running had the grace too: they stay accepted (a result
+        # one fetched stays with them) and run again at the next start.
+        for run in self._executing.values():
+            run.cancel()
         # what it asked for last is written before the store closes
-        await self._settle(self._serving | self._executing)
+        await self._settle(self._serving | self._answering | set(self._executing.values()))
         self._channel.close()
 
     async def _settle(self, calls: set[asyncio.Task[None]]) -> None:
@@ -170,8 +175,8 @@ class WorkerProcess:
             # The new child reads the store as the dead one left it: a job it sent
             # whose mark is still being written would look accepted, be sent again,
             # and its first id be watched by nobody. (Not for the job-API jobs run here
-            # for it, which may wait on ArangoDB for long: it records none of their
-            # results, and the next child runs them again.)
+            # for it, which may wait on ArangoDB for long: the next child finds them
+            # accepted, and its calls for them wait for the same runs, `_execution`.)
             await self._settle(self._serving)
             while True:
                 try:
@@ -207,14 +212,24 @@ class WorkerProcess:
             written.add_done_callback(functools.partial(self._written, channel, call_id))
             return
         elif name == "execute":
-            call = self._execute(*args)
+            call = self._execution(*args)
         else:
             assert name in _STORE_CALLS, name
             call = getattr(self._store, name)(*args, **kwargs)
         task = asyncio.create_task(self._serve(channel, call_id, call))
-        calls = self._executing if name == "execute" else self._serving
+        calls = self._answering if name == "execute" else self._serving
         calls.add(task)
         task.add_done_callback(calls.discard)
+
+    async def _execution(self, job_id: int, *args: str) -> None:
+        """A job-API job, run here once however many children ask: one that died
+        asked first, and the next finds the job still accepted."""
+        run = self._executing.get(job_id)
+        if run is None:
+            run = asyncio.create_task(self._execute(job_id, *args), name=f"execute-{job_id}")
+            self._executing[job_id] = run
+            run.add_done_callback(lambda _: self._executing.pop(job_id))
+        await asyncio.shield(run)
 
     async def _serve(self, channel: Channel, call_id: int, call: Awaitable[Any]) -> None:
         try:
@@ -313,8 +328,8 @@ class RemoteStore:
             ),
         )
 
-    async def execute(self, method: str, target: str, user: str) -> StoredResponse:
-        return cast(StoredResponse, await self._call("execute", method, target, user))
+    async def execute(self, job_id: int, method: str, target: str, user: str) -> None:
+        await self._call("execute", job_id, method, target, user)
 
 
 class _Child:

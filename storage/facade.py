@@ -70,7 +70,7 @@ class Facade(StoreCore):
         return rows.job_from_row(found[0]) if found else None
 
     async def take_result(
-        self, job_id: int, viewer: str | None
+        self, job_id: int, viewer: str | None, *, hold: bool = False
     ) -> StoredResponse | JobState | None:
         """Done: the result, and the row is gone. Unfinished: its state. Not visible: None.
 
@@ -84,8 +84,12 @@ class Facade(StoreCore):
         leaves ``_taken`` only once its delete has committed, so a later read finds
         no row. A failed delete is retried until it commits; should the process die
         first, the job is back as done: a delivered result can reappear, none is lost.
+
+        `hold`: a result claimed stays in its row (and its copy in memory) until
+        `release`, invisible meanwhile, as if taken: for a taker that must record it
+        elsewhere before it may go.
         """
-        known = self.take_result_now(job_id, viewer)
+        known = self.take_result_now(job_id, viewer, hold=hold)
         if known is not UNKNOWN:
             return known
         # (a finish that commits during the read puts the result in `_fresh`, and the
@@ -97,12 +101,12 @@ class Facade(StoreCore):
             self._claiming[job_id] -= 1
             if not self._claiming[job_id]:
                 del self._claiming[job_id]
-        if isinstance(found, StoredResponse):
+        if isinstance(found, StoredResponse) and not hold:
             self._handed_out(job_id)
         return found
 
     def take_result_now(
-        self, job_id: int, viewer: str | None
+        self, job_id: int, viewer: str | None, *, hold: bool = False
     ) -> StoredResponse | JobState | Unknown | None:
         """`take_result`, when the copies in memory can answer without a read; else
         UNKNOWN."""
@@ -116,12 +120,21 @@ class Facade(StoreCore):
             if not sees(viewer, fresh.user):
                 return None
             self._taken.add(job_id)
-            self._handed_out(job_id)
+            if not hold:
+                self._handed_out(job_id)
             return fresh.response
         pending = self._pending.get(job_id)
         if pending is not None:
             return pending[1] if sees(viewer, pending[0]) else None
         return UNKNOWN
+
+    def release(self, job_id: int, *, taken: bool) -> None:
+        """End the hold on a result claimed by `take_result(hold=True)`: `taken`, it goes
+        as any result handed out; else it is back, for the next take."""
+        if taken:
+            self._handed_out(job_id)
+        else:
+            self._taken.discard(job_id)
 
     def _handed_out(self, job_id: int) -> None:
         """A result was claimed (its id is in ``_taken``): its copy goes, its row too."""

@@ -9,8 +9,10 @@ the only way to produce them here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,7 +25,9 @@ from aiohttp import web
 from proxy import harvester, jobs_api
 from proxy.app import create_app
 from proxy.recording import record
-from proxy.state import METRICS, STORE
+from proxy.state import DISPATCHER, METRICS, STORE
+from proxy.worker_process import WorkerProcess
+from proxy.workers import Workers
 from storage import JobState, JobStore, Mark, StoredResponse, StoreError
 from storage.store import UNKNOWN
 from tests.conftest import ProxyFactory, proxy_config
@@ -742,6 +746,93 @@ async def test_an_async_fetch_keeps_the_result_it_took_when_storing_it_fails(
     answer = await jobs.result(fetching)
     assert failures == 0
     assert (answer.status, answer.json["server"]) == (200, "arango")
+
+
+class HeldFinish:
+    """The store's finish of results that carry `fetched` as their x-arango-async-id
+    (an async fetch of that job storing what it took) held until `release`."""
+
+    def __init__(self, store: JobStore, fetched: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.release = asyncio.Event()
+        self.held = 0
+        self.outcomes: list[bool] = []
+        self._finish = store.finish_nowait  # (finish's too)
+        self._fetched = fetched
+        monkeypatch.setattr(store, "finish_nowait", self._finish_nowait)
+
+    def _finish_nowait(
+        self, job_id: int, response: StoredResponse, **kwargs: Any
+    ) -> asyncio.Future[bool]:
+        if dict(response.headers).get("x-arango-async-id") != self._fetched:
+            return self._finish(job_id, response, **kwargs)
+        self.held += 1
+
+        async def later() -> bool:
+            await self.release.wait()
+            changed = await self._finish(job_id, response, **kwargs)
+            self.outcomes.append(changed)
+            return changed
+
+        return asyncio.ensure_future(later())
+
+
+def rows_of(folder: Path) -> dict[int, str]:
+    """The jobs in the store's file, as a proxy started on it now would find them."""
+    with contextlib.closing(sqlite3.connect(folder / "jobs.sqlite3")) as db:
+        return dict(db.execute("SELECT id, state FROM jobs"))
+
+
+async def test_an_async_fetch_deletes_the_result_it_took_only_once_its_own_is_stored(
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """An async PUT /_api/job/{id} takes that job's result and stores it as its own.
+    Had the taken job's delete committed first, a crash between the two writes would
+    lose the result: the fetch, run again, would find nothing. Until the fetch's
+    result commits, the file still holds the taken one (to clients it is gone)."""
+    app, base = proxy_app
+    jobs = Client(http, base)
+    taken = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(taken)
+    store = app[STORE]
+    held = HeldFinish(store, taken, monkeypatch)
+    fetching = await jobs.submit("PUT", f"/_api/job/{taken}")
+    await eventually(lambda: held.held == 1)
+    assert (await jobs.call("GET", f"/_api/job/{taken}")).status == 404
+    await asyncio.sleep(0.3)  # (longer than a taken result's delete waits for a batch)
+    await store.flush()
+    assert rows_of(tmp_path / "data") == {int(taken): "done", int(fetching): "accepted"}
+    held.release.set()
+    answer = await jobs.result(fetching)
+    assert (answer.status, answer.json["server"]) == (200, "arango")
+    await store.flush()
+    assert rows_of(tmp_path / "data") == {}  # (the fetched result is gone too)
+
+
+async def test_a_result_an_async_fetch_took_is_back_when_a_stop_ends_the_fetch(
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The proxy stops before the fetch's own result is stored: the fetch stays
+    accepted, to run again at the next start, and the result it took is back."""
+    app, base = proxy_app
+    jobs = Client(http, base)
+    taken = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(taken)
+    store = app[STORE]
+    held = HeldFinish(store, taken, monkeypatch)
+    fetching = await jobs.submit("PUT", f"/_api/job/{taken}")
+    await eventually(lambda: held.held == 1)
+    workers = app[DISPATCHER]
+    assert isinstance(workers, Workers | WorkerProcess)
+    await workers.stop(0.2)
+    await store.flush()
+    assert rows_of(tmp_path / "data") == {int(taken): "done", int(fetching): "accepted"}
+    assert store.state_now(int(taken), None) is JobState.DONE
 
 
 async def test_a_job_a_dead_worker_process_marked_after_it_was_sent_again_is_harvested(

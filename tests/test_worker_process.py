@@ -35,6 +35,7 @@ from tests.conftest import proxy_config
 from tests.processes import ProxyProcess
 from tests.standin import StandIn
 from tests.standin.client import Client, eventually
+from tests.test_dispatch import HeldFinish
 
 
 @pytest.fixture
@@ -109,7 +110,7 @@ async def test_the_childs_looks_and_results_take_no_task_in_the_proxy(
         assert (await jobs.result(job_id)).status == 200
     # a job for the job API is run by the proxy, with a task: the count sees those
     assert (await jobs.result(await jobs.submit("GET", "/_api/job/done"))).status == 200
-    assert "execute" in served
+    assert "WorkerProcess._execution" in served
     assert not [name for name in served if name.endswith("finish") or "next_accepted" in name]
 
 
@@ -276,6 +277,43 @@ async def test_a_stop_while_a_dead_childs_mark_is_written_lets_it_be_written(
     await stopping
     submitted = await held.app[STORE].submitted()
     assert [job.id for job in submitted] == [int(held.job_id)]
+
+
+async def test_a_job_api_job_a_dead_child_asked_for_runs_once(
+    standin: StandIn,
+    serve_proxy: Callable[..., Awaitable[str]],
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child asks the proxy to run an async fetch (PUT /_api/job/{id}) and dies
+    before its result is stored: the next child finds the fetch accepted and asks
+    again. A second run would find the result taken and store a 404; the second
+    call waits for the first run instead."""
+    monkeypatch.setattr(worker_process, "RESTART_MIN", 0.05)
+    app = create_app(proxy_config(standin.url, tmp_path / "data", jobs={"workers": "process"}))
+    jobs = Client(http, await serve_proxy(app))
+    taken = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(taken)
+    asked = 0
+    execution = WorkerProcess._execution
+
+    async def counted(self: WorkerProcess, *args: Any) -> None:
+        nonlocal asked
+        asked += 1
+        await execution(self, *args)
+
+    monkeypatch.setattr(WorkerProcess, "_execution", counted)
+    held = HeldFinish(app[STORE], taken, monkeypatch)
+    fetching = await jobs.submit("PUT", f"/_api/job/{taken}")
+    await eventually(lambda: held.held == 1)
+    os.kill(child_of(app), signal.SIGKILL)
+    await eventually(lambda: asked == 2)
+    held.release.set()
+    answer = await jobs.result(fetching)
+    assert (answer.status, answer.json["server"]) == (200, "arango")
+    assert held.held == 1
+    assert (await jobs.call("GET", f"/_api/job/{taken}")).status == 404
 
 
 async def test_kill_9_of_the_proxy_takes_the_worker_process(
