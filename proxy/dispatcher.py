@@ -143,6 +143,9 @@ class Dispatcher:
                 await self._execute(job.id, job.method, job.target, job.user)
             else:
                 await self._send(job)
+        except StoreError as exc:  # (running a job for the job API: tried again)
+            log.warning("job %d not run yet, will retry: %s", job.id, exc)
+            self._slow_down()
         except Exception:
             # The job stays accepted in the store and is tried again.
             log.exception("submitting job %d failed", job.id)

@@ -45,9 +45,9 @@ from proxy.intake import (
     queue_time_refusal,
 )
 from proxy.passthrough import passthrough
-from proxy.recording import record_result
+from proxy.recording import record, record_result
 from proxy.state import CREDENTIALS, STORE, UPSTREAM, VERIFIER
-from storage import JobState, StoredResponse, StoreError
+from storage import JobState, ResultTooLarge, StoredResponse, StoreError
 from storage.records import Job
 from storage.store import UNKNOWN
 
@@ -153,39 +153,43 @@ async def handle(request: web.Request) -> web.StreamResponse:
 async def execute(app: web.Application, job_id: int, method: str, target: str, user: str) -> None:
     """Run stored job `job_id`, an async request for the job API, here as ArangoDB
     would run it, and record its answer as the job's result (retried until it
-    commits, as any result). A result it fetches (``PUT /{id}``) leaves the store
-    only after that record: should the proxy die between the two, the job runs
-    again and finds it. Should that record not happen (a stop ends this first, or
-    the job is not unfinished any more), the result is back for the next fetch."""
+    commits, as any result). A result it fetches (``PUT /{id}``) leaves the store in
+    the write that records it: no crash leaves it in neither job, and a full store
+    has its room for the copy. A store error before that (a read or a delete that
+    failed) is raised: the job stays accepted and runs again later, as ArangoDB's
+    own 503s are retried rather than kept as results."""
     path, _, query = target.partition("?")
     suffixes = suffixes_of(path)
     assert suffixes is not None, "the dispatcher only runs job-API paths here"
     viewer = user or None
     store = app[STORE]
-    held = None
-    if method == "PUT" and len(suffixes) == 1:
-        fetched = parse_uint64(suffixes[0])
-        try:
-            outcome = await store.take_result(fetched, viewer, hold=True)
-        except StoreError as exc:
-            response = _store_failed(exc)
-        else:
-            response = _result_answer(outcome, suffixes[0])
-            if isinstance(outcome, StoredResponse):
-                held = fetched
-    else:
-        response = await answer(app, method, suffixes, query_params(query), viewer)
+    if method != "PUT" or len(suffixes) != 1:
+        response = await _answer(app, method, suffixes, query_params(query), viewer)
+        await record_result(store, job_id, _stored(response))
+        return
+    fetched = parse_uint64(suffixes[0])
+    outcome = await store.take_result(fetched, viewer, hold=True)
+    result = _stored(_result_answer(outcome, suffixes[0]))
+    if not isinstance(outcome, StoredResponse):
+        await record_result(store, job_id, result)
+        return
+    # (cancelled by a stop, the result stays held until the store closes: after the
+    # next start it is in the fetched job still, or in this one)
+    try:
+        await record(
+            f"the result of job {job_id}",
+            lambda: store.finish(job_id, result, taking=fetched),
+        )
+    except ResultTooLarge:
+        store.give_back(fetched)  # (too large to copy: a fetch of its own still gets it)
+        await record_result(store, job_id, result)  # (the answer dropped, as its result)
+
+
+def _stored(response: web.Response) -> StoredResponse:
     headers = tuple((k, v) for k, v in response.headers.items() if k.lower() != "content-length")
     body = response.body
     assert body is None or isinstance(body, bytes)
-    recorded = False
-    try:
-        recorded = await record_result(
-            store, job_id, StoredResponse(response.status, headers, body or b"")
-        )
-    finally:
-        if held is not None:
-            store.release(held, taken=recorded)
+    return StoredResponse(response.status, headers, body or b"")
 
 
 async def answer(
@@ -196,14 +200,25 @@ async def answer(
     viewer: str | None,
 ) -> web.Response:
     try:
-        if method == "GET":
-            return await _get(app, suffixes, query, viewer)
-        if method == "PUT":
-            return await _put(app, suffixes, viewer)
-        if method == "DELETE":
-            return await _delete(app, suffixes, query, viewer)
+        return await _answer(app, method, suffixes, query, viewer)
     except StoreError as exc:
         return _store_failed(exc)
+
+
+async def _answer(
+    app: web.Application,
+    method: str,
+    suffixes: list[str],
+    query: dict[str, str],
+    viewer: str | None,
+) -> web.Response:
+    """`answer`, with the store's errors raised."""
+    if method == "GET":
+        return await _get(app, suffixes, query, viewer)
+    if method == "PUT":
+        return await _put(app, suffixes, viewer)
+    if method == "DELETE":
+        return await _delete(app, suffixes, query, viewer)
     return arango_error(405, ERROR_METHOD_NOT_ALLOWED, "method not supported")
 
 

@@ -223,12 +223,20 @@ class WorkerProcess:
 
     async def _execution(self, job_id: int, *args: str) -> None:
         """A job-API job, run here once however many children ask: one that died
-        asked first, and the next finds the job still accepted."""
+        asked first, and the next found the job still accepted (and may ask after that
+        run has ended: then the job is done, and not run again)."""
         run = self._executing.get(job_id)
         if run is None:
-            run = asyncio.create_task(self._execute(job_id, *args), name=f"execute-{job_id}")
-            self._executing[job_id] = run
-            run.add_done_callback(lambda _: self._executing.pop(job_id))
+            state = self._store.state_now(job_id, None)
+            if state is UNKNOWN:
+                state = await self._store.state(job_id, None)
+            run = self._executing.get(job_id)  # (one may have begun during the read)
+            if run is None:
+                if state is not JobState.ACCEPTED:
+                    return
+                run = asyncio.create_task(self._execute(job_id, *args), name=f"execute-{job_id}")
+                self._executing[job_id] = run
+                run.add_done_callback(lambda _: self._executing.pop(job_id))
         await asyncio.shield(run)
 
     async def _serve(self, channel: Channel, call_id: int, call: Awaitable[Any]) -> None:

@@ -20,12 +20,12 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 
 from storage import rows
-from storage.batch import OnCommit, Statement, Want
+from storage.batch import OnCommit, Result, Statement, Want
 from storage.errors import StoreError
 from storage.folder import DataFolder
 from storage.limits import SizeLimit
 from storage.memory import Fresh, Pending, Ready
-from storage.records import StoredResponse
+from storage.records import JobState, StoredResponse
 from storage.writer import Writer
 
 T = TypeVar("T")
@@ -99,6 +99,16 @@ class StoreCore:
             return cast(T, await db._execute(function, db._conn, *args))  # type: ignore[no-untyped-call]
         except sqlite3.Error as exc:
             raise StoreError(f"the job store could not read: {exc}") from exc
+
+    def _removed(self, result: Result) -> None:
+        """on_commit of every write that removes or forgets jobs: (id, state, size) rows."""
+        for job_id, state, size in cast(list[Any], result):
+            if state == JobState.DONE:
+                self._result_bytes -= size
+                self._fresh.remove(job_id)
+            else:
+                self._ready.forget(job_id)
+                self._pending.remove(job_id)  # forgotten: no one's to see any more
 
     def _check_open(self) -> None:
         if self._closed:

@@ -223,15 +223,19 @@ class Dispatching(StoreCore):
         *,
         from_states: Collection[JobState] = UNFINISHED,
         upstream_id: str | None = None,
+        taking: int | None = None,
     ) -> bool:
         """-> done with `response`, wiping the request; a forgotten job is deleted instead.
 
         False if the job is not in one of `from_states` (which may not include done),
         or, given `upstream_id`, not at ArangoDB under that id (any more).
         ResultTooLarge if `response` can never fit under the store's size limit.
+        `taking`: a job whose result this one's is, held since `take_result(hold=True)`:
+        it is deleted in the same write if this job finishes, else back for the next
+        take, and stays held while the write fails (it is tried again).
         """
         return await self.finish_nowait(
-            job_id, response, from_states=from_states, upstream_id=upstream_id
+            job_id, response, from_states=from_states, upstream_id=upstream_id, taking=taking
         )
 
     def finish_nowait(
@@ -241,6 +245,7 @@ class Dispatching(StoreCore):
         *,
         from_states: Collection[JobState] = UNFINISHED,
         upstream_id: str | None = None,
+        taking: int | None = None,
     ) -> asyncio.Future[bool]:
         """`finish`, without waiting: the future of its outcome (cancelling it cancels
         the write, as cancelling `finish` does). ResultTooLarge is raised here."""
@@ -265,17 +270,27 @@ class Dispatching(StoreCore):
             response.body,
             size,
         )
+        if taking is None:
+            statement = Statement(sql.FINISH, params, sql.FINISH_VALUES)
+        else:
+            statement = Statement(sql.FINISH_TAKING, (*params, taking), sql.FINISH_TAKING_VALUES)
         written = self._writer.enqueue(
-            Statement(sql.FINISH, params, sql.FINISH_VALUES),
+            statement,
             want=Want.OUTCOME,
-            on_commit=lambda result: self._finish_committed(result, job_id, response, size),
+            on_commit=lambda result: self._finish_committed(result, job_id, response, size, taking),
             scrubs=True,  # the wiped credentials must leave the -wal file too
         )
         return mapped(written, lambda changed: len(cast(list[Any], changed)) == 1)
 
     def _finish_committed(
-        self, changed: Result, job_id: int, response: StoredResponse, size: int
+        self, changed: Result, job_id: int, response: StoredResponse, size: int, taking: int | None
     ) -> None:
+        if taking is not None:
+            self._taken.discard(taking)  # gone with this write, or back
+            if changed:
+                [(_, _, taken_size)] = cast(list[Any], changed)
+                if taken_size is not None:
+                    self._removed([(taking, JobState.DONE, taken_size)])
         if not changed:
             return
         self._unfinished -= 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from typing import Any, cast
+from typing import Any
 
 from storage import rows, sql
 from storage.batch import Result, Statement, Want
@@ -85,9 +85,9 @@ class Facade(StoreCore):
         no row. A failed delete is retried until it commits; should the process die
         first, the job is back as done: a delivered result can reappear, none is lost.
 
-        `hold`: a result claimed stays in its row (and its copy in memory) until
-        `release`, invisible meanwhile, as if taken: for a taker that must record it
-        elsewhere before it may go.
+        `hold`: a result claimed stays in its row (and its copy in memory), invisible
+        as if taken, until the write that stores it elsewhere deletes it with that
+        (`finish(taking=...)`) or `give_back`.
         """
         known = self.take_result_now(job_id, viewer, hold=hold)
         if known is not UNKNOWN:
@@ -128,13 +128,11 @@ class Facade(StoreCore):
             return pending[1] if sees(viewer, pending[0]) else None
         return UNKNOWN
 
-    def release(self, job_id: int, *, taken: bool) -> None:
-        """End the hold on a result claimed by `take_result(hold=True)`: `taken`, it goes
-        as any result handed out; else it is back, for the next take."""
-        if taken:
-            self._handed_out(job_id)
-        else:
-            self._taken.discard(job_id)
+    def give_back(self, job_id: int) -> None:
+        """End the hold of `take_result(hold=True)` without taking the result: it is back
+        for the next take. (Taken, it goes with the write that finishes its taker:
+        `finish(taking=...)`.)"""
+        self._taken.discard(job_id)
 
     def _handed_out(self, job_id: int) -> None:
         """A result was claimed (its id is in ``_taken``): its copy goes, its row too."""
@@ -253,16 +251,6 @@ class Facade(StoreCore):
     async def _delete(self, *statements: Statement) -> int:
         """Deletes and forgets in one write; how many jobs were deleted or forgotten."""
         return len(await self._write_rows(*statements, on_commit=self._removed, scrubs=True))
-
-    def _removed(self, result: Result) -> None:
-        """on_commit of every write that removes or forgets jobs: (id, state, size) rows."""
-        for job_id, state, size in cast(list[Any], result):
-            if state == JobState.DONE:
-                self._result_bytes -= size
-                self._fresh.remove(job_id)
-            else:
-                self._ready.forget(job_id)
-                self._pending.remove(job_id)  # forgotten: no one's to see any more
 
 
 def _claim_result(

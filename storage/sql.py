@@ -152,16 +152,35 @@ _FINISHED = (
     "WHERE id = NEW.id AND state IN (NEW.state1, NEW.state2)"
     " AND (NEW.upstream_id IS NULL OR upstream_id = NEW.upstream_id)"
 )
-_FINISH = _command(
-    "finish_job",
-    "id, state1, state2, upstream_id, finished, status, rheaders, rbody, rsize",
-    f"INSERT INTO outcome (k, a, b) SELECT NEW.k, mode, user FROM jobs {_FINISHED};"
-    " UPDATE jobs SET state = 'done', finished = NEW.finished, status = NEW.status,"
+_FINISH_COLUMNS = "id, state1, state2, upstream_id, finished, status, rheaders, rbody, rsize"
+_FINISH_UPDATE = (
+    "UPDATE jobs SET state = 'done', finished = NEW.finished, status = NEW.status,"
     " rheaders = CASE mode WHEN 'store' THEN NEW.rheaders END,"
     " rbody = CASE mode WHEN 'store' THEN NEW.rbody END, rsize = NEW.rsize,"
-    f" auth = NULL, headers = NULL, body = NULL {_FINISHED};",
+    f" auth = NULL, headers = NULL, body = NULL {_FINISHED};"
+)
+_FINISH = _command(
+    "finish_job",
+    _FINISH_COLUMNS,
+    f"INSERT INTO outcome (k, a, b) SELECT NEW.k, mode, user FROM jobs {_FINISHED};"
+    + _FINISH_UPDATE,
 )
 FINISH, FINISH_VALUES = _FINISH[2:]
+
+# finish_job, taking with it the result of job `taken` (a fetch run as a job: its result
+# is that one's, JobStore.take_result(hold=True)): in one write, so that no crash leaves
+# the result in neither row, and the taken row's pages are free before the new result
+# needs them (a full store). The taken row goes only if the job finishes. Outcome (mode,
+# user, the taken row's size if it went).
+_TAKEN_ROW = "WHERE id = NEW.taken AND state = 'done'"
+_FINISH_TAKING = _command(
+    "finish_taking",
+    f"{_FINISH_COLUMNS}, taken",
+    "INSERT INTO outcome (k, a, b, c) SELECT NEW.k, mode, user,"
+    f" (SELECT rsize FROM jobs {_TAKEN_ROW}) FROM jobs {_FINISHED};"
+    f" DELETE FROM jobs {_TAKEN_ROW} AND EXISTS (SELECT 1 FROM jobs {_FINISHED});" + _FINISH_UPDATE,
+)
+FINISH_TAKING, FINISH_TAKING_VALUES = _FINISH_TAKING[2:]
 
 # A result its client fetched (JobStore.take_result): it was visible to that client
 # when claimed, and a done job's owner and mode never change. Outcome (id, state, size).
@@ -174,4 +193,4 @@ _DELETE_TAKEN = _command(
 )
 DELETE_TAKEN, DELETE_TAKEN_VALUES = _DELETE_TAKEN[2:]
 
-COMMANDS = (*_MARK[:2], *_FINISH[:2], *_DELETE_TAKEN[:2])
+COMMANDS = (*_MARK[:2], *_FINISH[:2], *_FINISH_TAKING[:2], *_DELETE_TAKEN[:2])

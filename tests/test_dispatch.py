@@ -623,12 +623,12 @@ class FailFirst:
         self.kind = kind
         self.calls = 0
 
-    async def __call__(self, *args: Any) -> Any:
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         if self.left:
             self.left -= 1
             raise self.kind(f"{self.error} (injected)")
-        return await self.method(*args)
+        return await self.method(*args, **kwargs)
 
 
 class HeldBack:
@@ -748,6 +748,34 @@ async def test_an_async_fetch_keeps_the_result_it_took_when_storing_it_fails(
     assert (answer.status, answer.json["server"]) == (200, "arango")
 
 
+@pytest.mark.parametrize("what", ["fetch", "delete"])
+async def test_a_store_error_in_a_job_for_the_job_api_is_retried_not_kept_as_its_result(
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+    what: str,
+) -> None:
+    """ArangoDB's own 503s are retried, never kept as a job's result; nor is the proxy's
+    store failing while it runs a job for the job API (the read of a fetch, the write
+    of a delete): the job stays accepted and runs again."""
+    app, base = proxy_app
+    jobs = Client(http, base)
+    taken = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(taken)
+    store = app[STORE]
+    if what == "fetch":
+        failing = FailFirst(store.take_result, 2, "disk I/O error")
+        monkeypatch.setattr(store, "take_result", failing)
+        answer = await jobs.result(await jobs.submit("PUT", f"/_api/job/{taken}"))
+        assert (answer.status, answer.json["server"]) == (200, "arango")
+    else:
+        failing = FailFirst(store.delete, 2, "database or disk is full")
+        monkeypatch.setattr(store, "delete", failing)
+        answer = await jobs.result(await jobs.submit("DELETE", f"/_api/job/{taken}"))
+        assert (answer.status, answer.json) == (200, {"result": True})
+    assert failing.left == 0
+
+
 class HeldFinish:
     """The store's finish of results that carry `fetched` as their x-arango-async-id
     (an async fetch of that job storing what it took) held until `release`."""
@@ -811,14 +839,15 @@ async def test_an_async_fetch_deletes_the_result_it_took_only_once_its_own_is_st
     assert rows_of(tmp_path / "data") == {}  # (the fetched result is gone too)
 
 
-async def test_a_result_an_async_fetch_took_is_back_when_a_stop_ends_the_fetch(
+async def test_a_result_an_async_fetch_took_is_still_there_when_a_stop_ends_the_fetch(
     proxy_app: tuple[web.Application, str],
     http: aiohttp.ClientSession,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
     """The proxy stops before the fetch's own result is stored: the fetch stays
-    accepted, to run again at the next start, and the result it took is back."""
+    accepted, to run again at the next start, and the result it took is in the file,
+    for that run (or any fetch) after the start."""
     app, base = proxy_app
     jobs = Client(http, base)
     taken = await jobs.submit("GET", "/_api/version")
@@ -830,9 +859,13 @@ async def test_a_result_an_async_fetch_took_is_back_when_a_stop_ends_the_fetch(
     workers = app[DISPATCHER]
     assert isinstance(workers, Workers | WorkerProcess)
     await workers.stop(0.2)
-    await store.flush()
+    await store.close()
     assert rows_of(tmp_path / "data") == {int(taken): "done", int(fetching): "accepted"}
-    assert store.state_now(int(taken), None) is JobState.DONE
+    reopened = await JobStore.open(tmp_path / "data")
+    try:
+        assert await reopened.take_result(int(taken), None) is not None
+    finally:
+        await reopened.close()
 
 
 async def test_a_job_a_dead_worker_process_marked_after_it_was_sent_again_is_harvested(

@@ -352,3 +352,42 @@ async def test_a_failing_callback_leaves_no_write_of_its_batch_unanswered(
         "a write's on_abort failed",
         "a commit's on_commit failed",
     ]
+
+
+async def test_a_held_result_goes_in_the_write_that_copies_it_so_a_full_store_has_room(
+    store: JobStore, tmp_path: Path
+) -> None:
+    """A fetch run as a job stores the result it took as its own: the copy needs as
+    many pages as the result, and the taken row's delete, in the same write, frees
+    them first. As two writes, the copy would wait for room the delete never makes."""
+    fetched = await store.accept(new_job())
+    big = StoredResponse(200, (("Content-Type", "application/json"),), b"x" * 200_000)
+    assert await store.finish(fetched, big)
+    fetch = await store.accept(new_job(method="PUT", target=f"/_api/job/{fetched}"))
+    taken = await store.take_result(fetched, None, hold=True)
+    assert taken == big
+    assert await store.state(fetched, None) is None  # (held: gone for every reader)
+    db = store._writer
+    [(pages,)] = await db.execute_fetchall("PRAGMA page_count")
+    await db.execute_fetchall(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StoreError, match="disk is full"):
+        await store.finish(fetch, taken)  # the copy alone does not fit
+    assert await store.finish(fetch, taken, taking=fetched)
+    await db.execute_fetchall("PRAGMA max_page_count = 1073741823")
+    assert await store.take_result(fetch, None) == big
+    assert await store.take_result(fetched, None) is None
+    await store.flush()
+    assert store.result_bytes == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "jobs.sqlite3")) as plain:
+        assert plain.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+async def test_a_held_result_is_back_when_its_taker_does_not_finish(store: JobStore) -> None:
+    fetched = await store.accept(new_job())
+    assert await store.finish(fetched, RESULT)
+    fetch = await store.accept(new_job(method="PUT", target=f"/_api/job/{fetched}"))
+    assert await store.finish(fetch, RESULT)  # (done already: another run stored it)
+    assert await store.take_result(fetched, None, hold=True) == RESULT
+    assert not await store.finish(fetch, RESULT, taking=fetched)
+    assert await store.state(fetched, None) is JobState.DONE
+    assert await store.take_result(fetched, None) == RESULT

@@ -316,6 +316,34 @@ async def test_a_job_api_job_a_dead_child_asked_for_runs_once(
     assert (await jobs.call("GET", f"/_api/job/{taken}")).status == 404
 
 
+async def test_a_job_api_job_asked_for_after_its_run_is_not_run_again(
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child that took the job before a dead one's run of it ended asks once that run
+    is over: the job is done, and runs no more (a DELETE of a job run again would
+    find it gone; a DELETE /_api/job/all, forget jobs submitted since)."""
+    app, base = proxy_app
+    jobs = Client(http, base)
+    first = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(first)
+    job_id = await jobs.submit("DELETE", f"/_api/job/{first}")
+    await jobs.wait_done(job_id)
+    workers = app[DISPATCHER]
+    assert isinstance(workers, WorkerProcess)
+    runs: list[tuple[Any, ...]] = []
+
+    async def counted(*args: Any) -> None:
+        runs.append(args)
+
+    monkeypatch.setattr(workers, "_execute", counted)
+    await workers._execution(int(job_id), "DELETE", f"/_api/job/{first}", "root")
+    assert runs == []
+    answer = await jobs.result(job_id)
+    assert (answer.status, answer.json) == (200, {"result": True})
+
+
 async def test_kill_9_of_the_proxy_takes_the_worker_process(
     standin: StandIn, proxy_process: Callable[..., ProxyProcess], tmp_path: Path
 ) -> None:
