@@ -75,15 +75,21 @@ async def serve(config: Config) -> None:
     await listener.start()
     try:
         scheme = "http" if ssl_context is None else "https"
-        for host, port in listener.addresses:
-            shown = f"[{host}]" if ":" in host else host
-            log.info(
-                "listening on %s://%s:%d, upstream %s", scheme, shown, port, config.upstream.url
-            )
+        shown = ", ".join(
+            f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+            for host, port in listener.addresses
+        )
+        _listening.info("listening on %s, upstream %s", shown, config.upstream.url)
         await stop.wait()
         log.info("stopping")
     finally:
         await listener.stop()
+
+
+# The one line that says where the proxy listens, whatever log.level hides (records
+# of a logger with a level of its own reach the root's handlers all the same).
+_listening = logging.getLogger(f"{__name__}.listening")
+_listening.setLevel(logging.INFO)
 
 
 class _Stop(asyncio.Event):

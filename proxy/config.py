@@ -169,7 +169,10 @@ def _check_type(name: str, kind: Any, value: Any) -> Any:
     if isinstance(kind, types.UnionType):  # pragma: no cover - no optional settings yet
         kind = next(k for k in typing.get_args(kind) if k is not type(None))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"{name}: expected a number, got an integer too large") from None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"{name}: expected {kind.__name__}, got {type(value).__name__}")
     return value
@@ -238,6 +241,21 @@ def _validate(config: Config) -> None:
         )
     if not config.storage.data:
         raise ConfigError("storage.data: expected a folder path, got an empty string")
+    _check_paths(config)
+
+
+def _check_paths(config: Config) -> None:
+    """No path setting may hold a NUL (the system calls refuse it, with a traceback)."""
+    paths = {
+        "storage.data": config.storage.data,
+        "server.tls_cert": config.server.tls_cert,
+        "server.tls_key": config.server.tls_key,
+        "upstream.ca_file": config.upstream.ca_file,
+        "upstream.jwt_secret_file": config.upstream.jwt_secret_file,
+    }
+    for name, path in paths.items():
+        if "\0" in path:
+            raise ConfigError(f"{name}: expected a path, got one with a NUL character")
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -247,6 +265,12 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def _split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        # ("::1" would be host ":", port 1)
+        raise ConfigError(
+            f"server.listen: expected HOST:PORT with an IPv6 address in brackets "
+            f"([::1]:8530), got {listen!r}"
+        )
     host = host.strip("[]")
     if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError(f"server.listen: expected HOST:PORT, got {listen!r}")

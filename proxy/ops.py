@@ -1,12 +1,14 @@
 """Operations endpoints under /_proxy/: health, readiness, Prometheus metrics.
 
 GET /_proxy/health   200 as soon as the proxy serves requests
-GET /_proxy/ready    200 when ArangoDB answers at all, else 503 (the store is open
-                     whenever the proxy serves)
+GET /_proxy/ready    200 when ArangoDB answers at all (within READY_TIMEOUT), else
+                     503 (the store is open whenever the proxy serves)
 GET /_proxy/metrics  counters and gauges in Prometheus' text format
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -15,6 +17,9 @@ from proxy.errors import ERROR_SERVICE_UNAVAILABLE, UpstreamFailure, arango_erro
 from proxy.state import METRICS, STORE, UPSTREAM
 
 PREFIX = "arango_async_proxy_"
+# seconds ArangoDB has to answer a readiness check: a probe must get its answer, not
+# wait for upstream.request_timeout (300 s) on an ArangoDB that took the connection
+READY_TIMEOUT = 3.0
 
 COUNTERS = {
     "jobs_accepted_total": "async requests written to the store and answered 202",
@@ -41,12 +46,15 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     """Ready when ArangoDB answers at all: even a 401 shows it is up and serving."""
     try:
-        await request.app[UPSTREAM].call("GET", "/_api/version", CIMultiDict())
+        async with asyncio.timeout(READY_TIMEOUT):
+            await request.app[UPSTREAM].call("GET", "/_api/version", CIMultiDict())
     except UpstreamFailure as failure:
-        return arango_error(
-            503, ERROR_SERVICE_UNAVAILABLE, f"not ready: {failure.message}", handler=False
-        )
-    return web.json_response({"status": "ready"})
+        why = failure.message
+    except TimeoutError:
+        why = f"upstream ArangoDB did not answer within {READY_TIMEOUT:g} s"
+    else:
+        return web.json_response({"status": "ready"})
+    return arango_error(503, ERROR_SERVICE_UNAVAILABLE, f"not ready: {why}", handler=False)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -42,10 +42,23 @@ def test_reads_config_file(proxy_process: Callable[..., ProxyProcess], tmp_path:
     port = free_port()
     config = tmp_path / "proxy.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n[log]\nlevel = "warning"\n')
-    # --log-level overrides the file's warning, so the listening line shows.
+    # --log-level overrides the file's warning, so the stop's info line shows.
     proc = proxy_process("--config", str(config), "--log-level", "info")
     assert proc.url == f"http://127.0.0.1:{port}"
     assert proc.stop() == 0
+    assert "stopping" in proc.output[-1]
+
+
+def test_the_listening_line_shows_whatever_the_log_level(
+    proxy_process: Callable[..., ProxyProcess],
+) -> None:
+    """design.md: it logs one line saying where it listens (outside checks read it)."""
+    proc = proxy_process("--log-level", "error", "--listen", f"localhost:{free_port()}")
+    assert proc.stop() == 0
+    lines = "".join(proc.output).splitlines()
+    [line] = [line for line in lines if "listening on" in line]
+    assert "upstream http" in line
+    assert not [line for line in lines if "stopping" in line]  # (info: hidden)
 
 
 def test_port_in_use_exits_1(tmp_path: Path) -> None:

@@ -89,6 +89,11 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ("[upstream]\nurl = 'http://u:secret@x'\n", "upstream.url: expected no user"),
         (b"[log]\nlevel = '\xff'\n", "is not UTF-8 text"),
         ("[upstream]\nca_file = 'ca.pem'\n", "upstream.ca_file: set, but upstream.url is"),
+        ("[server]\nlisten = '::1'\n", "server.listen: expected HOST:PORT with an IPv6 address"),
+        ("[server]\nlisten = '::1:8530'\n", "server.listen: expected HOST:PORT"),
+        ("[server]\nidle_timeout = 1" + "0" * 400 + "\n", "server.idle_timeout: expected a"),
+        ('[storage]\ndata = "a\\u0000b"\n', "storage.data: expected a path, got one with a NUL"),
+        ('[server]\ntls_cert = "c"\ntls_key = "k\\u0000"\n', "server.tls_key: expected a path"),
     ],
 )
 def test_bad_settings_name_the_setting(tmp_path: Path, toml: str | bytes, message: str) -> None:

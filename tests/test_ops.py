@@ -6,7 +6,9 @@ import asyncio
 import re
 
 import aiohttp
+import pytest
 
+from proxy import ops
 from tests.conftest import ProxyFactory
 from tests.processes import free_port
 from tests.standin import StandIn
@@ -74,3 +76,28 @@ async def test_metrics_count_the_job_flow(
     assert metric(text, "store_commits") >= 3
     assert metric(text, "jobs_unfinished") <= 1  # the fire-and-forget one may still run
     assert "# TYPE arango_async_proxy_jobs_harvested_total counter" in text
+
+
+async def test_ready_answers_503_when_arangodb_takes_the_connection_and_says_nothing(
+    start_proxy: ProxyFactory, http: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A probe gets its answer within READY_TIMEOUT, not upstream.request_timeout."""
+    monkeypatch.setattr(ops, "READY_TIMEOUT", 0.2)
+
+    taken: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        taken.append(writer)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        base = await start_proxy(f"http://127.0.0.1:{port}")
+        async with http.get(base + "/_proxy/ready") as resp:
+            assert resp.status == 503
+            body = await resp.json()
+        for writer in taken:
+            writer.close()
+            await writer.wait_closed()
+    assert body["errorNum"] == 503
+    assert body["errorMessage"] == "not ready: upstream ArangoDB did not answer within 0.2 s"
