@@ -88,7 +88,7 @@ async def serve(config: Config) -> None:
 
 # The one line that says where the proxy listens, whatever log.level hides (records
 # of a logger with a level of its own reach the root's handlers all the same).
-_listening = logging.getLogger(f"{__name__}.listening")
+_listening = logging.getLogger(f"{log.name}.listening")
 _listening.setLevel(logging.INFO)
 
 
