@@ -804,6 +804,19 @@ class HeldFinish:
         return asyncio.ensure_future(later())
 
 
+async def an_async_fetch_held(
+    app: web.Application, jobs: Client, monkeypatch: pytest.MonkeyPatch
+) -> tuple[str, str, HeldFinish]:
+    """A job done, and an async fetch of it (PUT /_api/job/{id} as a job) that took its
+    result and whose write of it is held: the two ids, and the hold."""
+    taken = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(taken)
+    held = HeldFinish(app[STORE], taken, monkeypatch)
+    fetching = await jobs.submit("PUT", f"/_api/job/{taken}")
+    await eventually(lambda: held.held == 1)
+    return taken, fetching, held
+
+
 def rows_of(folder: Path) -> dict[int, str]:
     """The jobs in the store's file, as a proxy started on it now would find them."""
     with contextlib.closing(sqlite3.connect(folder / "jobs.sqlite3")) as db:
@@ -822,12 +835,8 @@ async def test_an_async_fetch_deletes_the_result_it_took_only_once_its_own_is_st
     result commits, the file still holds the taken one (to clients it is gone)."""
     app, base = proxy_app
     jobs = Client(http, base)
-    taken = await jobs.submit("GET", "/_api/version")
-    await jobs.wait_done(taken)
+    taken, fetching, held = await an_async_fetch_held(app, jobs, monkeypatch)
     store = app[STORE]
-    held = HeldFinish(store, taken, monkeypatch)
-    fetching = await jobs.submit("PUT", f"/_api/job/{taken}")
-    await eventually(lambda: held.held == 1)
     assert (await jobs.call("GET", f"/_api/job/{taken}")).status == 404
     await asyncio.sleep(0.3)  # (longer than a taken result's delete waits for a batch)
     await store.flush()
@@ -850,12 +859,8 @@ async def test_a_result_an_async_fetch_took_is_still_there_when_a_stop_ends_the_
     for that run (or any fetch) after the start."""
     app, base = proxy_app
     jobs = Client(http, base)
-    taken = await jobs.submit("GET", "/_api/version")
-    await jobs.wait_done(taken)
+    taken, fetching, _ = await an_async_fetch_held(app, jobs, monkeypatch)
     store = app[STORE]
-    held = HeldFinish(store, taken, monkeypatch)
-    fetching = await jobs.submit("PUT", f"/_api/job/{taken}")
-    await eventually(lambda: held.held == 1)
     workers = app[DISPATCHER]
     assert isinstance(workers, Workers | WorkerProcess)
     await workers.stop(0.2)

@@ -35,7 +35,7 @@ from tests.conftest import proxy_config
 from tests.processes import ProxyProcess
 from tests.standin import StandIn
 from tests.standin.client import Client, eventually
-from tests.test_dispatch import HeldFinish
+from tests.test_dispatch import an_async_fetch_held
 
 
 @pytest.fixture
@@ -293,8 +293,6 @@ async def test_a_job_api_job_a_dead_child_asked_for_runs_once(
     monkeypatch.setattr(worker_process, "RESTART_MIN", 0.05)
     app = create_app(proxy_config(standin.url, tmp_path / "data", jobs={"workers": "process"}))
     jobs = Client(http, await serve_proxy(app))
-    taken = await jobs.submit("GET", "/_api/version")
-    await jobs.wait_done(taken)
     asked = 0
     execution = WorkerProcess._execution
 
@@ -304,9 +302,7 @@ async def test_a_job_api_job_a_dead_child_asked_for_runs_once(
         await execution(self, *args)
 
     monkeypatch.setattr(WorkerProcess, "_execution", counted)
-    held = HeldFinish(app[STORE], taken, monkeypatch)
-    fetching = await jobs.submit("PUT", f"/_api/job/{taken}")
-    await eventually(lambda: held.held == 1)
+    taken, fetching, held = await an_async_fetch_held(app, jobs, monkeypatch)
     os.kill(child_of(app), signal.SIGKILL)
     await eventually(lambda: asked == 2)
     held.release.set()
