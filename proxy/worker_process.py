@@ -122,8 +122,8 @@ class WorkerProcess:
             log.warning("the worker process did not stop in time; killing it")
             process.kill()
             await process.wait()
-        # Job-API jobs still running had the grace too: they stay accepted (a result
-        # one fetched stays with them) and run again at the next start.
+        # Job-API jobs still running had the grace too: they stay accepted and run
+        # again at the next start (a result one took is still in the store for that).
         for run in self._executing.values():
             run.cancel()
         # what it asked for last is written before the store closes
