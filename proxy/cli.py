@@ -16,7 +16,7 @@ from typing import Any
 
 from proxy.app import create_app
 from proxy.config import Config, ConfigError, load_config
-from proxy.listener import Listener
+from proxy.listener import Listener, ListenError
 from proxy.tls import server_context
 from storage import StoreError
 
@@ -143,9 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # damaged: never reset, the operator decides
         log.error("cannot open the job store: %s", exc)  # noqa: TRY400
         return 1
-    except OSError as exc:
+    except ListenError as exc:
         # one line, no traceback: the cause (port in use, ...) is all an operator needs
         log.error("cannot serve on %s: %s", config.server.listen, exc.strerror or exc)  # noqa: TRY400
+        return 1
+    except OSError as exc:  # (the worker process could not be started, ...)
+        log.error("cannot start: %s", exc)  # noqa: TRY400
         return 1
     return 0
 

@@ -67,6 +67,10 @@ class _ArangoShapedRefusals(RequestHandler):
         return response
 
 
+class ListenError(OSError):
+    """The listening socket could not be opened (address in use, not available, ...)."""
+
+
 class Listener:
     """The proxy's listening socket and the aiohttp runner behind it; every
     connection starts on the fast path."""
@@ -93,9 +97,12 @@ class Listener:
 
             self._front = FastFront(self.app, aiohttp_protocol, secure=self._ssl is not None)
             config = self.app[CONFIG].server
-            self._server = await asyncio.get_running_loop().create_server(
-                self._front, config.host, config.port, ssl=self._ssl, backlog=128
-            )
+            try:
+                self._server = await loop.create_server(
+                    self._front, config.host, config.port, ssl=self._ssl, backlog=128
+                )
+            except OSError as exc:
+                raise ListenError(exc.errno, exc.strerror or str(exc)) from exc
         except BaseException:
             await self._runner.cleanup()
             raise

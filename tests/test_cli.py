@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import gc
 import json
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy import cli
 from proxy.cli import GC_THRESHOLD, run
 from tests.processes import ProxyProcess, StandInProcess, free_port
 
@@ -83,6 +85,22 @@ def test_port_in_use_exits_1(tmp_path: Path) -> None:
         )
     assert result.returncode == 1
     assert f"cannot serve on 127.0.0.1:{port}" in result.stderr
+
+
+def test_a_failure_to_start_other_than_listening_is_not_blamed_on_the_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An OSError on the way up that is not the listening socket's (the worker process
+    cannot be started: too many open files) says what it is, not 'cannot serve on'."""
+
+    def failing(config: object) -> None:  # (raises before run(): no loop, no gc tuning)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(cli, "serve", failing)
+    monkeypatch.setattr(cli, "configure_logging", lambda level: None)
+    assert cli.main(["--data", str(tmp_path / "d"), "--listen", "127.0.0.1:1"]) == 1
+    [record] = [r for r in caplog.records if r.name == "arango_async_proxy"]
+    assert record.getMessage() == "cannot start: [Errno 24] Too many open files"
 
 
 def test_config_error_exits_1(tmp_path: Path) -> None:
