@@ -183,6 +183,9 @@ async def execute(app: web.Application, job_id: int, method: str, target: str, u
     except ResultTooLarge:
         store.give_back(fetched)  # (too large to copy: a fetch of its own still gets it)
         await record_result(store, job_id, result)  # (the answer dropped, as its result)
+    except Exception:
+        store.give_back(fetched)  # (a bug: the job runs again, and finds the result)
+        raise
 
 
 def _stored(response: web.Response) -> StoredResponse:

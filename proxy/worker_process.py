@@ -67,6 +67,7 @@ RESTART_MAX = 10.0
 YOUNG = 10.0  # a child that dies within this many seconds is restarted ever more slowly
 EXIT_SLACK = 2.0  # beyond the grace, for the child to close its connections and exit
 COUNT_EVERY = 0.1  # seconds between the child's metrics messages
+RAN_KEPT = 1024  # job-API jobs run here whose ids are kept (a child asks within moments)
 _STORE_CALLS = frozenset({"submitted", "mark_submitted", "requeue", "finish"})
 
 
@@ -88,6 +89,7 @@ class WorkerProcess:
         self._serving: set[asyncio.Task[None]] = set()
         self._executing: dict[int, asyncio.Task[None]] = {}  # job-API jobs run here, by id
         self._answering: set[asyncio.Task[None]] = set()  # the children's calls for those
+        self._ran: dict[int, None] = {}  # the latest of those that ended, oldest first
         self._writing: set[asyncio.Future[Any]] = set()  # finish calls, until committed
         self._woken = False  # a wake is on its way and the child has not looked since
 
@@ -223,21 +225,27 @@ class WorkerProcess:
 
     async def _execution(self, job_id: int, *args: str) -> None:
         """A job-API job, run here once however many children ask: one that died
-        asked first, and the next found the job still accepted (and may ask after that
-        run has ended: then the job is done, and not run again)."""
+        asked first, and the next found the job still accepted, and may ask after that
+        run has ended (then the job is done, and is not run again)."""
         run = self._executing.get(job_id)
-        if run is None:
-            state = self._store.state_now(job_id, None)
-            if state is UNKNOWN:
-                state = await self._store.state(job_id, None)
-            run = self._executing.get(job_id)  # (one may have begun during the read)
+        if run is None and job_id not in self._ran:
+            accepted = await self._store.is_accepted(job_id)
+            run = self._executing.get(job_id)  # (one may have begun, or ended, meanwhile)
             if run is None:
-                if state is not JobState.ACCEPTED:
+                if not accepted or job_id in self._ran:
                     return
                 run = asyncio.create_task(self._execute(job_id, *args), name=f"execute-{job_id}")
                 self._executing[job_id] = run
-                run.add_done_callback(lambda _: self._executing.pop(job_id))
-        await asyncio.shield(run)
+                run.add_done_callback(functools.partial(self._run_ended, job_id))
+        if run is not None:
+            await asyncio.shield(run)
+
+    def _run_ended(self, job_id: int, run: asyncio.Task[None]) -> None:
+        del self._executing[job_id]
+        if not run.cancelled() and run.exception() is None:  # (else the job runs again)
+            self._ran[job_id] = None
+            if len(self._ran) > RAN_KEPT:
+                del self._ran[next(iter(self._ran))]
 
     async def _serve(self, channel: Channel, call_id: int, call: Awaitable[Any]) -> None:
         try:

@@ -49,6 +49,11 @@ class Facade(StoreCore):
             self._pending.remove(job_id)
         return state
 
+    async def is_accepted(self, job_id: int) -> bool:
+        """Whether the job is stored and not sent yet, whatever its mode (a forgotten
+        or fire-and-forget job too: invisible to `state`) and owner."""
+        return bool(valid_id(job_id) and await self._read(sql.IS_ACCEPTED, {"id": job_id}))
+
     def state_now(self, job_id: int, viewer: str | None) -> JobState | Unknown | None:
         """`state`, when the copies in memory can answer without a read; else UNKNOWN."""
         self._check_open()  # (answers from memory too: not once closed)

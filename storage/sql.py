@@ -66,6 +66,7 @@ SELECT_ACCEPTED = (
 )
 SELECT_SUBMITTED = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'submitted' ORDER BY id"
 SELECT_STATE = f"SELECT state FROM jobs WHERE id = :id AND {VISIBLE}"
+IS_ACCEPTED = "SELECT 1 FROM jobs WHERE id = :id AND state = 'accepted'"  # any mode, any owner
 SELECT_RESULT = f"SELECT state, {RESULT_COLUMNS} FROM jobs WHERE id = :id AND {VISIBLE}"
 SELECT_PENDING_JOB = f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = :id AND {PENDING} AND {VISIBLE}"
 LIST_DONE = f"SELECT id FROM jobs WHERE state = 'done' AND {VISIBLE} ORDER BY id LIMIT :limit"

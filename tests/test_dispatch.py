@@ -776,6 +776,25 @@ async def test_a_store_error_in_a_job_for_the_job_api_is_retried_not_kept_as_its
     assert failing.left == 0
 
 
+async def test_a_result_an_async_fetch_took_is_back_when_a_bug_ends_the_fetch(
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Storing the fetch's result fails with an error the proxy did not expect (a bug,
+    mocked): the result it took is back, and the fetch, run again, finds it."""
+    app, base = proxy_app
+    jobs = Client(http, base)
+    taken = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(taken)
+    store = app[STORE]
+    failing = FailFirst(store.finish, 1, "a bug", RuntimeError)
+    monkeypatch.setattr(store, "finish", failing)
+    answer = await jobs.result(await jobs.submit("PUT", f"/_api/job/{taken}"))
+    assert (answer.status, answer.json["server"]) == (200, "arango")
+    assert failing.left == 0
+
+
 class HeldFinish:
     """The store's finish of results that carry `fetched` as their x-arango-async-id
     (an async fetch of that job storing what it took) held until `release`."""
