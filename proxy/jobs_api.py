@@ -47,7 +47,7 @@ from proxy.intake import (
 from proxy.passthrough import passthrough
 from proxy.recording import record, record_result
 from proxy.state import CREDENTIALS, STORE, UPSTREAM, VERIFIER
-from storage import JobState, ResultTooLarge, StoredResponse, StoreError
+from storage import Answering, JobState, ResultTooLarge, StoredResponse, StoreError
 from storage.records import Job
 from storage.store import UNKNOWN
 
@@ -155,14 +155,23 @@ async def execute(app: web.Application, job_id: int, method: str, target: str, u
     would run it, and record its answer as the job's result (retried until it
     commits, as any result). A result it fetches (``PUT /{id}``) leaves the store in
     the write that records it: no crash leaves it in neither job, and a full store
-    has its room for the copy. A store error before that (a read or a delete that
-    failed) is raised: the job stays accepted and runs again later, as ArangoDB's
-    own 503s are retried rather than kept as results."""
+    has its room for the copy. Deletes (``DELETE /{id}``, ``/all``, ``/expired``) are
+    made in the write that records the answer too: no crash leaves them made and the
+    job to run again (``all`` would then take the jobs accepted since). A store error
+    before that (a read or a write that failed) is raised: the job stays accepted and
+    runs again later, as ArangoDB's own 503s are retried rather than kept as results."""
     path, _, query = target.partition("?")
     suffixes = suffixes_of(path)
     assert suffixes is not None, "the dispatcher only runs job-API paths here"
     viewer = user or None
     store = app[STORE]
+    if method == "DELETE":
+        # (answers of a few dozen bytes: any storage.max_db_size allows 8 KiB a result)
+        answering = Answering(job_id, _stored(_result_true()), _stored(_not_found()))
+        response = await _delete(app, suffixes, query_params(query), viewer, answering)
+        if response.status == 400:  # (nothing deleted, nothing recorded)
+            await record_result(store, job_id, _stored(response))
+        return
     if method != "PUT" or len(suffixes) != 1:
         response = await _answer(app, method, suffixes, query_params(query), viewer)
         await record_result(store, job_id, _stored(response))
@@ -358,19 +367,26 @@ async def _cancel_upstream(app: web.Application, upstream_id: str, job: Job) -> 
 
 
 async def _delete(
-    app: web.Application, suffixes: list[str], query: dict[str, str], viewer: str | None
+    app: web.Application,
+    suffixes: list[str],
+    query: dict[str, str],
+    viewer: str | None,
+    answering: Answering | None = None,
 ) -> web.Response:
+    """`answering`: the job this delete is run for, finished with its answer in the
+    write of the deletes (`execute`), except a bad parameter's (400), which deletes
+    nothing."""
     if len(suffixes) != 1:
         return _bad_parameter()
     store = app[STORE]
     what = suffixes[0]
     if what == "all":
-        await store.delete_all(viewer)
+        await store.delete_all(viewer, answering)
     elif what == "expired":
         stamp = query.get("stamp")
         if stamp is None:
             return _bad_parameter()
-        await store.delete_expired(viewer, parse_stamp(stamp))
-    elif not await store.delete(parse_uint64(what), viewer):
+        await store.delete_expired(viewer, parse_stamp(stamp), answering)
+    elif not await store.delete(parse_uint64(what), viewer, answering):
         return _not_found()
     return _result_true()

@@ -6,6 +6,7 @@
 
 from storage.errors import CapacityExceeded, ResultTooLarge, StoreError, StoreFull
 from storage.records import (
+    Answering,
     Headers,
     Job,
     JobMode,
@@ -18,6 +19,7 @@ from storage.records import (
 from storage.store import JobStore
 
 __all__ = [
+    "Answering",
     "CapacityExceeded",
     "Headers",
     "Job",

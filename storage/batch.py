@@ -71,6 +71,7 @@ class Want(Enum):
     NOTHING = "nothing"  # result None; consecutive ones with the same SQL share statements
     ROWCOUNT = "rowcount"  # result: total rows changed by the write's statements
     ROWS = "rows"  # result: rows returned by the write's statements (RETURNING)
+    ROWS_EACH = "rows each"  # result: those rows, a list for each statement
     # A command (storage.sql): one INSERT, with a values group, into a view whose trigger
     # records rows in OUTCOME_TABLE under k, the INSERT's first parameter, which the
     # writer binds (params are the rest). Result: those rows, as (a, b, c) tuples.
@@ -231,8 +232,10 @@ def _execute_one(conn: sqlite3.Connection, write: Write) -> Result:
         cursor = conn.execute(statement.sql, statement.params)
         if write.want is Want.ROWS:
             rows.extend(cursor.fetchall())
+        elif write.want is Want.ROWS_EACH:
+            rows.append(cursor.fetchall())
         else:
             count += cursor.rowcount
-    if write.want is Want.ROWS:
+    if write.want in (Want.ROWS, Want.ROWS_EACH):
         return rows
     return count if write.want is Want.ROWCOUNT else None

@@ -21,11 +21,11 @@ import aiosqlite
 
 from storage import rows
 from storage.batch import OnCommit, Result, Statement, Want
-from storage.errors import StoreError
+from storage.errors import ResultTooLarge, StoreError
 from storage.folder import DataFolder
 from storage.limits import SizeLimit
 from storage.memory import Fresh, Pending, Ready
-from storage.records import JobState, StoredResponse
+from storage.records import JobMode, JobState, StoredResponse
 from storage.writer import Writer
 
 T = TypeVar("T")
@@ -109,6 +109,44 @@ class StoreCore:
             else:
                 self._ready.forget(job_id)
                 self._pending.remove(job_id)  # forgotten: no one's to see any more
+
+    def _finish_committed(
+        self, changed: Result, job_id: int, response: StoredResponse, size: int, taking: int | None
+    ) -> None:
+        """on_commit of a finish (and of the deletes that finish a job, `Answering`):
+        `changed` is [(mode, user, the size of job `taking`'s row if it went)], or []
+        if the job was not finished."""
+        if taking is not None:
+            self._taken.discard(taking)  # gone with this write, or back
+            if changed:
+                [(_, _, taken_size)] = cast(list[Any], changed)
+                if taken_size is not None:
+                    self._removed([(taking, JobState.DONE, taken_size)])
+        if not changed:
+            return
+        self._unfinished -= 1
+        self._ready.remove(job_id)
+        self._sending.discard(job_id)
+        self._unsent.discard(job_id)
+        self._cancels.pop(job_id, None)  # too late: it is done
+        self._pending.remove(job_id)
+        [(mode, user, _)] = cast(list[Any], changed)
+        if mode == JobMode.STORE:  # a forgotten job's row is gone with its result
+            self._result_bytes += size
+            if job_id not in self._taken:  # (a read may have claimed it before this ran)
+                self._fresh.add(job_id, rows.text_value(user), response, size)
+            if self._result_listener is not None:
+                self._result_listener()
+
+    def _result_values(self, response: StoredResponse) -> tuple[str, int]:
+        """A result's headers as stored, and its size; ResultTooLarge if it can never fit
+        under the store's size limit."""
+        headers = rows.headers_param(response.headers)  # ASCII: characters are bytes
+        size = len(headers) + len(response.body)
+        reason = self._size_limit and self._size_limit.too_large("a result", size)
+        if reason:
+            raise ResultTooLarge(reason)
+        return headers, size
 
     def _check_open(self) -> None:
         if self._closed:

@@ -18,9 +18,9 @@ from typing import Any, cast
 from storage import rows, sql
 from storage.batch import Result, Statement, Want
 from storage.core import UNKNOWN, StoreCore, Unknown, mapped, resolved
-from storage.errors import ResultTooLarge, StoreError
+from storage.errors import StoreError
 from storage.memory import JOB_OVERHEAD, READ_AHEAD
-from storage.records import UNFINISHED, Job, JobMode, JobState, Mark, StoredResponse
+from storage.records import UNFINISHED, Job, JobState, Mark, StoredResponse
 from storage.rows import valid_id
 
 log = logging.getLogger(__name__)
@@ -254,11 +254,7 @@ class Dispatching(StoreCore):
         if not valid_id(job_id) or not from_states:
             return resolved(False)
         states = sorted(JobState(state).value for state in from_states)
-        headers = rows.headers_param(response.headers)  # ASCII: characters are bytes
-        size = len(headers) + len(response.body)
-        reason = self._size_limit and self._size_limit.too_large("a result", size)
-        if reason:
-            raise ResultTooLarge(reason)
+        headers, size = self._result_values(response)
         params = (
             job_id,
             states[0],
@@ -281,28 +277,3 @@ class Dispatching(StoreCore):
             scrubs=True,  # the wiped credentials must leave the -wal file too
         )
         return mapped(written, lambda changed: len(cast(list[Any], changed)) == 1)
-
-    def _finish_committed(
-        self, changed: Result, job_id: int, response: StoredResponse, size: int, taking: int | None
-    ) -> None:
-        if taking is not None:
-            self._taken.discard(taking)  # gone with this write, or back
-            if changed:
-                [(_, _, taken_size)] = cast(list[Any], changed)
-                if taken_size is not None:
-                    self._removed([(taking, JobState.DONE, taken_size)])
-        if not changed:
-            return
-        self._unfinished -= 1
-        self._ready.remove(job_id)
-        self._sending.discard(job_id)
-        self._unsent.discard(job_id)
-        self._cancels.pop(job_id, None)  # too late: it is done
-        self._pending.remove(job_id)
-        [(mode, user, _)] = cast(list[Any], changed)
-        if mode == JobMode.STORE:  # a forgotten job's row is gone with its result
-            self._result_bytes += size
-            if job_id not in self._taken:  # (a read may have claimed it before this ran)
-                self._fresh.add(job_id, rows.text_value(user), response, size)
-            if self._result_listener is not None:
-                self._result_listener()

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from typing import Any
+import time
+from typing import Any, cast
 
 from storage import rows, sql
 from storage.batch import Result, Statement, Want
 from storage.core import UNKNOWN, StoreCore, Unknown, by_id, listing, sees, viewer_param
-from storage.records import Job, JobState, Removed, StoredResponse
+from storage.records import Answering, Job, JobState, Removed, StoredResponse
 from storage.rows import valid_id
 
 # Most done jobs one retention statement removes: a few milliseconds of the writer.
@@ -188,28 +189,44 @@ class Facade(StoreCore):
         found = await self._read(sql.LIST_DONE, listing(viewer, limit + len(taken)))
         return [row[0] for row in found if row[0] not in taken][:limit]
 
-    async def delete(self, job_id: int, viewer: str | None) -> bool:
-        """Done: the row is deleted. Unfinished: forgotten (runs on, result dropped)."""
+    async def delete(
+        self, job_id: int, viewer: str | None, answering: Answering | None = None
+    ) -> bool:
+        """Done: the row is deleted. Unfinished: forgotten (runs on, result dropped).
+        `answering`: the job this delete is, finished in the same write."""
         if not valid_id(job_id) or job_id in self._taken:
-            return False  # (a result handed out is gone, its row's delete on its way)
+            # (a result handed out is gone, its row's delete on its way)
+            if answering is not None:  # nothing to delete: the job's answer alone
+                missing = answering.missing
+                await self._delete(answering=Answering(answering.job_id, missing, missing))
+            return False
         params = by_id(job_id, viewer)
         deleted = await self._delete(
-            Statement(sql.DELETE_DONE_ONE, params), Statement(sql.FORGET_ONE, params)
+            Statement(sql.DELETE_DONE_ONE, params),
+            Statement(sql.FORGET_ONE, params),
+            answering=answering,
+            seen=params,
         )
         return deleted > 0
 
-    async def delete_all(self, viewer: str | None) -> int:
+    async def delete_all(self, viewer: str | None, answering: Answering | None = None) -> int:
         """delete() for every visible job; returns how many were deleted or forgotten."""
         params = {"viewer": viewer_param(viewer)}
-        return await self._delete(Statement(sql.DELETE_DONE, params), Statement(sql.FORGET, params))
+        return await self._delete(
+            Statement(sql.DELETE_DONE, params), Statement(sql.FORGET, params), answering=answering
+        )
 
-    async def delete_expired(self, viewer: str | None, stamp: float) -> int:
+    async def delete_expired(
+        self, viewer: str | None, stamp: float, answering: Answering | None = None
+    ) -> int:
         """delete() for visible pending jobs created before `stamp` and done jobs finished
         before it (epoch seconds, as ArangoDB's stamps)."""
         # float(): an int stamp beyond 64 bits must not fail the writer's whole batch.
         params = {"viewer": viewer_param(viewer), "stamp": float(stamp)}
         return await self._delete(
-            Statement(sql.DELETE_DONE_EXPIRED, params), Statement(sql.FORGET_EXPIRED, params)
+            Statement(sql.DELETE_DONE_EXPIRED, params),
+            Statement(sql.FORGET_EXPIRED, params),
+            answering=answering,
         )
 
     # -- retention ---------------------------------------------------------------------
@@ -253,9 +270,57 @@ class Facade(StoreCore):
             removed += _tally(gone)
         return removed
 
-    async def _delete(self, *statements: Statement) -> int:
-        """Deletes and forgets in one write; how many jobs were deleted or forgotten."""
-        return len(await self._write_rows(*statements, on_commit=self._removed, scrubs=True))
+    async def _delete(
+        self,
+        *statements: Statement,
+        answering: Answering | None,
+        seen: dict[str, Any] | None = None,
+    ) -> int:
+        """Deletes and forgets in one write; how many jobs were deleted or forgotten.
+        `answering`: the job to finish in that write, with its answer `found` if job
+        ``seen["id"]`` is there for ``seen["viewer"]`` (`by_id`) before the deletes,
+        else `missing`; always `found` without `seen`."""
+        if answering is None:
+            return len(await self._write_rows(*statements, on_commit=self._removed, scrubs=True))
+        job = answering.job_id
+        before = [] if seen is None else [self._answer(job, answering.missing, seen)]
+        after = self._answer(job, answering.found, {})
+        finishing = [*before, after]
+
+        def committed(each: Result) -> None:
+            results = cast(list[list[Any]], each)
+            for removed in results[len(before) : -1]:
+                self._removed(removed)
+            answered = [*results[: len(before)], results[-1]]
+            for (_, response, size), changed in zip(finishing, answered, strict=True):
+                self._finish_committed(changed, job, response, size, None)
+
+        future = self._writer.enqueue(
+            *(statement for statement, _, _ in before),
+            *statements,
+            after[0],
+            want=Want.ROWS_EACH,
+            on_commit=committed,
+            scrubs=True,
+        )
+        results = cast(list[list[Any]], await future)
+        return sum(len(removed) for removed in results[len(before) : -1])
+
+    def _answer(
+        self, job_id: int, response: StoredResponse, seen: dict[str, Any]
+    ) -> tuple[Statement, StoredResponse, int]:
+        """The statement that finishes job `job_id` with `response` in `_delete`."""
+        headers, size = self._result_values(response)
+        params = {
+            **seen,
+            "job": job_id,
+            "finished": time.time(),
+            "status": response.status,
+            "rheaders": headers,
+            "rbody": response.body,
+            "rsize": size,
+        }
+        return Statement(sql.ANSWER_UNLESS_SEEN if seen else sql.ANSWER, params), response, size
 
 
 def _claim_result(

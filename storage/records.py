@@ -161,3 +161,16 @@ class Removed:
 
     def __add__(self, other: Removed) -> Removed:
         return Removed(self.count + other.count, self.bytes + other.bytes)
+
+
+@frozen
+class Answering:
+    """A job for the job API that deletes jobs (``DELETE /_api/job/...`` sent as an async
+    job), finished in the same write as its deletes (``JobStore.delete*``): with `found`
+    if the job it deletes was there for its viewer (always, for ``all`` and
+    ``expired``), else with `missing`. So no crash leaves the deletes done and the job
+    to run again (where ``all`` would take jobs accepted since)."""
+
+    job_id: int
+    found: StoredResponse
+    missing: StoredResponse

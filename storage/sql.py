@@ -87,6 +87,30 @@ FORGET_ONE = f"{_FORGET} AND id = :id {_FORGOTTEN}"
 DELETE_DONE_EXPIRED = f"{_DELETE_DONE} AND finished < :stamp {_REMOVED}"
 FORGET_EXPIRED = f"{_FORGET} AND created < :stamp {_FORGOTTEN}"
 
+
+def _finish_set(value: str) -> str:
+    """The SET list that makes a job done with a result, each value `value` + its name
+    (":" for a parameter, "NEW." in a command's trigger). The result is kept for mode
+    store only, and the request is wiped."""
+    return (
+        f"state = 'done', finished = {value}finished, status = {value}status,"
+        f" rheaders = CASE mode WHEN 'store' THEN {value}rheaders END,"
+        f" rbody = CASE mode WHEN 'store' THEN {value}rbody END, rsize = {value}rsize,"
+        " auth = NULL, headers = NULL, body = NULL"
+    )
+
+
+# A job for the job API that deletes (DELETE /all, /expired, /{id} run as a job) is
+# finished in the write of its deletes: after them with its answer (a job that deleted
+# itself is forgotten by then: its answer is dropped, as ArangoDB's), and for /{id}
+# before them with the answer for a job :id not there for :viewer (then the answer
+# after them finds it done). Each returns (mode, user, 0) as finish_job's outcome.
+_ANSWER = f"UPDATE jobs SET {_finish_set(':')} WHERE id = :job AND {PENDING}"
+_ANSWERED = "RETURNING mode, user, 0"
+ANSWER = f"{_ANSWER} {_ANSWERED}"
+_SEEN = f"EXISTS (SELECT 1 FROM jobs WHERE id = :id AND {VISIBLE})"
+ANSWER_UNLESS_SEEN = f"{_ANSWER} AND NOT {_SEEN} {_ANSWERED}"
+
 # Retention: only done jobs, oldest-finished first, at most :limit per statement so
 # that one sweep never holds the writer (and every accept behind it) for long.
 OLDEST_FINISHED = f"SELECT min(finished) FROM {DONE_BY_AGE}"
@@ -154,12 +178,7 @@ _FINISHED = (
     " AND (NEW.upstream_id IS NULL OR upstream_id = NEW.upstream_id)"
 )
 _FINISH_COLUMNS = "id, state1, state2, upstream_id, finished, status, rheaders, rbody, rsize"
-_FINISH_UPDATE = (
-    "UPDATE jobs SET state = 'done', finished = NEW.finished, status = NEW.status,"
-    " rheaders = CASE mode WHEN 'store' THEN NEW.rheaders END,"
-    " rbody = CASE mode WHEN 'store' THEN NEW.rbody END, rsize = NEW.rsize,"
-    f" auth = NULL, headers = NULL, body = NULL {_FINISHED};"
-)
+_FINISH_UPDATE = f"UPDATE jobs SET {_finish_set('NEW.')} {_FINISHED};"
 _FINISH = _command(
     "finish_job",
     _FINISH_COLUMNS,

@@ -892,6 +892,50 @@ async def test_a_result_an_async_fetch_took_is_still_there_when_a_stop_ends_the_
         await reopened.close()
 
 
+@pytest.mark.parametrize("what", ["{done}", "all", "expired?stamp={later}"])
+async def test_a_delete_run_as_a_job_deletes_nothing_until_its_answer_can_be_stored(
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    what: str,
+) -> None:
+    """DELETE /_api/job/... sent as an async job: what it deletes is in the file only
+    with its answer. While the store cannot store any job's result (a fault: SQLite
+    refuses to write the column), the job deletes nothing. (Had it deleted in a write
+    of its own, a crash then would run it again after the start: a 404 for the job it
+    deleted, or ``all`` forgetting the jobs accepted since.) Once the fault has
+    passed, it runs."""
+    app, base = proxy_app
+    jobs = Client(http, base)
+    done = await jobs.submit("GET", "/_api/version")
+    await jobs.wait_done(done)
+    store = app[STORE]
+    denied = 0
+
+    def authorize(action: int, table: str | None, column: str | None, *_: Any) -> int:
+        nonlocal denied
+        if action == sqlite3.SQLITE_UPDATE and (table, column) == ("jobs", "status"):
+            denied += 1
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    await store._writer.call(lambda conn: conn.set_authorizer(authorize))
+    deleting = await jobs.submit(
+        "DELETE", "/_api/job/" + what.format(done=done, later=time.time() + 60)
+    )
+    await eventually(lambda: denied >= 3)  # (the job was tried more than once)
+    await store.flush()
+    assert rows_of(tmp_path / "data") == {int(done): "done", int(deleting): "accepted"}
+    await store._writer.call(lambda conn: conn.set_authorizer(None))
+    if what == "{done}":
+        answer = await jobs.result(deleting)
+        assert (answer.status, answer.json) == (200, {"result": True})
+    else:  # (it deleted itself as well, as in ArangoDB: no answer is kept)
+        await eventually(lambda: rows_of(tmp_path / "data") == {})
+        await store.flush()  # (the file may be a moment ahead of the store's memory)
+    assert (await jobs.call("GET", f"/_api/job/{done}")).status == 404
+
+
 async def test_a_job_a_dead_worker_process_marked_after_it_was_sent_again_is_harvested(
     standin: StandIn,
     proxy_app: tuple[web.Application, str],

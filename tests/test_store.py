@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from storage import (
+    Answering,
     CapacityExceeded,
     JobMode,
     JobState,
@@ -350,6 +351,99 @@ async def test_delete_expired_uses_created_for_pending_and_finished_for_done(
     assert await store.list_ids(done=True, viewer=None, limit=10) == []
     assert await store.list_ids(done=False, viewer=None, limit=10) == []
     assert store.unfinished == 2  # forgotten pending jobs still run
+
+
+FOUND = StoredResponse(200, (("Content-Type", "application/json"),), b'{"result":true}')
+MISSING = StoredResponse(404, (("Content-Type", "application/json"),), b'{"error":true}')
+
+
+async def figures_after_reopen(store: JobStore, data: Path) -> tuple[int, int]:
+    """The store's counts in memory, after checking them against a store opened anew."""
+    await store.flush()  # (fetched results' deletes)
+    counted = (store.unfinished, store.result_bytes)
+    await store.close()
+    reopened = await JobStore.open(data)
+    try:
+        assert (reopened.unfinished, reopened.result_bytes) == counted
+    finally:
+        await reopened.close()
+    return counted
+
+
+async def test_a_delete_run_as_a_job_is_that_jobs_answer_in_the_same_write(data: Path) -> None:
+    """DELETE /_api/job/{id} sent as an async job (`Answering`): the delete and the job's
+    answer commit together (a crash between two writes would run the job again, and
+    then find nothing), found or not; the counts in memory stay exact."""
+    store = await JobStore.open(data)
+    done = await store.accept(new_job())
+    assert await store.finish(done, RESULT)
+    pending = await store.accept(new_job())
+    deleting = [await store.accept(new_job(method="DELETE")) for _ in range(4)]
+    commits = store.commits
+    assert await store.delete(done, "alice", Answering(deleting[0], FOUND, MISSING))
+    assert store.commits == commits + 1
+    assert await store.delete(pending, "alice", Answering(deleting[1], FOUND, MISSING))
+    assert not await store.delete(done, "alice", Answering(deleting[2], FOUND, MISSING))
+    assert not await store.delete(pending, "bob", Answering(deleting[3], FOUND, MISSING))
+    assert [await store.take_result(job, "alice") for job in deleting] == [
+        FOUND,
+        FOUND,
+        MISSING,
+        MISSING,
+    ]
+    assert await store.state(done, None) is None
+    assert await store.state(pending, None) is None  # forgotten: it runs on
+    assert await figures_after_reopen(store, data) == (1, 0)
+
+
+async def test_a_delete_run_as_a_job_of_a_result_being_fetched_is_answered_not_found(
+    store: JobStore,
+) -> None:
+    done = await store.accept(new_job())
+    assert await store.finish(done, RESULT)
+    deleting = await store.accept(new_job(method="DELETE"))
+    assert await store.take_result(done, "alice") == RESULT  # (its row's delete is lazy)
+    assert not await store.delete(done, "alice", Answering(deleting, FOUND, MISSING))
+    assert await store.take_result(deleting, "alice") == MISSING
+
+
+@pytest.mark.parametrize("what", ["one", "all", "expired"])
+async def test_a_delete_run_as_a_job_that_deletes_that_job_drops_its_answer(
+    data: Path, what: str
+) -> None:
+    """As in ArangoDB: the job is forgotten by its own delete, and its answer with it."""
+    store = await JobStore.open(data)
+    other = await store.accept(new_job())
+    assert await store.finish(other, RESULT)
+    kept = store.result_bytes
+    deleting = await store.accept(new_job(method="DELETE"))
+    answering = Answering(deleting, FOUND, MISSING)
+    if what == "one":
+        assert await store.delete(deleting, "alice", answering)
+    elif what == "all":
+        assert await store.delete_all("alice", answering) == 2
+    else:
+        assert await store.delete_expired("alice", time.time() + 60, answering) == 2
+    assert await store.take_result(deleting, "alice") is None
+    assert raw_rows(data, "SELECT id FROM jobs") == ([(other,)] if what == "one" else [])
+    assert await figures_after_reopen(store, data) == (0, kept if what == "one" else 0)
+
+
+async def test_deletes_of_many_run_as_a_job_are_its_answer_in_the_same_write(data: Path) -> None:
+    store = await JobStore.open(data)
+    mine, bobs = await store.accept(new_job()), await store.accept(new_job(user="bob"))
+    deleting = await store.accept(new_job(method="DELETE", created=time.time() + 30))
+    commits = store.commits
+    assert await store.delete_all("alice", Answering(deleting, FOUND, MISSING)) == 2
+    assert store.commits == commits + 1  # (the job itself, too: it was pending)
+    assert await store.take_result(deleting, "alice") is None
+    assert await store.state(bobs, None) is JobState.ACCEPTED
+    expiring = await store.accept(new_job(method="DELETE", created=time.time() + 30))
+    assert await store.delete_expired(None, time.time(), Answering(expiring, FOUND, MISSING)) == 1
+    assert await store.take_result(expiring, None) == FOUND  # (created after the stamp)
+    assert await store.state(bobs, None) is None
+    assert await store.state(mine, None) is None
+    assert await figures_after_reopen(store, data) == (2, 0)  # (the forgotten two run on)
 
 
 @pytest.mark.parametrize("job_id", [0, -1, 2**63, 2**64 - 1, 2**63 - 1])
