@@ -125,6 +125,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 SYNCHRONOUS = ("FULL", "NORMAL")
 LOST_JOB_POLICIES = ("rerun", "rerun-safe", "fail")
 WORKERS = ("process", "inline")
+MIN_HEADER_SIZE = 1024  # bytes: server.max_header_size
+MIN_DB_SIZE = 256 * 1024  # bytes: storage.max_db_size, unless 0
 
 
 def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
@@ -234,14 +236,26 @@ def _validate(config: Config) -> None:
             f"server.{missing}: expected a PEM file path, since server.{have} is set"
             " (TLS needs both or neither)"
         )
-    if config.storage.max_db_size < 0:
-        raise ConfigError(
-            f"storage.max_db_size: expected 0 (no limit) or a size in bytes, "
-            f"got {config.storage.max_db_size}"
-        )
+    _check_sizes(config)
     if not config.storage.data:
         raise ConfigError("storage.data: expected a folder path, got an empty string")
     _check_paths(config)
+
+
+def _check_sizes(config: Config) -> None:
+    """The least sizes that leave the proxy able to take anything."""
+    if config.server.max_header_size < MIN_HEADER_SIZE:
+        # (a client's ordinary header fields, a JWT among them, take several hundred)
+        raise ConfigError(
+            f"server.max_header_size: expected at least {MIN_HEADER_SIZE} bytes, "
+            f"got {config.server.max_header_size}"
+        )
+    if config.storage.max_db_size < 0 or 0 < config.storage.max_db_size < MIN_DB_SIZE:
+        # (below it the schema and SQLite's reserve leave room for next to no job)
+        raise ConfigError(
+            f"storage.max_db_size: expected 0 (no limit) or a size of at least "
+            f"{MIN_DB_SIZE} bytes (256 KiB), got {config.storage.max_db_size}"
+        )
 
 
 def _check_paths(config: Config) -> None:

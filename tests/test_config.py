@@ -71,6 +71,9 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ("[storage]\nsynchronous = 'OFF'\n", "storage.synchronous: expected one of FULL, NORMAL"),
         ("[storage]\ndata = ''\n", "storage.data: expected a folder path"),
         ("[storage]\nmax_db_size = -1\n", "storage.max_db_size: expected 0 (no limit) or a size"),
+        ("[storage]\nmax_db_size = 1\n", "storage.max_db_size: expected 0 (no limit) or a size"),
+        ("[storage]\nmax_db_size = 262143\n", "of at least 262144 bytes (256 KiB), got 262143"),
+        ("[server]\nmax_header_size = 1023\n", "server.max_header_size: expected at least 1024"),
         ("[server]\nshutdown_grace = 0\n", "server.shutdown_grace: expected a positive number"),
         ("[jobs]\nlost_job_policy = 'maybe'\n", "jobs.lost_job_policy: expected one of rerun"),
         ("[jobs]\nresult_ttl = -1\n", "jobs.result_ttl: expected 0 (off) or a positive"),
@@ -112,6 +115,13 @@ def test_retention_is_off_by_default_and_takes_zero_or_more(tmp_path: Path) -> N
     assert (jobs.result_ttl, jobs.max_result_bytes) == (90.0, 1048576)
     path.write_text("[jobs]\nresult_ttl = 0\nmax_result_bytes = 0\n")
     assert load_config(path) == Config()
+
+
+def test_the_least_sizes_allowed_are_taken(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nmax_header_size = 1024\n[storage]\nmax_db_size = 262144\n")
+    config = load_config(path)
+    assert (config.server.max_header_size, config.storage.max_db_size) == (1024, 262144)
 
 
 def test_missing_file(tmp_path: Path) -> None:
