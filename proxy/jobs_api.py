@@ -152,14 +152,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 async def execute(app: web.Application, job_id: int, method: str, target: str, user: str) -> None:
     """Run stored job `job_id`, an async request for the job API, here as ArangoDB
-    would run it, and record its answer as the job's result (retried until it
-    commits, as any result). A result it fetches (``PUT /{id}``) leaves the store in
-    the write that records it: no crash leaves it in neither job, and a full store
-    has its room for the copy. Deletes (``DELETE /{id}``, ``/all``, ``/expired``) are
-    made in the write that records the answer too: no crash leaves them made and the
-    job to run again (``all`` would then take the jobs accepted since). A store error
-    before that (a read or a write that failed) is raised: the job stays accepted and
-    runs again later, as ArangoDB's own 503s are retried rather than kept as results."""
+    would run it, and record its answer as the job's result. A result it fetches
+    (``PUT /{id}``) leaves the store in the write that records it: no crash leaves it
+    in neither job, and a full store has its room for the copy; that write is retried
+    until it commits, as any result's. Deletes (``DELETE /{id}``, ``/all``,
+    ``/expired``) are made in the write that records the answer (`Answering`). A
+    store error before the record, or in a delete's write, is raised: the job stays
+    accepted and runs again later, as ArangoDB's own 503s are retried rather than
+    kept as results."""
     path, _, query = target.partition("?")
     suffixes = suffixes_of(path)
     assert suffixes is not None, "the dispatcher only runs job-API paths here"
@@ -352,14 +352,15 @@ async def _cancel_upstream(app: web.Application, upstream_id: str, job: Job) -> 
     """ArangoDB cancels the job it runs; its (410) result arrives through the harvester.
     (The cancel is recorded before: if ArangoDB loses the job, it is not sent again.
     A cancel that surely never reached ArangoDB is taken back: its client is told it
-    failed, and the job is as if it had not been asked.)"""
+    failed, and the job is as if it had not been asked; unless an earlier cancel was
+    recorded, which may have reached ArangoDB.)"""
     headers = app[CREDENTIALS].headers(job.user, job.auth)
     try:
         await app[UPSTREAM].call(
             "PUT", job_at_arangodb(job.target, upstream_id) + "/cancel", headers
         )
     except UpstreamFailure as failure:
-        if isinstance(failure.__cause__, ConnectionRefusedError):
+        if isinstance(failure.__cause__, ConnectionRefusedError) and not job.cancelled:
             await app[STORE].cancel_submitted(job.id, upstream_id, cancelled=False)
         return failure.response()
     # Any answer will do: 404 means ArangoDB lost the job, which the harvester handles.

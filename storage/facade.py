@@ -196,8 +196,8 @@ class Facade(StoreCore):
         `answering`: the job this delete is, finished in the same write."""
         if not valid_id(job_id) or job_id in self._taken:
             # (a result handed out is gone, its row's delete on its way)
-            if answering is not None:  # nothing to delete: the job's answer alone
-                missing = answering.missing
+            if answering is not None:  # nothing to delete: the job's answer alone,
+                missing = answering.missing  # which is `missing` whatever is there
                 await self._delete(answering=Answering(answering.job_id, missing, missing))
             return False
         params = by_id(job_id, viewer)

@@ -100,11 +100,12 @@ def _finish_set(value: str) -> str:
     )
 
 
-# A job for the job API that deletes (DELETE /all, /expired, /{id} run as a job) is
-# finished in the write of its deletes: after them with its answer (a job that deleted
-# itself is forgotten by then: its answer is dropped, as ArangoDB's), and for /{id}
-# before them with the answer for a job :id not there for :viewer (then the answer
-# after them finds it done). Each returns (mode, user, 0) as finish_job's outcome.
+# A delete run as a job for the job API (records.Answering) finishes that job in the
+# write of its deletes: after them with its answer (a job that deleted itself is
+# forgotten by then: its answer is dropped, as ArangoDB's), and for /{id} before them
+# with the answer for a job :id not there for :viewer (then the answer after them
+# finds it done). Each returns finish_job's outcome (mode, user), and a 0 where
+# finish_taking has the size of the row it took.
 _ANSWER = f"UPDATE jobs SET {_finish_set(':')} WHERE id = :job AND {PENDING}"
 _ANSWERED = "RETURNING mode, user, 0"
 ANSWER = f"{_ANSWER} {_ANSWERED}"

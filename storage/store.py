@@ -3,7 +3,9 @@
 Writes go through the single group-committing writer (``storage.writer``); reads
 use a second, read-only connection, which in WAL mode sees every committed write
 and never blocks the writer. Every state transition is one statement (or, for a
-delete that may either remove or forget a job, two) in one transaction.
+delete that may either remove or forget a job, two; and a delete run as a job for
+the job API finishes that job in the same transaction: `Answering`) in one
+transaction.
 
 Visibility: the job facade's methods see only jobs in mode ``store``; a viewer of
 ``None`` (superuser) sees every user's jobs, a string only the jobs of that user.

@@ -128,6 +128,39 @@ async def test_a_cancel_that_never_reached_arangodb_does_not_stop_a_rerun(
     assert standin.executed[("GET", "/_api/version")] == 1
 
 
+async def test_a_cancel_refused_after_one_that_reached_arangodb_leaves_it_cancelled(
+    standin_factory: Callable[..., Awaitable[StandIn]],
+    serve_proxy: Callable[..., Awaitable[str]],
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """A second cancel of a job (another client's, or a cancel sent as an async job
+    run again after a crash) finds ArangoDB refusing connections: it gets the 503,
+    but takes back nothing: the first cancel reached ArangoDB. ArangoDB then
+    restarts and loses the job: it is not run again."""
+    standin = await standin_factory(workers=1)
+    app = create_app(proxy_config(standin.url, tmp_path / "d", jobs={"lost_job_policy": "rerun"}))
+    jobs = Client(http, await serve_proxy(app))
+    slow, quick = await slow_one_and_one_behind(jobs, Client(http, standin.url), 1.5)
+    for _ in range(400):
+        if len(await app[STORE].submitted()) == 2:
+            break
+        await asyncio.sleep(0.005)
+    else:
+        pytest.fail("the jobs were never recorded as at ArangoDB")
+    assert (await jobs.call("PUT", f"/_api/job/{quick}/cancel")).json == {"result": True}
+    await standin.go_offline()
+    refused = await jobs.call("PUT", f"/_api/job/{quick}/cancel")
+    await standin.go_online()
+    assert (refused.status, refused.json.get("errorNum")) == (503, 503), refused.json
+    await standin.restart()
+    assert (await jobs.result(slow)).status == 201
+    answer = await jobs.result(quick)
+    assert (answer.status, answer.json["errorNum"]) == (500, 4)
+    assert "its owner had cancelled it" in answer.json["errorMessage"]
+    assert standin.executed[("GET", "/_api/version")] == 0
+
+
 @pytest.mark.parametrize("policy", ["rerun", "rerun-safe", "fail"])
 async def test_a_job_whose_own_result_is_a_404_is_not_lost(
     policy: str,
