@@ -126,6 +126,10 @@ SYNCHRONOUS = ("FULL", "NORMAL")
 LOST_JOB_POLICIES = ("rerun", "rerun-safe", "fail")
 WORKERS = ("process", "inline")
 MIN_HEADER_SIZE = 1024  # bytes: server.max_header_size
+# A job is one SQLite row, at most 10**9 bytes (storage.core.RESULT_MOST): its body,
+# header fields and target must fit, with room to spare.
+MAX_HEADER_SIZE = 16 * 1024 * 1024
+MAX_BODY_SIZE = 512 * 1024 * 1024
 MIN_DB_SIZE = 256 * 1024  # bytes: storage.max_db_size, unless 0
 
 
@@ -244,11 +248,17 @@ def _validate(config: Config) -> None:
 
 def _check_sizes(config: Config) -> None:
     """The least sizes that leave the proxy able to take anything."""
-    if config.server.max_header_size < MIN_HEADER_SIZE:
+    server = config.server
+    if not MIN_HEADER_SIZE <= server.max_header_size <= MAX_HEADER_SIZE:
         # (a client's ordinary header fields, a JWT among them, take several hundred)
         raise ConfigError(
-            f"server.max_header_size: expected at least {MIN_HEADER_SIZE} bytes, "
-            f"got {config.server.max_header_size}"
+            f"server.max_header_size: expected {MIN_HEADER_SIZE} to {MAX_HEADER_SIZE} "
+            f"bytes (16 MiB), got {server.max_header_size}"
+        )
+    if server.max_body_size > MAX_BODY_SIZE:
+        raise ConfigError(
+            f"server.max_body_size: expected at most {MAX_BODY_SIZE} bytes (512 MiB: a "
+            f"job is one SQLite row, at most 10^9 bytes), got {server.max_body_size}"
         )
     if config.storage.max_db_size < 0 or 0 < config.storage.max_db_size < MIN_DB_SIZE:
         # (below it the schema and SQLite's reserve leave room for next to no job)

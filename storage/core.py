@@ -30,6 +30,12 @@ from storage.writer import Writer
 
 T = TypeVar("T")
 
+# SQLite keeps at most 10**9 bytes in a row (SQLITE_MAX_LENGTH, as built by default): a
+# result, with the done job's other columns (its target is at most 16 MiB, the most
+# proxy.config allows for header fields), must fit. A larger one would fail its
+# write, and every write batched with it, at each try.
+RESULT_MOST = 10**9 - 32 * 1024 * 1024
+
 
 class Unknown(Enum):
     """What the copies in memory cannot tell (`state_now`, `take_result_now`): the
@@ -143,6 +149,10 @@ class StoreCore:
         under the store's size limit."""
         headers = rows.headers_param(response.headers)  # ASCII: characters are bytes
         size = len(headers) + len(response.body)
+        if size > RESULT_MOST:
+            raise ResultTooLarge(
+                f"a result of {size} bytes is larger than SQLite keeps in a row (10^9 bytes)"
+            )
         reason = self._size_limit and self._size_limit.too_large("a result", size)
         if reason:
             raise ResultTooLarge(reason)

@@ -151,7 +151,10 @@ class Dispatching(StoreCore):
         return self._ready.end_read(jobs, all_of_them=all_of_them, limit=limit)
 
     async def submitted(self) -> list[Job]:
-        """Every job in state submitted, oldest first (the harvester's start-up list)."""
+        """Every job in state submitted, oldest first (the harvester's start-up list),
+        each with an empty body: the harvester needs none (a job ArangoDB lost goes
+        back to state accepted, and is read anew to be sent again), and 64 jobs of
+        64 MiB must not travel to a worker process as one message."""
         found = await self._read(sql.SELECT_SUBMITTED, {})
         return [rows.job_from_row(row) for row in found]
 

@@ -25,4 +25,5 @@ class StoreFull(CapacityExceeded):
 
 
 class ResultTooLarge(Exception):
-    """finish() was given a result larger than a store limited by ``max_size`` can hold."""
+    """finish() was given a result larger than the store can ever hold: than a store
+    limited by ``max_size`` can, or than SQLite keeps in a row (`RESULT_MOST`)."""

@@ -64,7 +64,9 @@ SELECT_ACCEPTED = (
     " WHERE (n <= :limit AND (n = 1 OR running <= :most)) OR running <= :room"
     ") USING (id) ORDER BY id"
 )
-SELECT_SUBMITTED = f"SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'submitted' ORDER BY id"
+# (without the bodies: the harvester needs none, and a job sent again is read anew)
+_NO_BODY = JOB_COLUMNS.replace(" body,", " X'' AS body,")
+SELECT_SUBMITTED = f"SELECT {_NO_BODY} FROM jobs WHERE state = 'submitted' ORDER BY id"
 SELECT_STATE = f"SELECT state FROM jobs WHERE id = :id AND {VISIBLE}"
 IS_ACCEPTED = "SELECT 1 FROM jobs WHERE id = :id AND state = 'accepted'"  # any mode, any owner
 SELECT_RESULT = f"SELECT state, {RESULT_COLUMNS} FROM jobs WHERE id = :id AND {VISIBLE}"

@@ -73,7 +73,12 @@ def test_file_then_flags_override(tmp_path: Path) -> None:
         ("[storage]\nmax_db_size = -1\n", "storage.max_db_size: expected 0 (no limit) or a size"),
         ("[storage]\nmax_db_size = 1\n", "storage.max_db_size: expected 0 (no limit) or a size"),
         ("[storage]\nmax_db_size = 262143\n", "of at least 262144 bytes (256 KiB), got 262143"),
-        ("[server]\nmax_header_size = 1023\n", "server.max_header_size: expected at least 1024"),
+        ("[server]\nmax_header_size = 1023\n", "server.max_header_size: expected 1024 to 16777216"),
+        ("[server]\nmax_header_size = 16777217\n", "server.max_header_size: expected 1024 to"),
+        (
+            "[server]\nmax_body_size = 536870913\n",
+            "server.max_body_size: expected at most 536870912",
+        ),
         ("[server]\nshutdown_grace = 0\n", "server.shutdown_grace: expected a positive number"),
         ("[jobs]\nlost_job_policy = 'maybe'\n", "jobs.lost_job_policy: expected one of rerun"),
         ("[jobs]\nresult_ttl = -1\n", "jobs.result_ttl: expected 0 (off) or a positive"),
@@ -117,11 +122,14 @@ def test_retention_is_off_by_default_and_takes_zero_or_more(tmp_path: Path) -> N
     assert load_config(path) == Config()
 
 
-def test_the_least_sizes_allowed_are_taken(tmp_path: Path) -> None:
+def test_the_least_and_largest_sizes_allowed_are_taken(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[server]\nmax_header_size = 1024\n[storage]\nmax_db_size = 262144\n")
     config = load_config(path)
     assert (config.server.max_header_size, config.storage.max_db_size) == (1024, 262144)
+    path.write_text("[server]\nmax_header_size = 16777216\nmax_body_size = 536870912\n")
+    config = load_config(path)
+    assert (config.server.max_header_size, config.server.max_body_size) == (2**24, 2**29)
 
 
 def test_missing_file(tmp_path: Path) -> None:
