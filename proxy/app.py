@@ -28,13 +28,13 @@ from aiohttp.http import HttpVersion11
 from proxy import jobs_api, ops
 from proxy.arango_request import header
 from proxy.auth import Verifier
-from proxy.config import Config
+from proxy.config import MAX_HEADER_FIELDS, Config
 from proxy.cors import Origins
 from proxy.errors import (
     ERROR_BAD_PARAMETER,
-    ERROR_HEADERS_TOO_LARGE,
     ERROR_INTERNAL,
     arango_error,
+    headers_too_large,
 )
 from proxy.intake import async_mode, intake
 from proxy.passthrough import passthrough
@@ -76,9 +76,9 @@ async def refuse_unservable(
       comes only with CONNECT, refused above): glued to the upstream URL they made an
       invalid URL (a 500), and as an async job one the dispatcher could never
       send. ArangoDB serves none of them (it finds no handler for such a path).
-    - Header fields over ``server.max_header_size`` in all: 431. aiohttp's
-      parser, set far above this limit (`runner_options`), would answer a bare
-      400 and log.
+    - Header fields over ``server.max_header_size`` in all: 431, as for one field
+      over it or too many fields, which aiohttp's parser refuses as it reads them
+      (`runner_options`, proxy.listener).
 
     And a bug while serving a request gets ArangoDB's 500 (errorNum 4, "internal
     error"), logged, with the connection closed, where aiohttp would answer a
@@ -94,11 +94,7 @@ async def refuse_unservable(
         return arango_error(400, ERROR_BAD_PARAMETER, "the request target must be a path")
     limit = request.app[CONFIG].server.max_header_size
     if sum(len(name) + len(value) + 4 for name, value in request.raw_headers) > limit:
-        return arango_error(
-            431,
-            ERROR_HEADERS_TOO_LARGE,
-            f"request header fields are larger than the limit of {limit} bytes",
-        )
+        return headers_too_large(limit)
     try:
         return await handler(request)
     except (web.HTTPException, ConnectionError):
@@ -216,17 +212,17 @@ def runner_options(config: Config) -> dict[str, Any]:
     # The keep-alive timer also runs while a request's headers arrive, so
     # idle_timeout bounds slow senders of headers too. A client that hangs up
     # must not cancel its handler half-way (an accept's write, a fetch's claim).
-    # The parser's own limits sit above server.max_header_size (one field may be
-    # 4 times as large; as many fields as 8-byte lines fill the limit), so that
-    # refuse_unservable answers oversize headers in ArangoDB's shape; only what
-    # is beyond even these gets aiohttp's bare 400.
+    # The parser refuses a field larger than server.max_header_size, and more than
+    # MAX_HEADER_FIELDS fields, as it reads them (proxy.listener answers those 431 in
+    # ArangoDB's shape): what it holds for one connection's head is bounded. Any
+    # other oversize head is parsed, then refused by refuse_unservable.
     # shutdown_timeout: how long a graceful stop waits for handlers under way.
     # Bodies are read as sent: a gzip or deflate body goes to ArangoDB with its
     # Content-Encoding and Content-Length, and ArangoDB decodes it (or refuses).
     return {
         "auto_decompress": False,
-        "max_field_size": 4 * config.server.max_header_size,
-        "max_headers": config.server.max_header_size // 8,
+        "max_field_size": config.server.max_header_size,
+        "max_headers": MAX_HEADER_FIELDS,
         "keepalive_timeout": config.server.idle_timeout,
         "access_log": None,
         "handler_cancellation": False,

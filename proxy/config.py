@@ -129,6 +129,10 @@ MIN_HEADER_SIZE = 1024  # bytes: server.max_header_size
 # A job is one SQLite row, at most 10**9 bytes (storage.core.RESULT_MOST): its body,
 # header fields and target must fit, with room to spare.
 MAX_HEADER_SIZE = 16 * 1024 * 1024
+# Most header fields a request may have (431 beyond; aiohttp allows 128 by default):
+# with server.max_header_size as the most one field may hold, what a connection's
+# parser holds before it refuses is bounded (256 x 64 KiB by default).
+MAX_HEADER_FIELDS = 256
 MAX_BODY_SIZE = 512 * 1024 * 1024
 MIN_DB_SIZE = 256 * 1024  # bytes: storage.max_db_size, unless 0
 

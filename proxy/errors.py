@@ -69,6 +69,15 @@ def arango_error(
     )
 
 
+def headers_too_large(limit: int) -> web.Response:
+    """431 for a request whose header fields exceed `limit` (server.max_header_size)."""
+    return arango_error(
+        431,
+        ERROR_HEADERS_TOO_LARGE,
+        f"request header fields are larger than the limit of {limit} bytes",
+    )
+
+
 class UpstreamFailure(Exception):
     """ArangoDB could not be reached or did not answer in time."""
 

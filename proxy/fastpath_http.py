@@ -12,10 +12,13 @@ anything else to aiohttp, which judges it:
                    within server.max_header_size (as refuse_unservable counts)
                    and aiohttp's count of fields
     exactly one    Host; at most one x-arango-async, "true" or "store"
-    at most one    Content-Length (digits, within server.max_body_size)
+    at most one    Content-Length (digits, within server.max_body_size); any
+                   other field aiohttp's parser takes once only (Content-Type,
+                   User-Agent, ...)
     none of        Transfer-Encoding, Expect, Upgrade, Origin (a browser's request:
                    the proxy's own answers to it get CORS headers, `proxy.cors`);
-                   a Connection other than keep-alive or close
+                   a Connection (or Proxy-Connection, read alike) other than
+                   keep-alive or close
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from multidict import CIMultiDict
 from proxy import jobs_api
 from proxy.arango_headers import ArangoHeaders
 from proxy.auth import OMIT_CHALLENGE
+from proxy.config import MAX_HEADER_FIELDS
 from proxy.intake import ASYNC_HEADER, QUEUE_TIME_HEADER
 from storage import JobMode
 
@@ -50,6 +54,7 @@ _NOTED = frozenset(
         "x-arango-async",
         "content-length",
         "connection",
+        "proxy-connection",
         "authorization",
         "transfer-encoding",
         "expect",
@@ -58,6 +63,12 @@ _NOTED = frozenset(
         "x-omit-www-authenticate",
         "x-arango-queue-time-seconds",
     }
+)
+# fields aiohttp's parser refuses twice (RFC 9110's singletons; host and content-length
+# are counted in `seen`, transfer-encoding handed over at once)
+_SINGLETONS = frozenset(
+    {"content-location", "content-range", "content-type", "etag", "max-forwards", "server"}
+    | {"user-agent"}
 )
 _ODD_PATH = re.compile(r"%|//|/\.\.?(?:/|$)")
 _REFUSED_FIELDS = frozenset({"transfer-encoding", "expect", "upgrade", "origin"})
@@ -114,6 +125,7 @@ def parse(head: bytes, max_header_size: int, max_body_size: int) -> Submission |
     headers: list[tuple[str, str]] = []
     size = 0
     seen = {"host": 0, ASYNC_HEADER: 0, "content-length": 0}
+    singles: set[str] = set()
     # (one field a line, each checked by _FIELDS: a name holds no colon, a value no CR)
     for field in fields.split("\r\n")[:-1]:
         name, _, value = field.partition(":")
@@ -126,8 +138,12 @@ def parse(head: bytes, max_header_size: int, max_body_size: int) -> Submission |
                 seen[lower] += 1
             if not _take(submission, lower, value):
                 return None
-    if size > max_header_size or len(headers) >= max_header_size // 8:
-        return None  # refuse_unservable's 431, or aiohttp's 400 for too many fields
+        elif lower in _SINGLETONS:
+            if lower in singles:
+                return None  # aiohttp's parser refuses it: the same answer on both paths
+            singles.add(lower)
+    if size > max_header_size or len(headers) >= MAX_HEADER_FIELDS:
+        return None  # refuse_unservable's 431, or the parser's for too many fields
     submission.headers = headers
     if (
         seen["host"] != 1
@@ -180,7 +196,7 @@ def _take(submission: Submission, lower: str, value: str) -> bool:
         submission.omit_challenge = True
     elif lower == QUEUE_TIME_HEADER:
         submission.queue_limit = value
-    elif lower == "connection":
+    elif lower in ("connection", "proxy-connection"):  # (llhttp reads both alike)
         option = value.lower()
         if option not in ("keep-alive", "close"):
             return False

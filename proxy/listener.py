@@ -9,13 +9,20 @@ import asyncio
 import logging
 import re
 import ssl
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.app import runner_options
-from proxy.errors import ERROR_BAD_PARAMETER, arango_error
+from proxy.config import MAX_HEADER_FIELDS
+from proxy.errors import (
+    ERROR_BAD_PARAMETER,
+    ERROR_HEADERS_TOO_LARGE,
+    arango_error,
+    headers_too_large,
+)
 from proxy.fastpath import FastFront
 from proxy.state import CONFIG, SHUTDOWN
 
@@ -27,6 +34,7 @@ _FIXED_REASONS = (
     (LineTooLong, "a line of the request is too long"),
 )
 _PLAIN_REASON = re.compile(r"[A-Za-z][A-Za-z -]{0,79}")
+_TOO_MANY_FIELDS = "Too many headers received"  # (aiohttp's parsers' own words)
 
 
 def refusal_reason(exc: HttpProcessingError) -> str:
@@ -42,13 +50,19 @@ def refusal_reason(exc: HttpProcessingError) -> str:
 
 class _ArangoShapedRefusals(RequestHandler):
     """aiohttp's protocol, but a request its parser refuses gets a 400 in ArangoDB's
-    error shape and one WARNING line, neither of which holds the request's bytes.
+    error shape and one WARNING line, neither of which holds the request's bytes;
+    a 431 for a header field over `field_limit` (server.max_header_size) or more
+    than MAX_HEADER_FIELDS fields, as proxy.app answers oversize headers.
 
     aiohttp answers it text/plain with the parser's message, which quotes the line
     at fault (an Authorization header, say), and logs that message at ERROR with a
     traceback: a client's password in the proxy's log, and a way to fill it."""
 
-    __slots__ = ()
+    __slots__ = ("_field_limit",)
+
+    def __init__(self, *args: Any, field_limit: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._field_limit = field_limit
 
     def handle_error(
         self,
@@ -61,7 +75,15 @@ class _ArangoShapedRefusals(RequestHandler):
             return super().handle_error(request, status, exc, message)
         reason = refusal_reason(exc)
         log.warning("malformed request from %s refused: %s", request.remote, reason)
-        response = arango_error(status, ERROR_BAD_PARAMETER, f"malformed request: {reason}")
+        if isinstance(exc, LineTooLong) and exc.args[1:2] == (self._field_limit,):
+            # (a field the parser would not hold; the request line's limit is another)
+            response = headers_too_large(self._field_limit)
+        elif exc.message == _TOO_MANY_FIELDS:
+            response = arango_error(
+                431, ERROR_HEADERS_TOO_LARGE, f"more than {MAX_HEADER_FIELDS} header fields"
+            )
+        else:
+            response = arango_error(status, ERROR_BAD_PARAMETER, f"malformed request: {reason}")
         response.headers["Server"] = "ArangoDB"  # (the proxy's answers carry ArangoDB's)
         response.force_close()
         return response
@@ -90,10 +112,13 @@ class Listener:
             server = self._runner.server
             assert server is not None
             loop = asyncio.get_running_loop()
+            field_limit = self.app[CONFIG].server.max_header_size
 
             def aiohttp_protocol() -> RequestHandler:
                 # as server() makes its protocol, with the options the runner gave it
-                return _ArangoShapedRefusals(server, loop=loop, **server._kwargs)
+                return _ArangoShapedRefusals(
+                    server, loop=loop, field_limit=field_limit, **server._kwargs
+                )
 
             self._front = FastFront(self.app, aiohttp_protocol, secure=self._ssl is not None)
             config = self.app[CONFIG].server

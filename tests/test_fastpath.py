@@ -189,6 +189,10 @@ SAME_ANSWERS = {
     "pass-through, not found": req(b"DELETE /_api/collection/none HTTP/1.1", AUTH),
     "pass-through, no credentials": req(b"GET /_api/version HTTP/1.1"),
     "pass-through, closing": req(b"GET /_api/version HTTP/1.1", AUTH, b"Connection: close\r\n"),
+    "pass-through, Proxy-Connection: close": req(
+        b"GET /_api/version HTTP/1.1", AUTH, b"Proxy-Connection: close\r\n"
+    ),
+    "job, Proxy-Connection: close": req(VERSION, AUTH, STORE_MODE, b"Proxy-Connection: close\r\n"),
     "pass-through, keep-alive then close": req(
         b"GET /_api/version HTTP/1.1", AUTH, b"Connection: keep-alive\r\nConnection: close\r\n"
     ),
