@@ -4,12 +4,14 @@ turn's as one pickled frame (both ends are this program; see proxy.worker_proces
 from __future__ import annotations
 
 import asyncio
+import logging
 import pickle
 import struct
 from collections.abc import Callable
 from typing import Any, cast
 
 _FRAME = struct.Struct("!I")
+log = logging.getLogger(__name__)
 
 
 class Channel(asyncio.Protocol):
@@ -58,8 +60,16 @@ class Channel(asyncio.Protocol):
     def _flush(self) -> None:
         messages, self._outbox = self._outbox, []
         if messages and self._transport is not None and not self._transport.is_closing():
-            payload = pickle.dumps(messages, pickle.HIGHEST_PROTOCOL)
-            self._transport.write(_FRAME.pack(len(payload)) + payload)
+            try:
+                payload = pickle.dumps(messages, pickle.HIGHEST_PROTOCOL)
+                frame = _FRAME.pack(len(payload))
+            except Exception:
+                # (a bug, or a frame of 4 GiB: never a message lost with its caller left
+                # waiting; the worker process exits with the channel, and is started again)
+                log.exception("cannot send %d message(s): closing the channel", len(messages))
+                self._transport.close()
+                return
+            self._transport.write(frame + payload)
 
     def close(self) -> None:
         if self._transport is not None:

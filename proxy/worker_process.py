@@ -57,6 +57,7 @@ from proxy.tokens import JobCredentials
 from proxy.upstream import Upstream
 from proxy.workers import Workers
 from storage import Job, JobState, Mark, ResultTooLarge, StoredResponse, StoreError
+from storage.core import too_large_for_a_row
 from storage.records import UNFINISHED
 from storage.store import UNKNOWN
 
@@ -86,6 +87,7 @@ class WorkerProcess:
         self._channel = Channel(self._received, lambda: None)
         self._process: asyncio.subprocess.Process | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._stopping = False
         self._serving: set[asyncio.Task[None]] = set()
         self._executing: dict[int, asyncio.Task[None]] = {}  # job-API jobs run here, by id
         self._answering: set[asyncio.Task[None]] = set()  # the children's calls for those
@@ -108,6 +110,7 @@ class WorkerProcess:
             self._channel.send(("wake",))
 
     def stop_dispatching(self) -> None:
+        self._stopping = True  # (a child that dies from now on is not started again)
         self._channel.send(("stop",))
 
     async def stop(self, grace: float) -> None:
@@ -164,6 +167,9 @@ class WorkerProcess:
             started = loop.time()
             code = await self._process.wait()
             self._channel.close()
+            if self._stopping:
+                log.warning("the worker process exited with %s while the proxy stops", code)
+                return
             self._metrics["worker_restarts_total"] += 1
             delay = RESTART_MIN if loop.time() - started > YOUNG else delay
             log.error(
@@ -194,6 +200,14 @@ class WorkerProcess:
             return
         _, call_id, name, args, kwargs = message
         channel = self._channel  # the reply goes to the child that asked, never to a later one
+        try:
+            self._answer(channel, call_id, name, args, kwargs)
+        except Exception as exc:  # (a bug: answered as one, the channel serves on)
+            channel.send(_failed(call_id, exc))
+
+    def _answer(
+        self, channel: Channel, call_id: int, name: str, args: Any, kwargs: dict[str, Any]
+    ) -> None:
         call: Awaitable[Any]
         if name == "next_accepted":
             self._woken = False  # before the look: a job accepted after it wakes the child
@@ -204,12 +218,8 @@ class WorkerProcess:
             call = self._store.next_accepted(*args)
         elif name == "finish":
             # The commonest call (a result per job): answered from the write's future,
-            # without a task of its own.
-            try:
-                written = self._store.finish_nowait(*args, **kwargs)
-            except Exception as exc:
-                channel.send(_failed(call_id, exc))
-                return
+            # without a task of its own. (ResultTooLarge, raised here, goes back as is.)
+            written = self._store.finish_nowait(*args, **kwargs)
             self._writing.add(written)
             written.add_done_callback(functools.partial(self._written, channel, call_id))
             return
@@ -336,6 +346,9 @@ class RemoteStore:
         from_states: Collection[JobState] = UNFINISHED,
         upstream_id: str | None = None,
     ) -> bool:
+        reason = too_large_for_a_row(len(response.body))  # (the proxy checks it whole)
+        if reason:
+            raise ResultTooLarge(reason)  # not sent at all: a frame holds at most 4 GiB
         states = tuple(from_states)
         return cast(
             bool,

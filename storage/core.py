@@ -149,11 +149,9 @@ class StoreCore:
         under the store's size limit."""
         headers = rows.headers_param(response.headers)  # ASCII: characters are bytes
         size = len(headers) + len(response.body)
-        if size > RESULT_MOST:
-            raise ResultTooLarge(
-                f"a result of {size} bytes is larger than SQLite keeps in a row (10^9 bytes)"
-            )
-        reason = self._size_limit and self._size_limit.too_large("a result", size)
+        reason = too_large_for_a_row(size) or (
+            self._size_limit and self._size_limit.too_large("a result", size)
+        )
         if reason:
             raise ResultTooLarge(reason)
         return headers, size
@@ -183,6 +181,13 @@ class StoreCore:
             *statements, want=Want.ROWS, on_commit=on_commit, scrubs=scrubs
         )
         return cast(list[Any], await future)
+
+
+def too_large_for_a_row(size: int) -> str | None:
+    """Why a result of `size` bytes can never be stored (`RESULT_MOST`), or None."""
+    if size > RESULT_MOST:
+        return f"a result of {size} bytes is larger than SQLite keeps in a row (10^9 bytes)"
+    return None
 
 
 def resolved(value: T) -> asyncio.Future[T]:

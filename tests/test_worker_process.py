@@ -17,6 +17,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -28,9 +29,10 @@ from aiohttp import web
 
 from proxy import worker_process
 from proxy.app import create_app
+from proxy.channel import Channel
 from proxy.state import DISPATCHER, METRICS, STORE
 from proxy.worker_process import WorkerProcess
-from storage import Job, JobMode, JobState, StoredResponse
+from storage import Job, JobMode, JobState, ResultTooLarge, StoredResponse, core
 from tests.conftest import proxy_config
 from tests.processes import ProxyProcess
 from tests.standin import StandIn
@@ -147,6 +149,33 @@ async def test_a_bug_in_a_call_from_the_child_is_logged_and_the_job_goes_on(
     [failed] = [r for r in caplog.records if r.message == "a call from the worker process failed"]
     assert failed.exc_info is not None
     assert isinstance(failed.exc_info[1], TypeError)
+
+
+async def test_a_bug_in_answering_a_call_at_once_leaves_the_channel_serving(
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug raised while the proxy answers a call from the child without a task (the
+    dispatcher's look at the jobs held in memory) is the call's failure: the child
+    is not cut off and started again (every message of that read was lost with the
+    connection), and the job is sent."""
+    app, base = proxy_app
+    store = app[STORE]
+    look = store.next_accepted_now
+    bugs = [TypeError("injected bug")]
+
+    def buggy(*args: Any, **kwargs: Any) -> Any:
+        if bugs:
+            raise bugs.pop()
+        return look(*args, **kwargs)
+
+    monkeypatch.setattr(store, "next_accepted_now", buggy)
+    jobs = Client(http, base)
+    job_id = await jobs.submit("GET", "/_api/version")
+    assert (await jobs.result(job_id)).status == 200
+    assert not bugs
+    assert app[METRICS]["worker_restarts_total"] == 0
 
 
 async def test_a_job_for_the_job_api_is_run_by_the_proxy(
@@ -412,3 +441,65 @@ def test_jobs_and_responses_cross_the_socket_whole_and_as_field_tuples() -> None
         assert pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL)) == value
         fields = tuple(getattr(value, field.name) for field in dataclasses.fields(value))
         assert value.__reduce__() == (type(value), fields)
+
+
+async def test_a_message_the_channel_cannot_send_closes_it_rather_than_vanish(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every message a turn sends leaves in one frame: one that cannot be sent (a bug,
+    or a frame of 4 GiB) dropped them all, and their callers waited for ever. Now the
+    channel closes (the worker process exits with it, and is started again), and
+    says why."""
+    ours, theirs = socket.socketpair()
+    lost = asyncio.Event()
+    received: list[Any] = []
+    loop = asyncio.get_running_loop()
+    sender = Channel(received.append, lambda: None)
+    receiver = Channel(received.append, lost.set)
+    await loop.create_unix_connection(lambda: sender, sock=ours)
+    await loop.create_unix_connection(lambda: receiver, sock=theirs)
+    sender.send(("reply", 1, "fine", None))
+    await eventually(lambda: received == [("reply", 1, "fine", None)])
+    sender.send(("reply", 2, lambda: None, None))  # (cannot be pickled)
+    await asyncio.wait_for(lost.wait(), 5)
+    assert received == [("reply", 1, "fine", None)]
+    [record] = [r for r in caplog.records if r.name == "proxy.channel"]
+    assert record.getMessage() == "cannot send 1 message(s): closing the channel"
+    receiver.close()
+
+
+async def test_a_worker_process_that_dies_once_the_stop_began_is_not_started_again(
+    standin: StandIn,
+    serve_proxy: Callable[..., Awaitable[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child started again during the stop's grace never heard the stop (it went to
+    the dead one): it took jobs and sent them, to be cut off by the drain soon
+    after (sent twice, case 1). Once the stop began, a child that dies stays dead;
+    the stop goes on."""
+    monkeypatch.setattr(worker_process, "RESTART_MIN", 0.05)
+    app = create_app(proxy_config(standin.url, tmp_path / "data", jobs={"workers": "process"}))
+    await serve_proxy(app)
+    workers = app[DISPATCHER]
+    assert isinstance(workers, WorkerProcess)
+    first = child_of(app)
+    workers.stop_dispatching()
+    os.kill(first, signal.SIGKILL)
+    await eventually(lambda: not alive(first))
+    await asyncio.sleep(0.3)  # (6 times the restart's delay)
+    assert child_of(app) == first
+    assert app[METRICS]["worker_restarts_total"] == 0
+    await asyncio.wait_for(workers.stop(1.0), 5)
+
+
+async def test_a_result_too_large_for_the_store_is_refused_in_the_child_unsent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused where it is (ResultTooLarge: its job gets the error result that says so),
+    not sent to the proxy to be refused there: a frame holds at most 4 GiB. (The bound
+    made small here.)"""
+    monkeypatch.setattr(core, "RESULT_MOST", 1000)
+    store = worker_process.RemoteStore()  # (no channel: a call would fail otherwise)
+    with pytest.raises(ResultTooLarge, match="larger than SQLite keeps in a row"):
+        await store.finish(1, StoredResponse(200, (), b"x" * 1001))
