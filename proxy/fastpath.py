@@ -493,7 +493,10 @@ class FastPath(asyncio.Protocol):
             sock = self.transport.get_extra_info("socket")
             if sock is None:
                 return None
-            self._fd = os.dup(sock.fileno())
+            try:
+                self._fd = os.dup(sock.fileno())
+            except OSError:  # (out of descriptors: the loop sends the 202 itself)
+                return None
         return Early202(self._fd, submission, self._front)
 
     def _close_fd(self) -> None:

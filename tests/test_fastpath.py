@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -784,6 +785,23 @@ async def test_the_socket_copies_for_early_202s_are_closed(
     assert len(connections) == 4
     assert all(connection._closed and connection._fd == -1 for connection in connections)
     assert len(copies - {-1}) >= 1
+
+
+async def test_a_job_is_answered_202_when_no_socket_copy_can_be_made(
+    proxy: tuple[web.Application, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of file descriptors for the early 202's copy of the socket: the job is
+    stored and answered 202 by the event loop (it was a 500, the job not stored)."""
+    app, base = proxy
+
+    def no_descriptor(_fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "dup", no_descriptor)  # (the one os module fastpath uses)
+    answer = await exchange(base, req(VERSION, AUTH, STORE_MODE))
+    assert answer.status == 202
+    assert answer.header("x-arango-async-id") is not None
+    await jobs_accepted(app, 1)
 
 
 @pytest.fixture
