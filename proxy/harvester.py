@@ -57,7 +57,14 @@ from proxy.errors import (
     ERROR_DATABASE_NOT_FOUND,
     UpstreamFailure,
 )
-from proxy.recording import Submission, lost_response, record_result, stored_response, tell
+from proxy.recording import (
+    Submission,
+    lost_response,
+    record_result,
+    refused_response,
+    stored_response,
+    tell,
+)
 from proxy.state import JobQueue
 from proxy.tokens import JobCredentials
 from proxy.upstream import Reply, Upstream
@@ -81,7 +88,7 @@ MAX_RERUNS = 5
 
 def _is_final(reply: Reply) -> bool:
     """A result, or ArangoDB no longer accepts the job's credentials: either way
-    the answer the client gets."""
+    the job ends (the second with an error result that says why, `refused_response`)."""
     return "x-arango-async-id" in reply.headers or reply.status in (401, 403)
 
 
@@ -348,7 +355,8 @@ class Harvester:
             done = await self._list(owner, "done", len(jobs))
         except _Refused:
             # The credentials no longer work (password changed, token expired, user
-            # gone): fetching each job gets ArangoDB's refusal, which becomes its result.
+            # gone): fetching each job gets ArangoDB's refusal, and the job ends with an
+            # error result that says so.
             # (The database is gone: each fetch asks for its job without it.)
             self._collect_all(jobs)
             return []
@@ -435,7 +443,11 @@ class Harvester:
         straight from state accepted if no mark of the job began (Submission)."""
         self._untrack(tracked)
         first = tracked.submission is not None and not tracked.submission.marking
-        await self._store_result(tracked, stored_response(reply), first=first)
+        if "x-arango-async-id" in reply.headers:
+            result = stored_response(reply)
+        else:  # (401/403: `_is_final`)
+            result = refused_response(tracked.upstream_id, reply.status)
+        await self._store_result(tracked, result, first=first)
 
     async def _fetch_result(self, tracked: Tracked) -> Reply | None:
         """ArangoDB's answer to PUT /_api/job/{id}, asked at the job's database; None

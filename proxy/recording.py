@@ -46,6 +46,17 @@ def lost_response(upstream_id: str, why: str) -> StoredResponse:
     )
 
 
+def refused_response(upstream_id: str, status: int) -> StoredResponse:
+    """The result of a job ArangoDB accepted, then refused to hand over: the job's own
+    credentials no longer work (a changed password, an expired JWT). ArangoDB's bare
+    401 would tell its client the job was refused, when it may well have run."""
+    return _error_result(
+        f"upstream ArangoDB refused this job's credentials ({status}) when the proxy asked "
+        f"for its result (its id there was {upstream_id}): ArangoDB had accepted the job, "
+        "which may have run; its result could not be fetched"
+    )
+
+
 def _error_result(message: str) -> StoredResponse:
     """A job's result that the proxy writes itself: 500/4 in ArangoDB's shape."""
     body = error_body(500, ERROR_INTERNAL, message)

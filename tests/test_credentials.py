@@ -318,16 +318,19 @@ async def test_a_token_limited_by_allowed_paths_reaches_only_those_paths_job_api
     assert (await client.result(alices, user=ALICE)).status == 200  # still there
 
 
-async def test_jobs_whose_credentials_stop_working_end_with_arangodbs_refusal(
+async def test_jobs_whose_credentials_stop_working_at_arangodb_end_saying_so(
     standin: StandIn, serve_proxy: Serve, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
+    """Running at ArangoDB when its credentials stop working: the job ends (not stuck
+    until ArangoDB forgets it) with an error that says it may have run."""
     client = Client(http, await start(serve_proxy, standin.url, tmp_path / "data"))
     job = await client.submit("POST", "/_api/cursor", body=SLOW, user=ALICE)
     await eventually(lambda: len(standin.jobs.entries) == 1, 15)  # running at ArangoDB
     standin.authenticator.users["alice"] = "changed"  # the operator changes her password
     renewed = basic("alice", "changed")
-    answer = await client.result(job, user=renewed)  # not stuck until ArangoDB forgets it
-    assert (answer.status, answer.json["errorNum"]) == (401, 11)
+    answer = await client.result(job, user=renewed)
+    assert (answer.status, answer.json["errorNum"]) == (500, 4)
+    assert "refused this job's credentials (401)" in answer.json["errorMessage"]
     assert (await client.call("GET", "/_api/job/pending", user=renewed)).json == []
 
 

@@ -445,9 +445,13 @@ async def test_an_id_arangodb_gives_out_again_ends_the_job_that_had_it_as_lost(
     assert (await jobs.result(first)).json == {"ok": "902"}  # sent again: ArangoDB's 902
 
 
-async def test_refused_harvest_becomes_the_result(
+async def test_a_refused_harvest_ends_the_job_saying_it_may_have_run(
     fake: tuple[FakeArango, str], start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
+    """ArangoDB took the job (202), then refuses its credentials when the proxy asks for
+    the result (an expired JWT, a changed password): the job may have run, so its
+    result is not ArangoDB's bare 401 (its client would take the job for refused),
+    but a 500/4 that says so."""
     upstream, url = fake
 
     async def refused(upstream_id: str) -> web.Response:
@@ -465,8 +469,10 @@ async def test_refused_harvest_becomes_the_result(
     assert answer.async_id is not None
     await jobs.wait_done(answer.async_id)
     fetched = await jobs.call("PUT", f"/_api/job/{answer.async_id}")
-    assert fetched.status == 401
-    assert fetched.json["errorNum"] == 11
+    assert (fetched.status, fetched.json["errorNum"]) == (500, 4)
+    message = fetched.json["errorMessage"]
+    assert message.startswith("upstream ArangoDB refused this job's credentials (401)")
+    assert "which may have run" in message
 
 
 async def test_never_more_than_max_inflight_at_arangodb(
