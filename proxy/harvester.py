@@ -470,12 +470,16 @@ class Harvester:
         (see Submission), so the job is still accepted in the store."""
         try:
             if first:
-                states = (JobState.ACCEPTED,)
+                states, upstream_id = (JobState.ACCEPTED,), None  # (none recorded yet)
             elif await tracked.submitted():
-                states = (JobState.SUBMITTED,)
+                # only the copy this result is of: had ArangoDB lost the job meanwhile,
+                # and been sent it again, this one would be another's (a reused id)
+                states, upstream_id = (JobState.SUBMITTED,), tracked.upstream_id
             else:
                 return  # cancelled while being sent: the dispatcher deals with it
-            await record_result(self._store, tracked.job_id, result, from_states=states)
+            await record_result(
+                self._store, tracked.job_id, result, from_states=states, upstream_id=upstream_id
+            )
         except Exception:
             log.exception("storing the result of job %d failed", tracked.job_id)
             return

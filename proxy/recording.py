@@ -69,14 +69,17 @@ async def record_result(
     result: StoredResponse,
     *,
     from_states: Collection[JobState] = UNFINISHED,
+    upstream_id: str | None = None,
 ) -> bool:
-    """`record` the job's result; one that can never fit under storage.max_db_size is
-    replaced by an error result that says so (waiting would keep the job pending for
-    ever: ArangoDB has handed the result over, and no one else has it)."""
+    """`record` the job's result (given `upstream_id`, only while the job is at
+    ArangoDB under that id: `JobQueue.finish`); one that can never fit under
+    storage.max_db_size is replaced by an error result that says so (waiting would
+    keep the job pending for ever: ArangoDB has handed the result over, and no one
+    else has it)."""
     try:
         return await record(
             f"the result of job {job_id}",
-            lambda: store.finish(job_id, result, from_states=from_states),
+            lambda: store.finish(job_id, result, from_states=from_states, upstream_id=upstream_id),
         )
     except ResultTooLarge as exc:
         log.warning("the result of job %d was dropped: %s", job_id, exc)
@@ -84,7 +87,7 @@ async def record_result(
         dropped = _error_result(why)
         return await record(
             f"the result of job {job_id}",
-            lambda: store.finish(job_id, dropped, from_states=from_states),
+            lambda: store.finish(job_id, dropped, from_states=from_states, upstream_id=upstream_id),
         )
 
 

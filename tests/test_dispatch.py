@@ -475,6 +475,35 @@ async def test_a_refused_harvest_ends_the_job_saying_it_may_have_run(
     assert "which may have run" in message
 
 
+async def test_a_harvested_result_is_stored_only_for_the_copy_it_is_of(
+    standin: StandIn,
+    proxy_app: tuple[web.Application, str],
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The harvester stores a result for the job at ArangoDB under the id it fetched it
+    by, not for the job whatever copy it has: a job ArangoDB lost, requeued and sent
+    again meanwhile (a restarted ArangoDB may even give its old id to another job)
+    keeps its place for its new copy's result."""
+    app, base = proxy_app
+    store = app[STORE]
+    jobs = Client(http, base)
+    finishes: list[dict[str, Any]] = []
+    finish = store.finish_nowait
+
+    def noting(job_id: int, response: StoredResponse, **kwargs: Any) -> asyncio.Future[bool]:
+        finishes.append(kwargs)
+        return finish(job_id, response, **kwargs)
+
+    monkeypatch.setattr(store, "finish_nowait", noting)
+    slow = await jobs.submit("POST", "/_api/cursor", body={"query": "RETURN SLEEP(0.3)"})
+    await eventually(lambda: len(standin.jobs.entries) == 1)
+    answer = await jobs.result(slow)
+    assert answer.status == 201
+    [job] = [kw for kw in finishes if kw.get("from_states") == (JobState.SUBMITTED,)]
+    assert job["upstream_id"] is not None  # (marked while it ran: fetched by that id)
+
+
 async def test_never_more_than_max_inflight_at_arangodb(
     standin: StandIn, start_proxy: ProxyFactory, http: aiohttp.ClientSession
 ) -> None:
