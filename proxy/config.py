@@ -251,7 +251,7 @@ def _validate(config: Config) -> None:
 
 
 def _check_sizes(config: Config) -> None:
-    """The least sizes that leave the proxy able to take anything."""
+    """Sizes that leave the proxy able to take anything, and a job within a row."""
     server = config.server
     if not MIN_HEADER_SIZE <= server.max_header_size <= MAX_HEADER_SIZE:
         # (a client's ordinary header fields, a JWT among them, take several hundred)

@@ -67,8 +67,15 @@ _NOTED = frozenset(
 # fields aiohttp's parser refuses twice (RFC 9110's singletons; host and content-length
 # are counted in `seen`, transfer-encoding handed over at once)
 _SINGLETONS = frozenset(
-    {"content-location", "content-range", "content-type", "etag", "max-forwards", "server"}
-    | {"user-agent"}
+    {
+        "content-location",
+        "content-range",
+        "content-type",
+        "etag",
+        "max-forwards",
+        "server",
+        "user-agent",
+    }
 )
 _ODD_PATH = re.compile(r"%|//|/\.\.?(?:/|$)")
 _REFUSED_FIELDS = frozenset({"transfer-encoding", "expect", "upgrade", "origin"})
