@@ -249,14 +249,23 @@ class Verifier:
     def known_caller(self, authorization: str | None, raw_target: str) -> Caller | None:
         """`caller_of`, when its credentials are remembered as verified; else None."""
         database, raw_database = database_of(raw_target)
-        known = self._verified.get(self._digest(authorization, raw_database))
+        digest = self._digest(authorization, raw_database)
+        known = self._verified.get(digest)
         if known is None or known[0] <= time.monotonic() or known[1] is None:
             return None
+        self._verified.move_to_end(digest)  # (see _known)
         return Caller(known[1], authorization, database)
 
     def _known(self, digest: bytes) -> bool:
+        """Remembered and not expired. A use moves it to the end of the eviction order
+        (not its expiry): a caller at work is not pushed out by a flood of new entries
+        (ArangoDB takes endless spellings of one credential), and stays accepted while
+        ArangoDB is down."""
         known = self._verified.get(digest)
-        return known is not None and known[0] > time.monotonic()
+        if known is None or known[0] <= time.monotonic():
+            return False
+        self._verified.move_to_end(digest)
+        return True
 
     async def verify(self, authorization: str | None, raw_database: str) -> web.Response | None:
         digest = self._digest(authorization, raw_database)

@@ -206,7 +206,7 @@ async def test_a_refusal_is_never_remembered(
     assert checks(standin, WRONG) == 4
 
 
-async def test_the_cache_is_bounded_oldest_out_first(
+async def test_the_cache_is_bounded_least_recently_used_out_first(
     standin: StandIn, upstream: Upstream, clock: Clock
 ) -> None:
     verifier = Verifier(upstream, ttl=30, max_entries=2)
@@ -217,8 +217,14 @@ async def test_the_cache_is_bounded_oldest_out_first(
     assert await verifier.verify(BOB["authorization"], "_system") is None
     assert await verifier.verify(ALICE["authorization"], "_system") is None
     assert [checks(standin, header) for header in headers] == [1, 1, 1]
-    assert await verifier.verify(ROOT["authorization"], "_system") is None
+    assert await verifier.verify(ROOT["authorization"], "_system") is None  # bob out
     assert [checks(standin, header) for header in headers] == [2, 1, 1]
+    # a caller at work stays: alice, used after root came, outlives him
+    assert verifier.known_caller(ALICE["authorization"], "/_api/version") is not None
+    assert await verifier.verify(BOB["authorization"], "_system") is None  # root out
+    assert await verifier.verify(ALICE["authorization"], "_system") is None  # (remembered)
+    assert await verifier.verify(ROOT["authorization"], "_system") is None  # bob out
+    assert [checks(standin, header) for header in headers] == [3, 1, 2]
     # the cache holds keyed digests, never the credentials
     assert all(len(key) == 32 for key in verifier._verified)
     assert not any(b"YWxpY2U" in key for key in verifier._verified)
