@@ -145,8 +145,8 @@ class StoreCore:
                 self._result_listener()
 
     def _result_values(self, response: StoredResponse) -> tuple[str, int]:
-        """A result's headers as stored, and its size; ResultTooLarge if it can never fit
-        under the store's size limit."""
+        """A result's headers as stored, and its size; ResultTooLarge if it can never be
+        stored (over SQLite's row or the store's size limit)."""
         headers = rows.headers_param(response.headers)  # ASCII: characters are bytes
         size = len(headers) + len(response.body)
         reason = too_large_for_a_row(size) or (
